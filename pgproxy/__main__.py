@@ -1,0 +1,5 @@
+"""Allow `python -m pgproxy`."""
+
+from pgproxy.cli.app import main
+
+main()

@@ -1,0 +1,466 @@
+"""pydantic models of the config file, one class per TOML table.
+
+These models are the single source of the config's shape: the loader
+validates TOML into them, `pgproxy schema` prints their JSON Schema, and
+docs/configuration.md is generated from their field descriptions. Every model
+forbids unknown keys, because a typo in a proxy config must fail loudly
+instead of becoming a silent default. Cross-references (a route naming a
+cluster) are checked later, when the graph is built.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pgproxy.config.units import DurationSeconds, SizeBytes
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+_HEADER_NAME_RE = _METHOD_RE
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6]:port` into host and port.
+
+    Raises ValueError with the expected forms when the address is malformed
+    or the port is outside 0-65535.
+    """
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0 or not address[end + 1 :].startswith(":"):
+            raise ValueError(f'invalid address "{address}": expected "[v6]:port"')
+        host, port_text = address[1:end], address[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f'invalid IPv6 address "{host}" in "{address}"') from None
+    else:
+        host, sep, port_text = address.rpartition(":")
+        if not sep or not host:
+            raise ValueError(
+                f'invalid address "{address}": expected "host:port" or "[v6]:port"'
+            )
+        if ":" in host:
+            raise ValueError(
+                f'invalid address "{address}": put an IPv6 host in brackets, '
+                f'as "[{host}]:{port_text}"'
+            )
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f'invalid port "{port_text}" in "{address}": expected 0-65535')
+    return host, int(port_text)
+
+
+def split_endpoint_address(address: str) -> tuple[bool, str, int]:
+    """Split an endpoint address into (tls, host, port).
+
+    Accepts `host:port`, `[v6]:port`, `http://host:port` and
+    `https://host:port`; the scheme decides whether the upstream speaks TLS.
+    """
+    tls = False
+    rest = address
+    if "://" in address:
+        scheme, _, rest = address.partition("://")
+        if scheme not in ("http", "https"):
+            raise ValueError(
+                f'invalid endpoint "{address}": scheme must be http or https'
+            )
+        tls = scheme == "https"
+        rest = rest.rstrip("/")
+        if "/" in rest:
+            raise ValueError(f'invalid endpoint "{address}": a path is not allowed')
+    host, port = parse_host_port(rest)
+    if port == 0:
+        raise ValueError(f'invalid endpoint "{address}": port 0 cannot be dialled')
+    return tls, host, port
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TlsConfig(_Model):
+    """TLS termination for a listener."""
+
+    certificate: str = Field(description="Path of the PEM certificate chain.")
+    private_key: str = Field(description="Path of the PEM private key.")
+
+
+class ServerConfig(_Model):
+    """Process-wide settings."""
+
+    workers: int | Literal["auto"] = Field(
+        default=1,
+        description='Worker processes sharing each listening socket; "auto" '
+        "starts one per CPU.",
+    )
+    drain_timeout: DurationSeconds = Field(
+        default=30.0,
+        description="On SIGTERM or reload, the time in-flight requests may take "
+        "to finish before they are cancelled.",
+    )
+    admin: str | None = Field(
+        default=None,
+        description='Address of the admin listener ("host:port") serving '
+        "/metrics, /healthz and /status; off when unset. Bind it to loopback.",
+    )
+    access_log: Literal["json", "combined", "off"] = Field(
+        default="json", description="Access log format on the pgproxy.access logger."
+    )
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list,
+        description="CIDRs of peers whose inbound X-Forwarded-* headers are kept; "
+        "from any other peer they are replaced.",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("workers must be between 1 and 256, or \"auto\"")
+        return value
+
+    @field_validator("admin")
+    @classmethod
+    def _admin_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+
+class ListenerConfig(_Model):
+    """One listening address and the limits it puts on downstream clients."""
+
+    address: str = Field(
+        description='"host:port" to bind, or "[v6]:port"; port 0 picks a free port.'
+    )
+    header_read_timeout: DurationSeconds = Field(
+        default=10.0,
+        description="Time a client has to send the request line and headers "
+        "(408 after it).",
+    )
+    idle_timeout: DurationSeconds = Field(
+        default=75.0,
+        description="Time an idle keep-alive client connection is kept open.",
+    )
+    max_header_bytes: SizeBytes = Field(
+        default=64 * 1024,
+        description="Max size of the request line and headers (431 above it).",
+    )
+    max_body_bytes: SizeBytes = Field(
+        default=100 * 1024 * 1024,
+        description="Max request body size (413 above it); 0 means no limit.",
+    )
+    tls: TlsConfig | None = Field(default=None, description="TLS termination.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class RespondConfig(_Model):
+    """A fixed response sent by pgproxy itself, without an upstream."""
+
+    status: int = Field(default=200, ge=200, le=599, description="HTTP status code.")
+    body: str = Field(default="", description="Response body, sent as UTF-8.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra response headers."
+    )
+
+
+RetryCondition = Literal["connect-failure", "reset-before-response", 502, 503, 504]
+
+
+class RouteConfig(_Model):
+    """One routing rule: conditions on the request, then a cluster or a response."""
+
+    name: str | None = Field(
+        default=None, description='Route name in logs and metrics; default "routes[N]".'
+    )
+    listeners: list[str] | None = Field(
+        default=None, description="Listeners this route applies to; default all."
+    )
+    priority: int = Field(
+        default=0,
+        description="Higher priority routes are tried first, before specificity "
+        "ordering.",
+    )
+    host: str | None = Field(
+        default=None,
+        description='Exact host ("api.example.com") or wildcard ("*.example.com"); '
+        "matched case-insensitively, port ignored.",
+    )
+    path: str | None = Field(default=None, description="Exact path match.")
+    path_prefix: str | None = Field(
+        default=None,
+        description='Prefix matched on segment boundaries: "/api" matches /api, '
+        "/api/ and /api/x but not /apix.",
+    )
+    path_regex: str | None = Field(
+        default=None, description="Python regular expression searched in the path."
+    )
+    methods: list[str] | None = Field(
+        default=None, description="Allowed request methods; default any."
+    )
+    headers: dict[str, str] | None = Field(
+        default=None, description="Request headers that must be present with "
+        "exactly these values (names case-insensitive)."
+    )
+    cluster: str | None = Field(default=None, description="Cluster to proxy to.")
+    respond: RespondConfig | None = Field(
+        default=None, description="Fixed response instead of a cluster."
+    )
+    strip_prefix: bool = Field(
+        default=False,
+        description="Remove the matched path_prefix before forwarding.",
+    )
+    timeout: DurationSeconds = Field(
+        default=60.0,
+        description="Limit on the whole request, every attempt included (504).",
+    )
+    retries: int = Field(
+        default=1, ge=0, le=10, description="Extra attempts, each on another endpoint."
+    )
+    retry_on: list[RetryCondition] = Field(
+        default_factory=lambda: ["connect-failure"],
+        description='When to retry: "connect-failure", "reset-before-response", '
+        "or the upstream statuses 502, 503, 504. Status retries apply only to "
+        "idempotent methods or requests with an Idempotency-Key header.",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for method in value:
+            if not _METHOD_RE.match(method):
+                raise ValueError(f'invalid method "{method}"')
+        return [method.upper() for method in value]
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        for name in value:
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f'invalid header name "{name}"')
+        return value
+
+    @field_validator("path", "path_prefix")
+    @classmethod
+    def _path_absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f'path "{value}" must start with "/"')
+        return value
+
+    @model_validator(mode="after")
+    def _one_target_one_path(self) -> RouteConfig:
+        if (self.cluster is None) == (self.respond is None):
+            raise ValueError('set exactly one of "cluster" or "respond"')
+        paths = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k)]
+        if len(paths) > 1:
+            raise ValueError(
+                f"set at most one of path, path_prefix, path_regex (got {', '.join(paths)})"
+            )
+        if self.strip_prefix and self.path_prefix is None:
+            raise ValueError("strip_prefix needs path_prefix")
+        return self
+
+
+class EndpointConfig(_Model):
+    """An endpoint with a weight; a plain string endpoint has weight 1."""
+
+    address: str = Field(
+        description='"host:port", "[v6]:port" or "https://host:port" for upstream TLS.'
+    )
+    weight: int = Field(default=1, ge=1, le=1000, description="Relative weight.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_endpoint_address(value)
+        return value
+
+
+class HealthCheckConfig(_Model):
+    """Active health check: a probe sent to every endpoint on an interval."""
+
+    type: Literal["http", "tcp"] = Field(
+        default="http", description='"http" sends a request; "tcp" only connects.'
+    )
+    path: str = Field(default="/", description="Request path of an HTTP probe.")
+    method: Literal["GET", "HEAD"] = Field(default="GET", description="Probe method.")
+    host: str | None = Field(
+        default=None, description="Host header of an HTTP probe; default the endpoint."
+    )
+    expect_status: str = Field(
+        default="200-399",
+        description='Statuses that count as healthy: "200", "200-399" or '
+        '"200,204,300-399".',
+    )
+    interval: DurationSeconds = Field(default=5.0, description="Time between probes.")
+    timeout: DurationSeconds = Field(
+        default=2.0, description="Limit on one probe; must be below interval."
+    )
+    healthy_threshold: int = Field(
+        default=2, ge=1, le=100, description="Consecutive successes to mark healthy."
+    )
+    unhealthy_threshold: int = Field(
+        default=3, ge=1, le=100, description="Consecutive failures to mark unhealthy."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f'path "{value}" must start with "/"')
+        return value
+
+    @field_validator("expect_status")
+    @classmethod
+    def _expect_status(cls, value: str) -> str:
+        parse_status_ranges(value)
+        return value
+
+
+def parse_status_ranges(spec: str) -> tuple[tuple[int, int], ...]:
+    """Parse `"200-399"` or `"200,204,300-399"` into inclusive (low, high) pairs."""
+    ranges = []
+    for part in spec.split(","):
+        low_text, _, high_text = part.strip().partition("-")
+        high_text = high_text or low_text
+        if not (low_text.isdigit() and high_text.isdigit()):
+            raise ValueError(
+                f'invalid status range "{spec}": expected "200", "200-399" or '
+                '"200,204,300-399"'
+            )
+        low, high = int(low_text), int(high_text)
+        if not 100 <= low <= high <= 599:
+            raise ValueError(f'invalid status range "{part.strip()}": use 100-599, low first')
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+class OutlierDetectionConfig(_Model):
+    """Passive health: eject endpoints that fail real traffic."""
+
+    enabled: bool = Field(default=True, description="Turn passive ejection on or off.")
+    consecutive_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Connect failures or 502-504 answers in a row that eject an "
+        "endpoint.",
+    )
+    base_ejection_time: DurationSeconds = Field(
+        default=30.0,
+        description="First ejection time; each further ejection adds this again.",
+    )
+    max_ejection_time: DurationSeconds = Field(
+        default=300.0, description="Cap on the ejection time."
+    )
+    max_ejection_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="Never eject more than this share of the cluster's endpoints.",
+    )
+
+
+HashKey = Annotated[
+    str,
+    Field(
+        pattern=r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
+        r"|path|client_ip)$"
+    ),
+]
+
+
+class ClusterConfig(_Model):
+    """A set of endpoints serving the same content, and how to use them."""
+
+    endpoints: list[str | EndpointConfig] = Field(
+        description='Endpoints: "host:port", "[v6]:port", "https://host:port", or '
+        "{ address, weight } tables."
+    )
+    balancer: Literal["round_robin", "consistent_hash", "least_request", "random"] = (
+        Field(default="round_robin", description="Endpoint selection algorithm.")
+    )
+    hash_key: HashKey | None = Field(
+        default=None,
+        description="Key of consistent_hash: header:NAME, cookie:NAME, query:NAME, "
+        "path or client_ip.",
+    )
+    connect_timeout: DurationSeconds = Field(
+        default=5.0, description="Limit on opening a connection to an endpoint."
+    )
+    response_header_timeout: DurationSeconds = Field(
+        default=60.0,
+        description="Limit between sending the request and receiving the "
+        "response headers (504).",
+    )
+    pool_idle_timeout: DurationSeconds = Field(
+        default=4.0,
+        description="Idle pooled connections are closed after this; keep it below "
+        "the upstream's own keep-alive timeout.",
+    )
+    max_idle_connections: int = Field(
+        default=32, ge=0, le=10_000, description="Idle pooled connections per endpoint."
+    )
+    host_header: str = Field(
+        default="preserve",
+        description='Host header sent upstream: "preserve" (the client\'s), '
+        '"endpoint" (the endpoint address) or a literal host.',
+    )
+    when_all_unhealthy: Literal["fail", "route_to_all"] = Field(
+        default="fail",
+        description='With no healthy endpoint: "fail" answers 503 with Retry-After; '
+        '"route_to_all" ignores health.',
+    )
+    health_check: HealthCheckConfig | None = Field(
+        default=None, description="Active health check; none when unset."
+    )
+    outlier_detection: OutlierDetectionConfig = Field(
+        default_factory=OutlierDetectionConfig,
+        description="Passive health checking, on by default.",
+    )
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _endpoint_strings(cls, value: object) -> object:
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    split_endpoint_address(item)
+        return value
+
+    def endpoint_configs(self) -> list[EndpointConfig]:
+        """Return every endpoint as an EndpointConfig, strings given weight 1."""
+        return [
+            EndpointConfig(address=item) if isinstance(item, str) else item
+            for item in self.endpoints
+        ]
+
+
+class Config(_Model):
+    """The whole data plane: listeners, routes and clusters."""
+
+    server: ServerConfig = Field(
+        default_factory=ServerConfig, description="Process-wide settings."
+    )
+    listeners: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], ListenerConfig] = (
+        Field(description="Listeners by name.")
+    )
+    routes: list[RouteConfig] = Field(
+        default_factory=list, description="Routing rules; the most specific match wins."
+    )
+    clusters: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], ClusterConfig] = (
+        Field(default_factory=dict, description="Upstream clusters by name.")
+    )

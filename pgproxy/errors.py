@@ -1,0 +1,114 @@
+"""The exception tree of pgproxy.
+
+    PgproxyError
+    ├── ConfigError          a config file failed to load; carries every Diagnostic
+    └── ProxyError           one request failed; carries status, side and retry safety
+        ├── DownstreamError  the client sent something we reject (4xx)
+        ├── UpstreamError    an endpoint failed (502 / 504)
+        └── NoEndpointError  no endpoint of the cluster may be tried (503)
+
+Third-party exceptions (socket, ssl, httpcore, pydantic, tomllib) are
+translated into this tree at the edge that sees them, so the rest of the code
+handles only these classes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgproxy.config.diagnostics import Diagnostic
+
+
+class PgproxyError(Exception):
+    """Root of every error that pgproxy raises on purpose."""
+
+
+class ConfigError(PgproxyError):
+    """A config could not be loaded; `diagnostics` lists every problem found."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
+        self.diagnostics = list(diagnostics)
+        first = self.diagnostics[0].render() if self.diagnostics else "invalid config"
+        more = len(self.diagnostics) - 1
+        super().__init__(first if more <= 0 else f"{first} (and {more} more)")
+
+
+class Side(enum.Enum):
+    """Which peer caused a proxy error."""
+
+    DOWNSTREAM = "downstream"
+    UPSTREAM = "upstream"
+    INTERNAL = "internal"
+
+
+class ProxyError(PgproxyError):
+    """One request failed.
+
+    `status` is the HTTP status sent to the client, `side` says who caused it,
+    `retryable` says whether another endpoint may be tried with the same request
+    (true only when the request provably never reached the upstream, or the
+    route's retry policy allows it), and `flag` is the short failure name
+    written to the access log.
+    """
+
+    status = 500
+    side = Side.INTERNAL
+    flag = "internal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        flag: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if flag is not None:
+            self.flag = flag
+        self.retryable = retryable
+
+
+class DownstreamError(ProxyError):
+    """The client sent a request we reject; it never reaches an upstream."""
+
+    status = 400
+    side = Side.DOWNSTREAM
+    flag = "bad_request"
+
+
+class UpstreamError(ProxyError):
+    """An endpoint failed: connect failure or bad response (502), timeout (504)."""
+
+    status = 502
+    side = Side.UPSTREAM
+    flag = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        retryable: bool = False,
+        flag: str | None = None,
+        bytes_sent: bool = True,
+    ) -> None:
+        super().__init__(message, status=status, retryable=retryable, flag=flag)
+        self.endpoint = endpoint
+        # False when no byte of the request was written to the upstream, which
+        # makes a retry safe for any method.
+        self.bytes_sent = bytes_sent
+
+
+class NoEndpointError(ProxyError):
+    """Every endpoint of the cluster is unhealthy, ejected or already tried."""
+
+    status = 503
+    side = Side.UPSTREAM
+    flag = "no_healthy_endpoint"
