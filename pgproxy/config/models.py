@@ -10,76 +10,31 @@ cluster) are checked later, when the graph is built.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from pgproxy.config.fields import (
+    EndpointAddress,
+    HashKey,
+    HeaderName,
+    Method,
+    Network,
+    ObjectName,
+)
+from pgproxy.config.fields import parse_host_port as parse_host_port
+from pgproxy.config.fields import parse_status_ranges as parse_status_ranges
+from pgproxy.config.fields import split_endpoint_address as split_endpoint_address
 from pgproxy.config.units import DurationSeconds, SizeBytes
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
-_HEADER_NAME_RE = _METHOD_RE
-
-
-def parse_host_port(address: str) -> tuple[str, int]:
-    """Split `host:port` or `[v6]:port` into host and port.
-
-    Raises ValueError with the expected forms when the address is malformed
-    or the port is outside 0-65535.
-    """
-    if address.startswith("["):
-        end = address.find("]")
-        if end < 0 or not address[end + 1 :].startswith(":"):
-            raise ValueError(f'invalid address "{address}": expected "[v6]:port"')
-        host, port_text = address[1:end], address[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f'invalid IPv6 address "{host}" in "{address}"') from None
-    else:
-        host, sep, port_text = address.rpartition(":")
-        if not sep or not host:
-            raise ValueError(
-                f'invalid address "{address}": expected "host:port" or "[v6]:port"'
-            )
-        if ":" in host:
-            raise ValueError(
-                f'invalid address "{address}": put an IPv6 host in brackets, '
-                f'as "[{host}]:{port_text}"'
-            )
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f'invalid port "{port_text}" in "{address}": expected 0-65535')
-    return host, int(port_text)
-
-
-def split_endpoint_address(address: str) -> tuple[bool, str, int]:
-    """Split an endpoint address into (tls, host, port).
-
-    Accepts `host:port`, `[v6]:port`, `http://host:port` and
-    `https://host:port`; the scheme decides whether the upstream speaks TLS.
-    """
-    tls = False
-    rest = address
-    if "://" in address:
-        scheme, _, rest = address.partition("://")
-        if scheme not in ("http", "https"):
-            raise ValueError(
-                f'invalid endpoint "{address}": scheme must be http or https'
-            )
-        tls = scheme == "https"
-        rest = rest.rstrip("/")
-        if "/" in rest:
-            raise ValueError(f'invalid endpoint "{address}": a path is not allowed')
-    host, port = parse_host_port(rest)
-    if port == 0:
-        raise ValueError(f'invalid endpoint "{address}": port 0 cannot be dialled')
-    return tls, host, port
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: TOML has typed values, so "5" for an integer is a mistake to report,
+    # not a string to coerce.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, strict=True
+    )
 
 
 class TlsConfig(_Model):
@@ -110,7 +65,7 @@ class ServerConfig(_Model):
     access_log: Literal["json", "combined", "off"] = Field(
         default="json", description="Access log format on the pgproxy.access logger."
     )
-    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+    trusted_proxies: list[Network] = Field(
         default_factory=list,
         description="CIDRs of peers whose inbound X-Forwarded-* headers are kept; "
         "from any other peer they are replaced.",
@@ -120,7 +75,7 @@ class ServerConfig(_Model):
     @classmethod
     def _workers_positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and not 1 <= value <= 256:
-            raise ValueError("workers must be between 1 and 256, or \"auto\"")
+            raise ValueError(f'invalid workers {value}: expected 1-256 or "auto"')
         return value
 
     @field_validator("admin")
@@ -204,12 +159,14 @@ class RouteConfig(_Model):
     path_regex: str | None = Field(
         default=None, description="Python regular expression searched in the path."
     )
-    methods: list[str] | None = Field(
-        default=None, description="Allowed request methods; default any."
+    methods: list[Method] | None = Field(
+        default=None,
+        description="Allowed request methods, matched in upper case; default any.",
     )
-    headers: dict[str, str] | None = Field(
-        default=None, description="Request headers that must be present with "
-        "exactly these values (names case-insensitive)."
+    headers: dict[HeaderName, str] | None = Field(
+        default=None,
+        description="Request headers that must be present with "
+        "exactly these values (names case-insensitive).",
     )
     cluster: str | None = Field(default=None, description="Cluster to proxy to.")
     respond: RespondConfig | None = Field(
@@ -227,31 +184,11 @@ class RouteConfig(_Model):
         default=1, ge=0, le=10, description="Extra attempts, each on another endpoint."
     )
     retry_on: list[RetryCondition] = Field(
-        default_factory=lambda: ["connect-failure"],
+        default_factory=lambda: list[RetryCondition](["connect-failure"]),
         description='When to retry: "connect-failure", "reset-before-response", '
         "or the upstream statuses 502, 503, 504. Status retries apply only to "
         "idempotent methods or requests with an Idempotency-Key header.",
     )
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        for method in value:
-            if not _METHOD_RE.match(method):
-                raise ValueError(f'invalid method "{method}"')
-        return [method.upper() for method in value]
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        for name in value:
-            if not _HEADER_NAME_RE.match(name):
-                raise ValueError(f'invalid header name "{name}"')
-        return value
 
     @field_validator("path", "path_prefix")
     @classmethod
@@ -262,15 +199,33 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _one_target_one_path(self) -> RouteConfig:
-        if (self.cluster is None) == (self.respond is None):
-            raise ValueError('set exactly one of "cluster" or "respond"')
+        # The error types double as diagnostic codes, and "key" in the context
+        # names the key the problem is reported on.
+        if self.cluster is not None and self.respond is not None:
+            raise PydanticCustomError(
+                "conflicting-keys",
+                'set either "cluster" or "respond", not both',
+                {"key": "respond"},
+            )
+        if self.cluster is None and self.respond is None:
+            raise PydanticCustomError(
+                "missing-key",
+                'a route needs a target: set "cluster" or "respond"',
+                {"key": "cluster"},
+            )
         paths = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k)]
         if len(paths) > 1:
-            raise ValueError(
-                f"set at most one of path, path_prefix, path_regex (got {', '.join(paths)})"
+            raise PydanticCustomError(
+                "conflicting-keys",
+                "set at most one of path, path_prefix and path_regex, not {keys}",
+                {"key": paths[1], "keys": " and ".join(paths)},
             )
         if self.strip_prefix and self.path_prefix is None:
-            raise ValueError("strip_prefix needs path_prefix")
+            raise PydanticCustomError(
+                "conflicting-keys",
+                "strip_prefix = true needs path_prefix",
+                {"key": "strip_prefix"},
+            )
         return self
 
 
@@ -330,24 +285,6 @@ class HealthCheckConfig(_Model):
         return value
 
 
-def parse_status_ranges(spec: str) -> tuple[tuple[int, int], ...]:
-    """Parse `"200-399"` or `"200,204,300-399"` into inclusive (low, high) pairs."""
-    ranges = []
-    for part in spec.split(","):
-        low_text, _, high_text = part.strip().partition("-")
-        high_text = high_text or low_text
-        if not (low_text.isdigit() and high_text.isdigit()):
-            raise ValueError(
-                f'invalid status range "{spec}": expected "200", "200-399" or '
-                '"200,204,300-399"'
-            )
-        low, high = int(low_text), int(high_text)
-        if not 100 <= low <= high <= 599:
-            raise ValueError(f'invalid status range "{part.strip()}": use 100-599, low first')
-        ranges.append((low, high))
-    return tuple(ranges)
-
-
 class OutlierDetectionConfig(_Model):
     """Passive health: eject endpoints that fail real traffic."""
 
@@ -374,21 +311,13 @@ class OutlierDetectionConfig(_Model):
     )
 
 
-HashKey = Annotated[
-    str,
-    Field(
-        pattern=r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
-        r"|path|client_ip)$"
-    ),
-]
-
-
 class ClusterConfig(_Model):
     """A set of endpoints serving the same content, and how to use them."""
 
-    endpoints: list[str | EndpointConfig] = Field(
-        description='Endpoints: "host:port", "[v6]:port", "https://host:port", or '
-        "{ address, weight } tables."
+    endpoints: list[EndpointAddress | EndpointConfig] = Field(
+        description='The upstream servers, each "host:port", "[v6]:port", '
+        '"https://host:port" (TLS to the upstream) or a table '
+        '{ address = "host:port", weight = N }.'
     )
     balancer: Literal["round_robin", "consistent_hash", "least_request", "random"] = (
         Field(default="round_robin", description="Endpoint selection algorithm.")
@@ -432,15 +361,6 @@ class ClusterConfig(_Model):
         description="Passive health checking, on by default.",
     )
 
-    @field_validator("endpoints", mode="before")
-    @classmethod
-    def _endpoint_strings(cls, value: object) -> object:
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, str):
-                    split_endpoint_address(item)
-        return value
-
     def endpoint_configs(self) -> list[EndpointConfig]:
         """Return every endpoint as an EndpointConfig, strings given weight 1."""
         return [
@@ -455,12 +375,15 @@ class Config(_Model):
     server: ServerConfig = Field(
         default_factory=ServerConfig, description="Process-wide settings."
     )
-    listeners: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], ListenerConfig] = (
-        Field(description="Listeners by name.")
+    listeners: dict[ObjectName, ListenerConfig] = Field(
+        description="Listeners by name, as [listeners.NAME] tables.",
+        json_schema_extra={"additionalProperties": False},
     )
     routes: list[RouteConfig] = Field(
         default_factory=list, description="Routing rules; the most specific match wins."
     )
-    clusters: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], ClusterConfig] = (
-        Field(default_factory=dict, description="Upstream clusters by name.")
+    clusters: dict[ObjectName, ClusterConfig] = Field(
+        default_factory=dict,
+        description="Upstream clusters by name, as [clusters.NAME] tables.",
+        json_schema_extra={"additionalProperties": False},
     )

@@ -67,13 +67,17 @@ def format_duration(seconds: float) -> str:
 def parse_size(value: Any) -> int:
     """Convert an int of bytes, or `"64KiB"`, `"10MiB"`, `"1GB"`, to int bytes."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid size {value!r}: expected bytes or a string like 64KiB")
+        raise ValueError(
+            f"invalid size {value!r}: expected bytes or a string like 64KiB"
+        )
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"invalid size {value}: must not be negative")
         return value
     if not isinstance(value, str):
-        raise ValueError(f"invalid size {value!r}: expected bytes or a string like 64KiB")
+        raise ValueError(
+            f"invalid size {value!r}: expected bytes or a string like 64KiB"
+        )
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(

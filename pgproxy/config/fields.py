@@ -1,0 +1,180 @@
+"""Field types and parsers for config values: names, addresses, CIDRs, keys.
+
+Each check raises ValueError with a message that names the rejected value and
+the expected form, because the loader shows that message to the user as it
+is. The Annotated types keep the plain Python type (`str`, a network) so that
+code reading a Config gets ordinary values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_NAME_RE = re.compile(_NAME_PATTERN)
+_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+_HEADER_NAME_RE = _METHOD_RE
+_HASH_KEY_PATTERN = (
+    r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
+    r"|path|client_ip)$"
+)
+_HASH_KEY_RE = re.compile(_HASH_KEY_PATTERN)
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6]:port` into host and port.
+
+    Raises ValueError with the expected forms when the address is malformed
+    or the port is outside 0-65535.
+    """
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0 or not address[end + 1 :].startswith(":"):
+            raise ValueError(f'invalid address "{address}": expected "[v6]:port"')
+        host, port_text = address[1:end], address[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f'invalid IPv6 address "{host}" in "{address}"') from None
+    else:
+        host, sep, port_text = address.rpartition(":")
+        if not sep or not host:
+            raise ValueError(
+                f'invalid address "{address}": expected "host:port" or "[v6]:port"'
+            )
+        if ":" in host:
+            raise ValueError(
+                f'invalid address "{address}": put an IPv6 host in brackets, '
+                f'as "[{host}]:{port_text}"'
+            )
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f'invalid port "{port_text}" in "{address}": expected 0-65535')
+    return host, int(port_text)
+
+
+def split_endpoint_address(address: str) -> tuple[bool, str, int]:
+    """Split an endpoint address into (tls, host, port).
+
+    Accepts `host:port`, `[v6]:port`, `http://host:port` and
+    `https://host:port`; the scheme decides whether the upstream speaks TLS.
+    """
+    tls = False
+    rest = address
+    if "://" in address:
+        scheme, _, rest = address.partition("://")
+        if scheme not in ("http", "https"):
+            raise ValueError(
+                f'invalid endpoint "{address}": scheme must be http or https'
+            )
+        tls = scheme == "https"
+        rest = rest.rstrip("/")
+        if "/" in rest:
+            raise ValueError(f'invalid endpoint "{address}": a path is not allowed')
+    host, port = parse_host_port(rest)
+    if port == 0:
+        raise ValueError(f'invalid endpoint "{address}": port 0 cannot be dialled')
+    return tls, host, port
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f'invalid name "{name}": use letters, digits, "_", "." and "-", '
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _check_endpoint_address(address: str) -> str:
+    split_endpoint_address(address)
+    return address
+
+
+def _parse_network(value: object) -> object:
+    """Parse a CIDR string strictly, so "10.0.0.1/8" is rejected, not widened."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as error:
+        if "has host bits set" in str(error):
+            wider = ipaddress.ip_network(value, strict=False)
+            raise ValueError(
+                f'invalid CIDR "{value}": host bits are set; write "{wider}"'
+            ) from None
+        raise ValueError(
+            f'invalid CIDR "{value}": expected a network such as "10.0.0.0/8" '
+            'or "2001:db8::/32"'
+        ) from None
+
+
+def _check_hash_key(key: str) -> str:
+    if not _HASH_KEY_RE.match(key):
+        raise ValueError(
+            f'invalid hash_key "{key}": expected header:NAME, cookie:NAME, '
+            "query:NAME, path or client_ip"
+        )
+    return key
+
+
+def _check_method(method: str) -> str:
+    if not _METHOD_RE.match(method):
+        raise ValueError(
+            f'invalid method "{method}": expected one token such as "GET" or "POST"'
+        )
+    return method.upper()
+
+
+def _check_header_name(name: str) -> str:
+    if not _HEADER_NAME_RE.match(name):
+        raise ValueError(
+            f'invalid header name "{name}": use letters, digits and "-" '
+            "(an RFC 9110 token)"
+        )
+    return name
+
+
+# Names of listeners and clusters. The JSON Schema keeps the pattern so that
+# editors flag a bad name; the validator gives the readable message.
+ObjectName = Annotated[
+    str,
+    AfterValidator(_check_name),
+    Field(json_schema_extra={"pattern": _NAME_PATTERN}),
+]
+EndpointAddress = Annotated[str, AfterValidator(_check_endpoint_address)]
+Method = Annotated[str, AfterValidator(_check_method)]
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)
+]
+
+
+HashKey = Annotated[
+    str,
+    AfterValidator(_check_hash_key),
+    Field(json_schema_extra={"pattern": _HASH_KEY_PATTERN}),
+]
+
+
+def parse_status_ranges(spec: str) -> tuple[tuple[int, int], ...]:
+    """Parse `"200-399"` or `"200,204,300-399"` into inclusive (low, high) pairs."""
+    ranges = []
+    for part in spec.split(","):
+        low_text, _, high_text = part.strip().partition("-")
+        high_text = high_text or low_text
+        if not (low_text.isdigit() and high_text.isdigit()):
+            raise ValueError(
+                f'invalid status range "{spec}": expected "200", "200-399" or '
+                '"200,204,300-399"'
+            )
+        low, high = int(low_text), int(high_text)
+        if not 100 <= low <= high <= 599:
+            raise ValueError(
+                f'invalid status range "{part.strip()}": use 100-599, low first'
+            )
+        ranges.append((low, high))
+    return tuple(ranges)
