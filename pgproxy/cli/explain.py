@@ -1,8 +1,280 @@
-"""Placeholder for `pgproxy explain`; replaced by its implementation."""
+"""`pgproxy explain CONFIG "METHOD URL"`: which route and endpoint a request gets.
+
+The command loads the config as `pgproxy run` would and matches the request
+with the same router. It lists the routes ranked before the winner with the
+condition each one failed, and the routes that also matched with the rule
+they lost on. Then it names the endpoint the cluster's balancer would pick.
+The pick is the first candidate of a freshly built balancer. It is
+deterministic for consistent_hash and round_robin, and drawn from a
+generator seeded with 0 for least_request and random. Health is not checked.
+
+Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404);
+2 a usage error or an invalid config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import urllib.parse
+from dataclasses import dataclass
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.text import Text
+
+from pgproxy.balancing import build_balancer, hash_key_value
+from pgproxy.cli.render import fail, make_console
+from pgproxy.cli.validate_formats import FileResult, write_text
+from pgproxy.errors import ConfigError
+from pgproxy.graph.load import load_graph
+from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
+from pgproxy.graph.types import Graph, Route
+
+EXIT_MATCH = 0
+EXIT_NO_MATCH = 1
+EXIT_USAGE = 2
+# Candidates shown after the pick, for the order retries would follow.
+SHOWN_FALLBACKS = 4
 
 
-def explain_command() -> None:
-    """Not built yet."""
-    raise typer.Exit(2)
+@dataclass(frozen=True, slots=True)
+class ExplainRequest:
+    """The request to explain, split into the parts that routing reads."""
+
+    method: str
+    host: str | None
+    port: int | None
+    path: str
+    query: str
+    headers: dict[str, str]
+    client_ip: str
+
+
+def parse_request(
+    request_line: str, header_lines: list[str], client_ip: str
+) -> ExplainRequest:
+    """Parse `"METHOD URL"` and `Name: value` lines; raise ValueError if invalid.
+
+    The URL is absolute (`http://host[:port]/path?query`) or a path, in which
+    case the Host comes from a `Host:` header. An absolute URL's authority
+    replaces any Host header, as for absolute-form targets (RFC 9112
+    section 3.2.2).
+    """
+    method, _, target = request_line.strip().partition(" ")
+    target = target.strip()
+    if not method or not target:
+        raise ValueError(
+            f'invalid request "{request_line}": expected "METHOD URL", such as '
+            '"GET http://api.example.com/v1/users"'
+        )
+    headers = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip() or name != name.strip():
+            raise ValueError(f'invalid header "{line}": expected "Name: value"')
+        headers[name.lower()] = value.strip()
+    url = urllib.parse.urlsplit(target)
+    if url.scheme and url.scheme not in ("http", "https"):
+        raise ValueError(f'invalid URL "{target}": the scheme must be http or https')
+    if not url.scheme and not target.startswith("/"):
+        raise ValueError(f'invalid URL "{target}": expected http://host/path or /path')
+    port = url.port if url.scheme else None
+    if url.scheme:
+        headers["host"] = url.netloc
+        port = port or (443 if url.scheme == "https" else 80)
+    return ExplainRequest(
+        method=method.upper(),
+        host=headers.get("host"),
+        port=port,
+        path=url.path or "/",
+        query=url.query,
+        headers=headers,
+        client_ip=client_ip,
+    )
+
+
+def choose_listener(graph: Graph, request: ExplainRequest) -> tuple[str, str | None]:
+    """Pick the listener that would receive the request, and a note on the choice."""
+    names = list(graph.listeners)
+    on_port = [n for n in names if graph.listeners[n].port == request.port]
+    if len(on_port) == 1:
+        return on_port[0], None
+    if len(names) == 1:
+        return names[0], None
+    return names[0], (
+        f"assumed listener {names[0]}; pass --listener to choose one of "
+        + ", ".join(names)
+    )
+
+
+def explain_command(
+    config: Annotated[str, typer.Argument(metavar="CONFIG", help="Config file.")],
+    request_line: Annotated[
+        str,
+        typer.Argument(
+            metavar='"METHOD URL"',
+            help='The request, such as "GET http://api.example.com/v1/users?id=7".',
+        ),
+    ],
+    header: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--header",
+            "-H",
+            metavar='"Name: value"',
+            help="A request header; repeatable.",
+        ),
+    ] = None,
+    client_ip: Annotated[
+        str,
+        typer.Option(help='Client address, used by hash_key = "client_ip".'),
+    ] = "127.0.0.1",
+    listener: Annotated[
+        str | None,
+        typer.Option(help="Listener that receives the request; default by URL port."),
+    ] = None,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="List every route, not only the relevant ones."),
+    ] = False,
+) -> None:
+    """Show which route a request matches, why others do not, and the endpoint.
+
+    Exit status: 0 a route matches, 1 no route matches, 2 usage error or
+    invalid config.
+    """
+    try:
+        request = parse_request(request_line, header or [], client_ip)
+    except ValueError as error:
+        raise fail(str(error), EXIT_USAGE) from None
+    try:
+        graph = load_graph(config).graph
+    except ConfigError as error:
+        write_text(
+            make_console(stderr=True),
+            [FileResult(config, tuple(error.diagnostics))],
+            False,
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+    note = None
+    if listener is None:
+        listener, note = choose_listener(graph, request)
+    elif listener not in graph.listeners:
+        known = ", ".join(graph.listeners)
+        raise fail(
+            f'listener "{listener}" is not defined (defined: {known})', EXIT_USAGE
+        )
+    result = explain_match(
+        graph.routes,
+        listener,
+        request.method,
+        request.host,
+        request.path,
+        request.headers,
+    )
+    console = make_console()
+    _print_request(console, request, listener, note)
+    _print_verdicts(console, result, show_all)
+    if result.winner is None:
+        console.print("no route matches: pgproxy answers 404", style="bold red")
+        raise typer.Exit(EXIT_NO_MATCH)
+    _print_target(console, graph, result.winner, request)
+    raise typer.Exit(EXIT_MATCH)
+
+
+def _print_request(
+    console: Console, request: ExplainRequest, listener: str, note: str | None
+) -> None:
+    target = request.path + (f"?{request.query}" if request.query else "")
+    host = request.host or "(no Host header)"
+    console.print(
+        f"request:  {request.method} {target}  host {host}  listener {listener}"
+    )
+    if note:
+        console.print(f"note: {note}", style="yellow")
+
+
+def _print_verdicts(console: Console, result: MatchExplanation, show_all: bool) -> None:
+    """Print the relevant verdicts: failures before the winner, then losers.
+
+    Routes for other hosts or listeners, and routes after the winner that do
+    not match, are counted instead of listed unless `show_all` is set.
+    """
+    console.print("routes, most specific first:")
+    skipped = 0
+    reached_winner = False
+    for verdict in result.verdicts:
+        if verdict.route is result.winner:
+            reached_winner = True
+        elif (
+            not show_all
+            and not verdict.matched
+            and (reached_winner or verdict.failed in ("host", "listener"))
+        ):
+            skipped += 1
+            continue
+        console.print(_verdict_line(verdict, verdict.route is result.winner))
+    if skipped:
+        console.print(
+            f"  ({skipped} other routes do not match this host, listener or path; "
+            "--all lists them)"
+        )
+
+
+def _verdict_line(verdict: RouteVerdict, is_winner: bool) -> Text:
+    route = verdict.route
+    label = (
+        route.name
+        if route.name == f"routes[{route.index}]"
+        else (f"{route.name} (routes[{route.index}])")
+    )
+    if is_winner:
+        mark, style = "=>", "bold green"
+    elif verdict.matched:
+        mark, style = " ~", "yellow"
+    else:
+        mark, style = " x", "dim"
+    line = Text(f"  {mark} ", style=style)
+    line.append(label, style="bold" if is_winner else "")
+    line.append(f": {verdict.reason}")
+    return line
+
+
+def _print_target(
+    console: Console, graph: Graph, route: Route, request: ExplainRequest
+) -> None:
+    if route.respond is not None:
+        console.print(
+            f"response: {route.respond.status} sent by pgproxy itself (no upstream)",
+            style="bold green",
+        )
+        return
+    assert route.cluster is not None
+    cluster = graph.clusters[route.cluster]
+    balancer = build_balancer(cluster, random.Random(0))
+
+    config = cluster.config
+    key = None
+    pick_reason = f"{config.balancer}, first pick of a fresh balancer"
+    if config.balancer == "consistent_hash" and config.hash_key is not None:
+        key = hash_key_value(
+            config.hash_key,
+            request.headers,
+            request.path,
+            request.query,
+            request.client_ip,
+        )
+        pick_reason = (
+            f'consistent_hash on {config.hash_key} = "{key}"'
+            if key is not None
+            else f"{config.hash_key} is missing, so round robin picks"
+        )
+
+    order = list(itertools.islice(balancer.candidates(key), SHOWN_FALLBACKS + 1))
+    console.print(f"cluster:  {cluster.name} ({len(cluster.endpoints)} endpoints)")
+    console.print(f"endpoint: {order[0].address}  ({pick_reason})", style="bold green")
+    if len(order) > 1:
+        rest = ", ".join(endpoint.address for endpoint in order[1:])
+        console.print(f"  if it is unhealthy or fails: {rest}")

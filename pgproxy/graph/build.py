@@ -1,0 +1,424 @@
+"""Build the immutable routing graph from a validated Config, with semantic checks.
+
+The pydantic models check each table alone; this module checks what spans
+tables and what the models cannot see. Every problem becomes a Diagnostic
+with a stable code and a dotted key path; line and column stay 0 here and
+`pgproxy.graph.load` fills them from the source map. The graph is built only
+when no diagnostic is an error.
+
+Diagnostic codes (the problem is on the indented line under each code):
+
+    code                               severity  key path
+    ---------------------------------  --------  ----------------------------------
+    no-listeners                       error     listeners
+        the config has no listener, so nothing would be served
+    duplicate-listener-address         error     listeners.NAME.address, server.admin
+        two sockets bind the same host:port, or 0.0.0.0 (or [::]) and a specific
+        address of the same family share a port
+    unknown-listener                   error     routes[N].listeners[M]
+        a route names a listener that does not exist
+    unknown-cluster                    error     routes[N].cluster
+        a route names a cluster that does not exist
+    duplicate-route-name               error     routes[N].name
+        two routes have the same name (default names "routes[N]" count)
+    invalid-host                       error     routes[N].host
+        no Host header can equal it (a port, a path, a misplaced "*")
+    invalid-regex                      error     routes[N].path_regex
+        path_regex does not compile as a Python regular expression
+    shadowed-route                     warning   routes[N]
+        the route can never match, because a route ranked before it matches
+        every request it matches
+    listener-without-routes            warning   listeners.NAME
+        no route applies to the listener, so it answers 404 to every request
+    empty-cluster                      error     clusters.NAME.endpoints
+        the cluster has no endpoint
+    duplicate-endpoint                 error     clusters.NAME.endpoints[M]
+        the cluster lists the same host:port twice
+    missing-hash-key                   error     clusters.NAME.balancer
+        consistent_hash without hash_key
+    unused-hash-key                    warning   clusters.NAME.hash_key
+        hash_key set on a balancer other than consistent_hash
+    health-timeout-not-below-interval  error     clusters.NAME.health_check.timeout
+        the probe timeout is not below the probe interval
+    no-health-check                    warning   clusters.NAME
+        several endpoints and no active health check
+    unused-cluster                     warning   clusters.NAME
+        no route sends requests to the cluster
+    trusted-proxies-everyone           warning   server.trusted_proxies[M]
+        0.0.0.0/0 or ::/0 lets any client forge X-Forwarded-* headers
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable
+from types import MappingProxyType
+
+from pgproxy.config.diagnostics import Diagnostic, Severity
+from pgproxy.config.models import (
+    ClusterConfig,
+    Config,
+    RouteConfig,
+    parse_host_port,
+    split_endpoint_address,
+)
+from pgproxy.config.sourcemap import format_key_path
+from pgproxy.graph.routing import RouteTable
+from pgproxy.graph.shadowing import find_shadowed, shadow_reason
+from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
+
+# Lower-case DNS labels (underscores allowed, as in service names), with an
+# optional leading "*." for a wildcard.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
+
+
+class _Collector:
+    """Diagnostics of one build, all pointing into one source file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[Diagnostic] = []
+
+    def error(self, key: str, code: str, message: str, hint: str | None = None) -> None:
+        self._add(key, code, message, hint, Severity.ERROR)
+
+    def warning(
+        self, key: str, code: str, message: str, hint: str | None = None
+    ) -> None:
+        self._add(key, code, message, hint, Severity.WARNING)
+
+    def _add(
+        self, key: str, code: str, message: str, hint: str | None, severity: Severity
+    ) -> None:
+        self.items.append(
+            Diagnostic(self.source, 0, 0, key, code, message, severity, hint)
+        )
+
+    @property
+    def has_errors(self) -> bool:
+        return any(item.severity is Severity.ERROR for item in self.items)
+
+
+def build_graph(config: Config, source: str) -> tuple[Graph | None, list[Diagnostic]]:
+    """Check a Config across its tables and build its Graph.
+
+    Returns the Graph (None when any diagnostic is an error) and every
+    diagnostic found, errors and warnings, in config order.
+    """
+    found = _Collector(source)
+    listeners = _build_listeners(config, found)
+    clusters = _build_clusters(config, found)
+    routes = [
+        _build_route(config, i, route, found) for i, route in enumerate(config.routes)
+    ]
+    _check_route_names(routes, found)
+    _check_shadowed(routes, found)
+    _check_usage(config, routes, found)
+    if found.has_errors:
+        return None, found.items
+    graph = Graph(
+        config=config,
+        source=source,
+        listeners=MappingProxyType(listeners),
+        clusters=MappingProxyType(clusters),
+        routes=tuple(routes),
+        router=RouteTable(routes),
+    )
+    return graph, found.items
+
+
+def _build_listeners(config: Config, found: _Collector) -> dict[str, Listener]:
+    if not config.listeners:
+        found.error(
+            "listeners",
+            "no-listeners",
+            "no listener is configured, so nothing would be served",
+            'add a [listeners.NAME] table with an address such as "0.0.0.0:8080"',
+        )
+    listeners = {}
+    bound: list[tuple[str, str, int]] = []
+    if config.server.admin is not None:
+        host, port = parse_host_port(config.server.admin)
+        bound.append(("server.admin", host, port))
+    for name, listener_config in config.listeners.items():
+        host, port = parse_host_port(listener_config.address)
+        listeners[name] = Listener(name, host, port, listener_config)
+        bound.append((format_key_path(("listeners", name, "address")), host, port))
+    _check_addresses(bound, found)
+    _check_trusted_proxies(config, found)
+    return listeners
+
+
+def _check_addresses(bound: list[tuple[str, str, int]], found: _Collector) -> None:
+    for i, (key, host, port) in enumerate(bound):
+        for other_key, other_host, other_port in bound[:i]:
+            # Port 0 asks the OS for a free port, so two of them never clash.
+            if port == 0 or port != other_port:
+                continue
+            if _addresses_overlap(host, other_host):
+                found.error(
+                    key,
+                    "duplicate-listener-address",
+                    f"address {_show(host, port)} overlaps {other_key} "
+                    f"({_show(other_host, other_port)}); the second bind would fail",
+                )
+                break
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addresses_overlap(first: str, second: str) -> bool:
+    try:
+        a, b = ipaddress.ip_address(first), ipaddress.ip_address(second)
+    except ValueError:
+        return first.lower() == second.lower()
+    if a.version != b.version:
+        # pgproxy binds IPv6 sockets with IPV6_V6ONLY, so [::] and 0.0.0.0 coexist.
+        return False
+    return a == b or a.is_unspecified or b.is_unspecified
+
+
+def _check_trusted_proxies(config: Config, found: _Collector) -> None:
+    for i, network in enumerate(config.server.trusted_proxies):
+        if network.prefixlen == 0:
+            found.warning(
+                f"server.trusted_proxies[{i}]",
+                "trusted-proxies-everyone",
+                f"{network} trusts every client, so any client can forge "
+                "X-Forwarded-For, X-Forwarded-Proto and X-Forwarded-Host",
+                "list only the addresses of your own proxies",
+            )
+
+
+def _build_clusters(config: Config, found: _Collector) -> dict[str, Cluster]:
+    clusters = {}
+    for name, cluster_config in config.clusters.items():
+        endpoints = _build_endpoints(name, cluster_config, found)
+        _check_cluster(name, cluster_config, found)
+        clusters[name] = Cluster(name, tuple(endpoints), cluster_config)
+    return clusters
+
+
+def _build_endpoints(
+    name: str, cluster_config: ClusterConfig, found: _Collector
+) -> list[Endpoint]:
+    key = format_key_path(("clusters", name, "endpoints"))
+    if not cluster_config.endpoints:
+        found.error(key, "empty-cluster", f"cluster {name} has no endpoints")
+    endpoints = []
+    seen: dict[tuple[str, int], str] = {}
+    for i, endpoint_config in enumerate(cluster_config.endpoint_configs()):
+        tls, host, port = split_endpoint_address(endpoint_config.address)
+        identity = (host.lower(), port)
+        if identity in seen:
+            found.error(
+                f"{key}[{i}]",
+                "duplicate-endpoint",
+                f'endpoint "{endpoint_config.address}" repeats "{seen[identity]}" '
+                f"in cluster {name}",
+                "give the endpoint a weight instead of listing it twice",
+            )
+            continue
+        seen[identity] = endpoint_config.address
+        endpoints.append(
+            Endpoint(
+                endpoint_config.address, host, port, tls, endpoint_config.weight, name
+            )
+        )
+    return endpoints
+
+
+def _check_cluster(name: str, cluster_config: ClusterConfig, found: _Collector) -> None:
+    key = format_key_path(("clusters", name))
+    balancer = cluster_config.balancer
+    if balancer == "consistent_hash" and cluster_config.hash_key is None:
+        found.error(
+            f"{key}.balancer",
+            "missing-hash-key",
+            "consistent_hash needs hash_key",
+            'set hash_key to "header:NAME", "cookie:NAME", "query:NAME", "path" '
+            'or "client_ip"',
+        )
+    elif balancer != "consistent_hash" and cluster_config.hash_key is not None:
+        found.warning(
+            f"{key}.hash_key",
+            "unused-hash-key",
+            f"hash_key has no effect with balancer {balancer}",
+            'remove it, or set balancer = "consistent_hash"',
+        )
+    check = cluster_config.health_check
+    if check is not None and check.timeout >= check.interval:
+        found.error(
+            f"{key}.health_check.timeout",
+            "health-timeout-not-below-interval",
+            f"health check timeout ({check.timeout:g}s) must be below its interval "
+            f"({check.interval:g}s), or probes would overlap",
+        )
+    if check is None and len(cluster_config.endpoints) > 1:
+        found.warning(
+            key,
+            "no-health-check",
+            f"cluster {name} has {len(cluster_config.endpoints)} endpoints and no "
+            "health check, so a dead endpoint keeps receiving requests until "
+            "outlier detection ejects it",
+            "add a [clusters.NAME.health_check] table",
+        )
+
+
+def _build_route(
+    config: Config, index: int, route_config: RouteConfig, found: _Collector
+) -> Route:
+    key = f"routes[{index}]"
+    listeners = _route_listeners(config, key, route_config, found)
+    if route_config.cluster is not None and route_config.cluster not in config.clusters:
+        found.error(
+            f"{key}.cluster",
+            "unknown-cluster",
+            f'cluster "{route_config.cluster}" is not defined',
+            _did_you_mean(route_config.cluster, config.clusters),
+        )
+    path_kind, path, pattern = _route_path(key, route_config, found)
+    return Route(
+        name=route_config.name if route_config.name is not None else key,
+        index=index,
+        listeners=listeners,
+        priority=route_config.priority,
+        host=_route_host(key, route_config.host, found),
+        path_kind=path_kind,
+        path=path,
+        path_regex=pattern,
+        methods=frozenset(route_config.methods) if route_config.methods else None,
+        headers=tuple(
+            (name.lower(), value)
+            for name, value in (route_config.headers or {}).items()
+        ),
+        cluster=route_config.cluster,
+        respond=route_config.respond,
+        strip_prefix=route_config.strip_prefix,
+        timeout=route_config.timeout,
+        retries=route_config.retries,
+        retry_on=frozenset(route_config.retry_on),
+    )
+
+
+def _route_listeners(
+    config: Config, key: str, route_config: RouteConfig, found: _Collector
+) -> frozenset[str]:
+    if route_config.listeners is None:
+        return frozenset(config.listeners)
+    for i, name in enumerate(route_config.listeners):
+        if name not in config.listeners:
+            found.error(
+                f"{key}.listeners[{i}]",
+                "unknown-listener",
+                f'listener "{name}" is not defined',
+                _did_you_mean(name, config.listeners),
+            )
+    return frozenset(
+        name for name in route_config.listeners if name in config.listeners
+    )
+
+
+def _route_host(key: str, host: str | None, found: _Collector) -> str | None:
+    if host is None:
+        return None
+    normal = host.lower().rstrip(".")
+    if normal.startswith("[") and normal.endswith("]"):
+        try:
+            ipaddress.IPv6Address(normal[1:-1])
+        except ValueError:
+            pass
+        else:
+            return normal
+    if not _HOST_RE.match(normal):
+        found.error(
+            f"{key}.host",
+            "invalid-host",
+            f'invalid host "{host}": expected a name such as "api.example.com" '
+            'or a wildcard such as "*.example.com", without port or path',
+            "leave host unset to match any host",
+        )
+    return normal
+
+
+def _route_path(
+    key: str, route_config: RouteConfig, found: _Collector
+) -> tuple[PathKind, str, re.Pattern[str] | None]:
+    if route_config.path is not None:
+        return "exact", route_config.path, None
+    if route_config.path_prefix is not None:
+        return "prefix", route_config.path_prefix, None
+    if route_config.path_regex is None:
+        return "any", "", None
+    try:
+        pattern = re.compile(route_config.path_regex)
+    except re.error as error:
+        found.error(
+            f"{key}.path_regex",
+            "invalid-regex",
+            f'invalid regular expression "{route_config.path_regex}": {error}',
+        )
+        return "regex", route_config.path_regex, None
+    return "regex", route_config.path_regex, pattern
+
+
+def _check_route_names(routes: list[Route], found: _Collector) -> None:
+    first_index: dict[str, int] = {}
+    for route in routes:
+        if route.name in first_index:
+            found.error(
+                f"routes[{route.index}].name",
+                "duplicate-route-name",
+                f'route name "{route.name}" is already used by '
+                f"routes[{first_index[route.name]}]",
+                "route names label logs and metrics, so each must be unique",
+            )
+        else:
+            first_index[route.name] = route.index
+
+
+def _check_shadowed(routes: list[Route], found: _Collector) -> None:
+    for shadowed, winner in find_shadowed(routes):
+        found.warning(
+            f"routes[{shadowed.index}]",
+            "shadowed-route",
+            f'route "{shadowed.name}" can never match: route "{winner.name}" '
+            f"(routes[{winner.index}]) matches every request it matches and "
+            f"ranks first because {shadow_reason(winner, shadowed)}",
+            "remove the route, or make it more specific or give it a higher priority",
+        )
+
+
+def _check_usage(config: Config, routes: list[Route], found: _Collector) -> None:
+    used_clusters = {route.cluster for route in routes}
+    for name in config.clusters:
+        if name not in used_clusters:
+            found.warning(
+                format_key_path(("clusters", name)),
+                "unused-cluster",
+                f"no route sends requests to cluster {name}",
+            )
+    routed = set().union(*(route.listeners for route in routes)) if routes else set()
+    for name in config.listeners:
+        if name not in routed:
+            found.warning(
+                format_key_path(("listeners", name)),
+                "listener-without-routes",
+                f"no route applies to listener {name}, so it answers 404 to every "
+                "request",
+            )
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    options = sorted(choices)
+    close = difflib.get_close_matches(name, options, n=1)
+    if close:
+        return f'did you mean "{close[0]}"?'
+    if options:
+        return "defined: " + ", ".join(options)
+    return None
