@@ -14,7 +14,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("validate")(validate.validate_command)
-app.command("check-upstreams")(check_upstreams.check_upstreams_command)
+app.command("check-upstreams", cls=check_upstreams.CheckUpstreamsCommand)(
+    check_upstreams.check_upstreams_command
+)
 app.command("run")(run.run_command)
 app.command("schema")(schema.schema_command)
 app.command("demo")(demo.demo_command)

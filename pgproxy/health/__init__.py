@@ -1,1 +1,1 @@
-"""health."""
+"""Health checking: pure endpoint state, active probes and passive ejection."""

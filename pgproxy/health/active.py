@@ -1,0 +1,307 @@
+"""Active health checks: probes sent to every endpoint on an interval.
+
+One probe is one fresh connection: DNS lookup, TCP connect, TLS handshake for
+`https://` endpoints (certificate and hostname verified), then for HTTP checks
+one request with `Connection: close` whose status must fall in the expected
+ranges. The probe's timeout bounds all of these together. `probe_endpoint`
+is the only place that translates socket, ssl, anyio and httpcore errors of a
+probe into the stage that failed. `pgproxy check-upstreams` uses it too.
+
+`run_active_checks` runs one probe loop per endpoint, so a hanging endpoint
+never delays the probes of another. Each loop probes at once, then every
+interval with +-10% jitter so the probes of many endpoints drift apart
+instead of arriving in bursts.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import ipaddress
+import logging
+import os
+import random
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+import anyio
+import httpcore
+
+from pgproxy.config.models import HealthCheckConfig, parse_status_ranges
+from pgproxy.graph.types import Endpoint, Graph
+from pgproxy.health.passive import log_transition, run_transition_sweeper
+from pgproxy.health.state import HealthTable
+
+logger = logging.getLogger(__name__)
+
+JITTER = 0.1  # each wait is the interval times a factor in [0.9, 1.1]
+USER_AGENT = b"pgproxy-health-check"
+
+
+class Stage(str, enum.Enum):
+    """The step of a probe that failed, or `ok`."""
+
+    DNS = "dns"
+    TCP_REFUSED = "tcp_refused"
+    TCP_TIMEOUT = "tcp_timeout"
+    TLS = "tls"
+    HTTP_TIMEOUT = "http_timeout"
+    HTTP_STATUS = "http_status"
+    PROTOCOL_ERROR = "protocol_error"
+    OK = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Outcome of one probe: the failing stage, the HTTP status if one came."""
+
+    ok: bool
+    stage: Stage
+    status: int | None
+    latency_s: float
+    detail: str
+
+
+# Errors that end one probe step. Anything else is a bug and propagates.
+_PROBE_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.TimeoutException,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+)
+_STEP_FAILURE = {"dns": Stage.DNS, "tcp": Stage.TCP_REFUSED, "tls": Stage.TLS}
+_STEP_TIMEOUT = {
+    "dns": Stage.DNS,
+    "tcp": Stage.TCP_TIMEOUT,
+    "tls": Stage.TLS,
+    "http": Stage.HTTP_TIMEOUT,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def default_ssl_context() -> ssl.SSLContext:
+    """Return the shared TLS context: system CAs, certificate and hostname checked."""
+    return ssl.create_default_context()
+
+
+class _Probe:
+    """The steps of one probe; `step` names the step in progress."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        check: HealthCheckConfig | None,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.check = check
+        self.ssl_context = ssl_context or default_ssl_context()
+        self.step = "dns"
+        self.stream: httpcore.AsyncNetworkStream | None = None
+
+    async def run(self) -> tuple[Stage, int | None, str]:
+        addresses = await self._resolve()
+        self.step = "tcp"
+        self.stream = await self._connect(addresses)
+        if self.endpoint.tls:
+            self.step = "tls"
+            self.stream = await self.stream.start_tls(
+                self.ssl_context, server_hostname=self.endpoint.host
+            )
+        if self.check is None or self.check.type == "tcp":
+            return Stage.OK, None, "connected"
+        self.step = "http"
+        return await self._request(self.stream, self.check)
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _resolve(self) -> list[str]:
+        host = self.endpoint.host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [host]
+        infos = await anyio.getaddrinfo(
+            host, self.endpoint.port, type=socket.SOCK_STREAM
+        )
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    async def _connect(self, addresses: list[str]) -> httpcore.AsyncNetworkStream:
+        # Addresses are tried in resolver order, so a name with an IPv6 and an
+        # IPv4 address still passes when only one of them listens.
+        backend = httpcore.AnyIOBackend()
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return await backend.connect_tcp(address, self.endpoint.port)
+            except httpcore.ConnectError as exc:
+                error = exc
+        assert error is not None  # getaddrinfo never returns an empty list
+        raise error
+
+    async def _request(
+        self, stream: httpcore.AsyncNetworkStream, check: HealthCheckConfig
+    ) -> tuple[Stage, int | None, str]:
+        endpoint = self.endpoint
+        scheme = b"https" if endpoint.tls else b"http"
+        host = endpoint.host.encode("idna")
+        origin = httpcore.Origin(scheme, host, endpoint.port)
+        connection = httpcore.AsyncHTTP11Connection(origin, stream)
+        request = httpcore.Request(
+            check.method,
+            httpcore.URL(
+                scheme=scheme, host=host, port=endpoint.port, target=check.path
+            ),
+            headers=[
+                (b"Host", probe_host_header(endpoint, check).encode("idna")),
+                (b"User-Agent", USER_AGENT),
+                (b"Connection", b"close"),
+            ],
+        )
+        response = await connection.handle_async_request(request)
+        await response.aclose()
+        if _status_expected(response.status, check.expect_status):
+            return Stage.OK, response.status, f"status {response.status}"
+        detail = f"status {response.status}, expected {check.expect_status}"
+        return Stage.HTTP_STATUS, response.status, detail
+
+
+def probe_host_header(endpoint: Endpoint, check: HealthCheckConfig) -> str:
+    """Return the Host header of an HTTP probe: the configured host or host:port."""
+    if check.host:
+        return check.host
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return f"{host}:{endpoint.port}"
+
+
+@functools.lru_cache(maxsize=64)
+def _status_ranges(spec: str) -> tuple[tuple[int, int], ...]:
+    return parse_status_ranges(spec)
+
+
+def _status_expected(status: int, spec: str) -> bool:
+    return any(low <= status <= high for low, high in _status_ranges(spec))
+
+
+def _describe_error(exc: BaseException) -> str:
+    """Return a one-line message naming the root cause of a probe error."""
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, ssl.SSLCertVerificationError):
+        return str(root.verify_message or root)
+    if isinstance(root, socket.gaierror) and root.strerror:
+        return f"DNS lookup failed: {root.strerror}"
+    if isinstance(root, OSError) and not isinstance(root, ssl.SSLError):
+        if root.errno:
+            # asyncio's message for ECONNREFUSED ("Connect call failed") hides
+            # the cause, so the errno text is used instead.
+            return os.strerror(root.errno)
+    return str(root) or type(root).__name__
+
+
+async def probe_endpoint(
+    endpoint: Endpoint,
+    check: HealthCheckConfig | None,
+    timeout: float,  # noqa: ASYNC109 - one bound shared by every probe step
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ProbeResult:
+    """Probe `endpoint` once on a fresh connection, within `timeout` seconds.
+
+    Without a check, or with a TCP check, a completed connect (and TLS
+    handshake for https endpoints) is a success. Network, TLS and HTTP
+    failures are returned as the stage that failed instead of raised.
+    """
+    probe = _Probe(endpoint, check, ssl_context)
+    started = time.monotonic()
+    stage, status, detail = Stage.OK, None, ""
+    try:
+        with anyio.move_on_after(timeout) as scope:
+            stage, status, detail = await probe.run()
+        if scope.cancelled_caught:
+            stage = _STEP_TIMEOUT[probe.step]
+            detail = f"{probe.step} step timed out after {timeout:g}s"
+    except _PROBE_ERRORS as exc:
+        stage = _STEP_FAILURE.get(probe.step, Stage.PROTOCOL_ERROR)
+        detail = _describe_error(exc)
+    finally:
+        await probe.aclose()
+    latency = time.monotonic() - started
+    return ProbeResult(stage is Stage.OK, stage, status, latency, detail)
+
+
+def jittered(interval: float, rng: random.Random) -> float:
+    """Return `interval` scaled by a random factor in [1 - JITTER, 1 + JITTER]."""
+    return interval * rng.uniform(1.0 - JITTER, 1.0 + JITTER)
+
+
+async def _probe_once(
+    endpoint: Endpoint, check: HealthCheckConfig, table: HealthTable
+) -> None:
+    try:
+        result = await probe_endpoint(endpoint, check, check.timeout)
+        reason = (
+            result.detail if result.ok else f"{result.stage.value}: {result.detail}"
+        )
+        ok = result.ok
+    except Exception as exc:
+        # A bug in the probe must not stop the checks of this endpoint.
+        logger.exception("health probe of %s crashed", endpoint)
+        ok, reason = False, f"probe crashed: {exc!r}"
+    transition = table.record_probe(endpoint, ok, reason)
+    if transition is not None:
+        log_transition(transition)
+
+
+async def _probe_loop(
+    endpoint: Endpoint,
+    check: HealthCheckConfig,
+    table: HealthTable,
+    rng: random.Random,
+) -> None:
+    while True:
+        started = anyio.current_time()
+        await _probe_once(endpoint, check, table)
+        wait = jittered(check.interval, rng) - (anyio.current_time() - started)
+        await anyio.sleep(max(wait, 0.0))
+
+
+async def run_active_checks(
+    graph: Graph,
+    table: HealthTable,
+    *,
+    stop: anyio.Event | None = None,
+    rng: random.Random | None = None,
+) -> None:
+    """Probe every endpoint of every cluster with a health check, until stopped.
+
+    Also ends finished ejections and logs passive transitions, so start it
+    even when no cluster has a health check. Returns when `stop` is set, or
+    runs until cancelled when `stop` is None.
+    """
+    rng = rng or random.Random()
+    loops = [
+        (endpoint, cluster.config.health_check)
+        for cluster in graph.clusters.values()
+        if cluster.config.health_check is not None
+        for endpoint in cluster.endpoints
+    ]
+    logger.debug("starting health probes of %d endpoints", len(loops))
+    async with anyio.create_task_group() as group:
+        group.start_soon(run_transition_sweeper, table)
+        for endpoint, check in loops:
+            group.start_soon(_probe_loop, endpoint, check, table, rng)
+        if stop is not None:
+            await stop.wait()
+            group.cancel_scope.cancel()

@@ -1,0 +1,378 @@
+"""Health state of every endpoint: active thresholds and passive ejection.
+
+Invariants kept by this module:
+- An endpoint is available when the active checks last judged it healthy and
+  no passive ejection is running. Until its first probe result it counts as
+  healthy.
+- Active state flips only after `healthy_threshold` probe successes or
+  `unhealthy_threshold` probe failures in a row.
+- Passive ejection (outlier detection) starts after `consecutive_failures`
+  connect failures or 502-504 responses in a row; one success resets the
+  count. The n-th ejection lasts n x base_ejection_time, capped at
+  max_ejection_time. The multiplier decays by one for each
+  base_ejection_time that passes after an ejection ends without a new one.
+- At most floor(endpoints x max_ejection_percent / 100) endpoints of a cluster
+  are ejected at once, raised to one when the percentage is above zero and the
+  cluster has two or more endpoints (Envoy's outlier detection also lets a
+  first host be ejected whatever the percentage). A single-endpoint cluster is
+  ejected only with max_ejection_percent = 100, because ejecting its only
+  endpoint turns 502 responses into 503 responses and delays its return. The
+  nginx upstream module likewise never marks the only server of a group
+  unavailable.
+- A failed probe does not extend an ejection and a good probe does not end one:
+  ejection ends only when its time is over.
+
+This module is sans-IO: time comes from the injected clock, and state changes
+are returned (or queued) as `Transition` values for the caller to log.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pgproxy.config.models import HealthCheckConfig, OutlierDetectionConfig
+from pgproxy.graph.types import Cluster, Endpoint
+
+# Queued passive transitions beyond this are dropped and counted, so the queue
+# stays bounded when no service pops it.
+MAX_PENDING_TRANSITIONS = 1024
+
+
+class Status(str, enum.Enum):
+    """Health of one endpoint, as used by the data plane."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # failed its active checks
+    EJECTED = "ejected"  # removed by outlier detection for a while
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of an endpoint's status, with the reason, for the caller to log."""
+
+    endpoint: Endpoint
+    old: Status
+    new: Status
+    reason: str
+
+    @property
+    def went_down(self) -> bool:
+        """Whether the endpoint stopped serving with this change."""
+        return self.old is Status.HEALTHY and self.new is not Status.HEALTHY
+
+    @property
+    def came_back(self) -> bool:
+        """Whether the endpoint serves again after this change."""
+        return self.new is Status.HEALTHY
+
+
+class EndpointHealth:
+    """Mutable health record of one endpoint; `HealthTable` owns and mutates it."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "consecutive_probe_failures",
+        "consecutive_probe_successes",
+        "ejected_until",
+        "ejection_ended_at",
+        "ejections",
+        "endpoint",
+        "healthy",
+        "reason",
+        "since",
+        "status",
+    )
+
+    def __init__(self, endpoint: Endpoint, now: float) -> None:
+        self.endpoint = endpoint
+        self.healthy = True  # by active checks
+        self.consecutive_probe_successes = 0
+        self.consecutive_probe_failures = 0
+        self.consecutive_failures = 0  # passive: real traffic
+        self.ejected_until = 0.0  # 0.0 when no ejection is running
+        self.ejection_ended_at = 0.0
+        self.ejections = 0  # multiplier of the next ejection time, after decay
+        self.status = Status.HEALTHY  # last status reported in a Transition
+        self.reason = ""
+        self.since = now
+
+    def copy_from(self, other: EndpointHealth) -> None:
+        """Take over every counter of `other` (same endpoint in an older table)."""
+        for name in self.__slots__:
+            if name != "endpoint":
+                setattr(self, name, getattr(other, name))
+
+    def current_status(self, now: float) -> Status:
+        """Return the status at `now`; active failure outranks ejection."""
+        if not self.healthy:
+            return Status.UNHEALTHY
+        if self.ejected_until and now < self.ejected_until:
+            return Status.EJECTED
+        return Status.HEALTHY
+
+    def decayed_ejections(self, now: float, base_ejection_time: float) -> int:
+        """Return the ejection multiplier after decay for the good time so far."""
+        if self.ejections == 0 or base_ejection_time <= 0:
+            return self.ejections
+        ended_at = self.ejected_until or self.ejection_ended_at
+        if now < ended_at:
+            return self.ejections
+        good_periods = int((now - ended_at) // base_ejection_time)
+        return max(0, self.ejections - good_periods)
+
+
+def max_ejected(endpoint_count: int, max_ejection_percent: int) -> int:
+    """Return how many endpoints of a cluster may be ejected at the same time."""
+    allowed = endpoint_count * max_ejection_percent // 100
+    if allowed == 0 and max_ejection_percent > 0 and endpoint_count >= 2:
+        return 1
+    return allowed
+
+
+def ejection_time(ejections: int, outlier: OutlierDetectionConfig) -> float:
+    """Return the length of the `ejections`-th ejection, in seconds."""
+    return min(outlier.base_ejection_time * ejections, outlier.max_ejection_time)
+
+
+_DEFAULT_CHECK = HealthCheckConfig(healthy_threshold=1, unhealthy_threshold=1)
+
+
+class HealthTable:
+    """Health of every endpoint of a graph, keyed by (cluster, address).
+
+    `is_available` is on the request path: two dict lookups and a comparison,
+    plus a clock read only while an ejection is recorded. Passive outcomes
+    queue their transitions; `pop_transitions` hands them to the caller that
+    logs them. `record_probe` and `expire_ejections` return theirs directly.
+    """
+
+    def __init__(
+        self, clusters: Mapping[str, Cluster], clock: Callable[[], float]
+    ) -> None:
+        self._clock = clock
+        self._clusters = dict(clusters)
+        now = clock()
+        self._states: dict[str, dict[str, EndpointHealth]] = {
+            name: {ep.address: EndpointHealth(ep, now) for ep in cluster.endpoints}
+            for name, cluster in clusters.items()
+        }
+        self._pending: deque[Transition] = deque()
+        self.dropped_transitions = 0
+        self.ejections_total = 0
+
+    def __repr__(self) -> str:
+        now = self._clock()
+        counts = {status: 0 for status in Status}
+        for state in self._iter_states():
+            counts[state.current_status(now)] += 1
+        return (
+            f"<HealthTable clusters={len(self._states)} "
+            f"endpoints={sum(counts.values())} healthy={counts[Status.HEALTHY]} "
+            f"unhealthy={counts[Status.UNHEALTHY]} ejected={counts[Status.EJECTED]}>"
+        )
+
+    def is_available(self, endpoint: Endpoint) -> bool:
+        """Return whether active checks pass and no ejection is running.
+
+        An endpoint the table does not track counts as available.
+        """
+        try:
+            state = self._states[endpoint.cluster][endpoint.address]
+        except KeyError:
+            return True
+        if not state.healthy:
+            return False
+        return not state.ejected_until or state.ejected_until <= self._clock()
+
+    def all_unavailable(self, cluster: str) -> bool:
+        """Return whether no endpoint of `cluster` is available now (O(endpoints))."""
+        states = self._states.get(cluster)
+        if not states:
+            return False
+        now = self._clock()
+        return all(
+            state.current_status(now) is not Status.HEALTHY for state in states.values()
+        )
+
+    def record_success(self, endpoint: Endpoint) -> None:
+        """Record a good outcome of real traffic: resets the failure count."""
+        state = self._state(endpoint)
+        if state is not None:
+            state.consecutive_failures = 0
+
+    def record_failure(self, endpoint: Endpoint, reason: str) -> None:
+        """Record a connect failure or a 502-504 from `endpoint` in real traffic.
+
+        Ejects the endpoint once the failures in a row reach the cluster's
+        `consecutive_failures`, unless the cap on ejected endpoints is reached.
+        In that case the count stays, so a later failure ejects the endpoint
+        once a slot is free.
+        """
+        state = self._state(endpoint)
+        if state is None:
+            return
+        now = self._clock()
+        self._queue(self._end_ejection(state, now))
+        if state.ejected_until:
+            return  # an outcome of a request sent before the ejection
+        state.consecutive_failures += 1
+        outlier = self._clusters[endpoint.cluster].config.outlier_detection
+        if (
+            not outlier.enabled
+            or state.consecutive_failures < outlier.consecutive_failures
+        ):
+            return
+        if not self._may_eject(endpoint.cluster, now, outlier):
+            return
+        self._eject(state, now, outlier, reason)
+
+    def record_probe(
+        self, endpoint: Endpoint, ok: bool, reason: str
+    ) -> Transition | None:
+        """Record an active probe result; return the status change it caused."""
+        state = self._state(endpoint)
+        if state is None:
+            return None
+        now = self._clock()
+        self._queue(self._end_ejection(state, now))
+        check = self._clusters[endpoint.cluster].config.health_check or _DEFAULT_CHECK
+        if ok:
+            state.consecutive_probe_failures = 0
+            state.consecutive_probe_successes += 1
+            if not state.healthy and (
+                state.consecutive_probe_successes >= check.healthy_threshold
+            ):
+                state.healthy = True
+                count = state.consecutive_probe_successes
+                reason = f"{count} probe(s) in a row succeeded"
+        else:
+            state.consecutive_probe_successes = 0
+            state.consecutive_probe_failures += 1
+            if state.healthy and (
+                state.consecutive_probe_failures >= check.unhealthy_threshold
+            ):
+                state.healthy = False
+                count = state.consecutive_probe_failures
+                reason = f"{count} probe(s) in a row failed, last: {reason}"
+        return self._settle(state, now, reason)
+
+    def expire_ejections(self) -> list[Transition]:
+        """End every ejection whose time is over; return the status changes."""
+        now = self._clock()
+        transitions = []
+        for state in self._iter_states():
+            transition = self._end_ejection(state, now)
+            if transition is not None:
+                transitions.append(transition)
+        return transitions
+
+    def pop_transitions(self) -> list[Transition]:
+        """Return and clear the transitions queued by passive outcomes."""
+        transitions = list(self._pending)
+        self._pending.clear()
+        return transitions
+
+    def snapshot(self) -> dict[str, dict[str, dict[str, object]]]:
+        """Return the state of every endpoint, per cluster, as plain values.
+
+        Times (`since`, `ejected_until`) are readings of the table's clock;
+        `ejected_until` is None when no ejection is running.
+        """
+        now = self._clock()
+        result: dict[str, dict[str, dict[str, object]]] = {}
+        for name, states in self._states.items():
+            base = self._clusters[name].config.outlier_detection.base_ejection_time
+            result[name] = {
+                address: self._describe(state, now, base)
+                for address, state in states.items()
+            }
+        return result
+
+    def carry_over(self, old: HealthTable) -> None:
+        """Keep the state of endpoints whose (cluster, address) both tables have.
+
+        Used on reload, so an endpoint that was down stays down in the new
+        graph until its checks pass.
+        """
+        for name, states in self._states.items():
+            old_states = old._states.get(name, {})
+            for address, state in states.items():
+                previous = old_states.get(address)
+                if previous is not None:
+                    state.copy_from(previous)
+
+    def _state(self, endpoint: Endpoint) -> EndpointHealth | None:
+        states = self._states.get(endpoint.cluster)
+        return None if states is None else states.get(endpoint.address)
+
+    def _iter_states(self) -> list[EndpointHealth]:
+        return [state for states in self._states.values() for state in states.values()]
+
+    def _may_eject(
+        self, cluster: str, now: float, outlier: OutlierDetectionConfig
+    ) -> bool:
+        states = self._states[cluster]
+        ejected = sum(1 for state in states.values() if state.ejected_until > now)
+        return ejected < max_ejected(len(states), outlier.max_ejection_percent)
+
+    def _eject(
+        self,
+        state: EndpointHealth,
+        now: float,
+        outlier: OutlierDetectionConfig,
+        reason: str,
+    ) -> None:
+        count = state.consecutive_failures
+        state.ejections = state.decayed_ejections(now, outlier.base_ejection_time) + 1
+        duration = ejection_time(state.ejections, outlier)
+        state.ejected_until = now + duration
+        state.consecutive_failures = 0
+        self.ejections_total += 1
+        detail = f"{count} failures in a row, last: {reason}; ejected for {duration:g}s"
+        self._queue(self._settle(state, now, detail))
+
+    def _queue(self, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        if len(self._pending) >= MAX_PENDING_TRANSITIONS:
+            self.dropped_transitions += 1
+            return
+        self._pending.append(transition)
+
+    def _end_ejection(self, state: EndpointHealth, now: float) -> Transition | None:
+        """Clear an ejection whose time is over; return the status change."""
+        if not state.ejected_until or now < state.ejected_until:
+            return None
+        state.ejection_ended_at = state.ejected_until
+        state.ejected_until = 0.0
+        return self._settle(state, now, "ejection time is over")
+
+    def _settle(
+        self, state: EndpointHealth, now: float, reason: str
+    ) -> Transition | None:
+        """Compare the status with the last reported one; record a change."""
+        new = state.current_status(now)
+        if new is state.status:
+            return None
+        old = state.status
+        state.status, state.reason, state.since = new, reason, now
+        return Transition(state.endpoint, old, new, reason)
+
+    @staticmethod
+    def _describe(
+        state: EndpointHealth, now: float, base_ejection_time: float
+    ) -> dict[str, object]:
+        ejected = bool(state.ejected_until) and now < state.ejected_until
+        return {
+            "status": state.current_status(now).value,
+            "reason": state.reason,
+            "since": state.since,
+            "consecutive_probe_successes": state.consecutive_probe_successes,
+            "consecutive_probe_failures": state.consecutive_probe_failures,
+            "consecutive_failures": state.consecutive_failures,
+            "ejected_until": state.ejected_until if ejected else None,
+            "ejections": state.decayed_ejections(now, base_ejection_time),
+        }
