@@ -1,0 +1,328 @@
+"""Message framing and request-head checks for HTTP/1.1 (RFC 9112).
+
+Invariant: a request head that passes `check_request_head` has exactly one
+way to find where its body ends (RFC 9112 section 6.3), a single Host, a
+request-target in a form the proxy can route, and header fields free of the
+shapes used for request smuggling. Anything else raises `FramingError`
+carrying the status to answer with, before a route is chosen or an upstream
+is opened. llhttp already rejects most of these shapes while parsing; the
+checks here repeat them on the parsed fields, so the rule holds whatever the
+parser's leniency settings are.
+
+Pure: no I/O, no clock. Header names and values are the raw bytes received.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from pgproxy.errors import DownstreamError
+
+# RFC 9110 section 5.1: field-name = token.
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 9110 section 5.5: field-value is VCHAR, obs-text, SP and HTAB; CR, LF, NUL
+# and other controls are invalid anywhere in it.
+_INVALID_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS_RE = re.compile(rb"^[0-9]{1,18}$")
+# RFC 9112 section 3.2: origin-form, absolute-form, authority-form, asterisk-form.
+_ORIGIN_FORM_RE = re.compile(rb"^/[!-~]*$")
+_ABSOLUTE_FORM_RE = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-~]*)$")
+
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class FramingError(DownstreamError):
+    """A request head violates HTTP/1.1 framing or syntax; `status` is the reply."""
+
+
+class RequestInfo:
+    """What the head of one request states about its framing and connection.
+
+    `content_length` is None unless the body is length-delimited; `chunked`
+    is true for a chunked body; with neither, the request has no body (RFC
+    9112 section 6.3 rule 6). `host` is lower-case without a port. `path`
+    is the request-target as routed (origin-form, from absolute-form when
+    needed), and `connection_tokens` the lower-cased Connection options.
+    """
+
+    __slots__ = (
+        "chunked",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "has_idempotency_key",
+        "host",
+        "host_raw",
+        "keep_alive",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.host: str | None = None
+        self.host_raw = b""
+        self.target = b"/"
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.has_idempotency_key = False
+
+    @property
+    def has_body(self) -> bool:
+        """Whether a body follows the head (possibly an empty chunked one)."""
+        return self.chunked or bool(self.content_length)
+
+
+def check_version(version: str) -> None:
+    """Reject every HTTP version except 1.0 and 1.1 with 505."""
+    if version not in ("1.1", "1.0"):
+        raise FramingError(f"HTTP version {version} is not supported", status=505)
+
+
+def check_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """Return the origin-form target and the authority of an absolute-form one.
+
+    RFC 9112 section 3.2: asterisk-form is only for OPTIONS, and
+    authority-form only for CONNECT, which a reverse proxy does not serve.
+    """
+    if _ORIGIN_FORM_RE.match(target):
+        return target, None
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise FramingError("asterisk-form target is only valid for OPTIONS")
+        return target, None
+    if method == b"CONNECT":
+        raise FramingError("CONNECT is not supported", status=501)
+    match = _ABSOLUTE_FORM_RE.match(target)
+    if match is None:
+        raise FramingError("invalid request-target")
+    path = match.group(2) or b"/"
+    if not path.startswith(b"/"):
+        if not path.startswith(b"?"):
+            raise FramingError("invalid request-target")
+        path = b"/" + path
+    return path, match.group(1)
+
+
+def check_field(name: bytes, value: bytes) -> None:
+    """Reject a header field whose name is not a token or whose value has controls."""
+    if not _TOKEN_RE.match(name):
+        raise FramingError("invalid header field name")
+    if _INVALID_VALUE_RE.search(value):
+        raise FramingError("invalid character in header field value")
+
+
+def parse_content_length(values: Sequence[bytes]) -> int:
+    """Return the one Content-Length that all values agree on.
+
+    RFC 9110 section 8.6 lets a recipient accept a list of identical values;
+    differing values (or anything but digits) make the framing unknowable.
+    """
+    lengths = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not _DIGITS_RE.match(item):
+                raise FramingError("invalid Content-Length")
+            lengths.add(int(item))
+    if len(lengths) != 1:
+        raise FramingError("conflicting Content-Length values")
+    return lengths.pop()
+
+
+def check_transfer_encoding(values: Sequence[bytes]) -> None:
+    """Accept only a Transfer-Encoding whose single coding is chunked.
+
+    RFC 9112 section 6.3: a request whose final coding is not chunked has no
+    determinable length (400). Codings other than chunked are not
+    implemented by this proxy, so `gzip, chunked` gets 501 (RFC 9112
+    section 6.1).
+    """
+    codings = [
+        item.strip(b" \t").lower() for value in values for item in value.split(b",")
+    ]
+    if not codings or codings[-1] != b"chunked":
+        raise FramingError("Transfer-Encoding must end with chunked")
+    if codings.count(b"chunked") > 1:
+        raise FramingError("chunked applied more than once")
+    if len(codings) > 1:
+        raise FramingError("only the chunked transfer coding is supported", status=501)
+
+
+def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """Return the lower-cased options listed in Connection header values."""
+    return frozenset(
+        token
+        for value in values
+        for item in value.split(b",")
+        if (token := item.strip(b" \t").lower())
+    )
+
+
+def check_request_head(
+    method: bytes, target: bytes, version: str, headers: Sequence[tuple[bytes, bytes]]
+) -> RequestInfo:
+    """Check one parsed request head and return its framing.
+
+    Raises FramingError with 400 for smuggling-shaped or malformed heads,
+    501 for an unsupported transfer coding or CONNECT, and 505 for an HTTP
+    version other than 1.0 or 1.1.
+    """
+    check_version(version)
+    info = RequestInfo()
+    info.target, authority = check_target(method, target)
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in headers:
+        check_field(name, value)
+        lower = name.lower()
+        if lower == b"host":
+            hosts.append(value)
+        elif lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
+        elif lower == b"connection":
+            connection.append(value)
+        elif lower == b"expect":
+            # RFC 9110 section 10.1.1: 100-continue is the only expectation.
+            if value.strip(b" \t").lower() != b"100-continue":
+                raise FramingError("unsupported expectation", status=417)
+            info.expect_continue = version == "1.1"
+        elif lower == b"upgrade":
+            info.upgrade = value
+        elif lower == b"idempotency-key":
+            info.has_idempotency_key = True
+    _set_host(info, hosts, authority, version)
+    _set_body_framing(info, lengths, codings, version)
+    info.connection_tokens = connection_tokens(connection)
+    info.keep_alive = _keep_alive(info.connection_tokens, version)
+    if info.upgrade is not None and b"upgrade" not in info.connection_tokens:
+        info.upgrade = None
+    return info
+
+
+def _set_host(
+    info: RequestInfo, hosts: list[bytes], authority: bytes | None, version: str
+) -> None:
+    # RFC 9112 section 3.2: exactly one Host in HTTP/1.1; with an absolute-form
+    # target the authority wins over the Host header.
+    if len(hosts) > 1:
+        raise FramingError("more than one Host header")
+    if not hosts and authority is None and version == "1.1":
+        raise FramingError("missing Host header")
+    if (
+        authority is not None
+        and hosts
+        and hosts[0].strip(b" \t").lower() != authority.lower()
+    ):
+        raise FramingError("Host header differs from the absolute-form target")
+    raw = (
+        authority
+        if authority is not None
+        else (hosts[0].strip(b" \t") if hosts else b"")
+    )
+    if raw and (b"@" in raw or b"/" in raw or b" " in raw):
+        raise FramingError("invalid Host header")
+    info.host_raw = raw
+    info.host = host_without_port(raw) if raw else None
+
+
+def host_without_port(raw: bytes) -> str:
+    """Return the lower-case host of a Host value, without its port."""
+    text = raw.decode("latin-1").lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    return text.partition(":")[0]
+
+
+def _set_body_framing(
+    info: RequestInfo, lengths: list[bytes], codings: list[bytes], version: str
+) -> None:
+    if codings:
+        # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 or next to
+        # Content-Length means the framing cannot be trusted.
+        if version == "1.0":
+            raise FramingError("Transfer-Encoding in an HTTP/1.0 request")
+        if lengths:
+            raise FramingError("both Content-Length and Transfer-Encoding")
+        check_transfer_encoding(codings)
+        info.chunked = True
+    elif lengths:
+        info.content_length = parse_content_length(lengths)
+
+
+def _keep_alive(tokens: frozenset[bytes], version: str) -> bool:
+    if b"close" in tokens:
+        return False
+    return version == "1.1" or b"keep-alive" in tokens
+
+
+class ResponseInfo:
+    """What the head of one upstream response states about its body.
+
+    `body` is "none", "length", "chunked" or "close" (read until the
+    connection closes, RFC 9112 section 6.3 rule 8).
+    """
+
+    __slots__ = ("body", "connection_tokens", "content_length", "keep_alive")
+
+    def __init__(self) -> None:
+        self.body = "none"
+        self.content_length: int | None = None
+        self.keep_alive = True
+        self.connection_tokens: frozenset[bytes] = frozenset()
+
+
+class BadResponseError(ValueError):
+    """An upstream response head cannot be framed safely."""
+
+
+def check_response_head(
+    status: int, version: str, headers: Sequence[tuple[bytes, bytes]], head: bool
+) -> ResponseInfo:
+    """Decide how the body of a response to `head` (a HEAD request) is framed.
+
+    Raises BadResponseError for conflicting framing, which the proxy turns
+    into a 502 instead of guessing where the body ends.
+    """
+    info = ResponseInfo()
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
+        elif lower == b"connection":
+            connection.append(value)
+    info.connection_tokens = connection_tokens(connection)
+    info.keep_alive = _keep_alive(info.connection_tokens, version)
+    if lengths and codings:
+        raise BadResponseError("both Content-Length and Transfer-Encoding")
+    try:
+        if lengths:
+            info.content_length = parse_content_length(lengths)
+        if codings:
+            check_transfer_encoding(codings)
+    except FramingError as exc:
+        raise BadResponseError(str(exc)) from None
+    if head or status < 200 or status in NO_BODY_STATUSES:
+        return info
+    if codings:
+        info.body = "chunked"
+    elif info.content_length is not None:
+        info.body = "length" if info.content_length else "none"
+    else:
+        info.body = "close"
+        info.keep_alive = False
+    return info

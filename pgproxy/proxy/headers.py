@@ -1,0 +1,230 @@
+"""Header rewriting between downstream and upstream.
+
+Invariant: no hop-by-hop field crosses the proxy (RFC 9110 section 7.6.1):
+Connection, every field it names, Keep-Alive, TE, Trailer,
+Transfer-Encoding, Upgrade and Proxy-Connection are dropped, and framing
+headers are written fresh from the checked framing, so the peer on the far
+side never sees the other side's framing. Upgrade is kept only for an
+upgrade exchange. X-Forwarded-For, -Proto and -Host from the client are kept
+only when the peer is a trusted proxy. Each head is built with one join of
+the raw bytes received, without decoding.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping, Sequence
+
+from pgproxy.proxy.framing import RequestInfo, ResponseInfo
+
+Headers = Sequence[tuple[bytes, bytes]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+# Written fresh by the proxy in every upstream request head.
+_REWRITTEN_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"via",
+    b"expect",
+}
+_REWRITTEN_RESPONSE = HOP_BY_HOP | {b"via"}
+VIA = b"1.1 pgproxy"
+
+
+def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
+    """Return whether `peer_ip` lies in one of the trusted proxy networks."""
+    if not networks or not peer_ip:
+        return False
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def strip_path_prefix(target: bytes, prefix: bytes) -> bytes:
+    """Remove a matched path prefix from an origin-form target.
+
+    The result always starts with "/": stripping `/api` from `/api?x=1`
+    gives `/?x=1`, and stripping `/api/` from `/api/v1` gives `/v1`.
+    """
+    if not prefix or not target.startswith(prefix):
+        return target
+    rest = target[len(prefix) :]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return rest
+
+
+class Forwarding:
+    """What the proxy knows about the downstream peer, per connection."""
+
+    __slots__ = ("client_ip", "proto", "trusted")
+
+    def __init__(self, client_ip: str, proto: bytes, trusted: bool) -> None:
+        self.client_ip = client_ip.encode("ascii")
+        self.proto = proto
+        self.trusted = trusted
+
+
+def build_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    info: RequestInfo,
+    host: bytes,
+    forwarding: Forwarding,
+) -> bytes:
+    """Build the request head sent upstream, as one bytes object.
+
+    `host` is the Host value chosen by the cluster's host_header policy.
+    A body is re-framed from `info`: chunked stays chunked, a length is
+    sent as one Content-Length.
+    """
+    dropped = info.connection_tokens
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    forwarded_for: list[bytes] = []
+    forwarded_proto = forwarded_host = b""
+    via: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _REWRITTEN_REQUEST or lower in dropped:
+            if lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lower == b"via":
+                via.append(value)
+            elif lower == b"x-forwarded-proto":
+                forwarded_proto = value
+            elif lower == b"x-forwarded-host":
+                forwarded_host = value
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if not forwarding.trusted:
+        forwarded_for = []
+        forwarded_proto = forwarded_host = b""
+    forwarded_for.append(forwarding.client_ip)
+    via.append(VIA)
+    parts += (
+        b"X-Forwarded-For: ",
+        b", ".join(forwarded_for),
+        b"\r\nX-Forwarded-Proto: ",
+        forwarded_proto or forwarding.proto,
+        b"\r\nX-Forwarded-Host: ",
+        forwarded_host or info.host_raw or host,
+        b"\r\nVia: ",
+        b", ".join(via),
+        b"\r\n",
+    )
+    if info.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif info.content_length is not None:
+        parts += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
+    if info.upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", info.upgrade, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def build_response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    info: ResponseInfo,
+    *,
+    chunked: bool,
+    keep_alive: bool,
+    client_http10: bool,
+) -> bytes:
+    """Build the response head sent downstream, as one bytes object.
+
+    `chunked` says the proxy re-frames the body as chunked (a chunked or
+    close-delimited upstream body to an HTTP/1.1 client). `keep_alive`
+    false adds `Connection: close`; an HTTP/1.0 client that keeps the
+    connection gets `Connection: keep-alive` (RFC 9112 section 9.3).
+    """
+    dropped = info.connection_tokens
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    via: list[bytes] = []
+    upgrade = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _REWRITTEN_RESPONSE or lower in dropped:
+            if lower == b"via":
+                via.append(value)
+            elif lower == b"upgrade":
+                upgrade = value
+            continue
+        if lower == b"content-length" and chunked:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    via.append(VIA)
+    parts += (b"Via: ", b", ".join(via), b"\r\n")
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if status == 101:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    elif not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif client_http10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def build_interim_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """Build a 1xx interim response head (such as 100 Continue or 103)."""
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in HOP_BY_HOP:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class HeaderMap(Mapping[str, str]):
+    """Lower-case name -> value view of raw headers, decoded on first use.
+
+    Routing and hash keys read it only when a route has header conditions
+    or a cluster hashes on a header, so most requests never decode headers.
+    Repeated fields are joined with ", " (RFC 9110 section 5.3).
+    """
+
+    __slots__ = ("_map", "_raw")
+
+    def __init__(self, raw: Headers) -> None:
+        self._raw = raw
+        self._map: dict[str, str] | None = None
+
+    def _build(self) -> dict[str, str]:
+        built: dict[str, str] = {}
+        for name, value in self._raw:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            built[key] = f"{built[key]}, {text}" if key in built else text
+        self._map = built
+        return built
+
+    def __getitem__(self, key: str) -> str:
+        return (self._map or self._build())[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map or self._build())
+
+    def __len__(self) -> int:
+        return len(self._map or self._build())

@@ -1,0 +1,75 @@
+"""Responses the proxy writes itself: error replies and fixed `respond` routes.
+
+Every error reply has a short text/plain body naming the problem, and
+`Connection: close` when the proxy closes the connection after it, so the
+client never waits on a connection that is going away.
+"""
+
+from __future__ import annotations
+
+import http
+
+from pgproxy.config.models import RespondConfig
+
+# Seconds a client is asked to wait after a 503 because no endpoint can serve.
+RETRY_AFTER_SECONDS = 5
+
+
+def reason_phrase(status: int) -> bytes:
+    """Return the standard reason phrase of a status, or an empty one."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    close: bool,
+    head_only: bool = False,
+    retry_after: int | None = None,
+) -> bytes:
+    """Build a complete error response with a one-line text body."""
+    body = f"{message}\n".encode()
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+    ]
+    if retry_after is not None:
+        parts.append(b"Retry-After: %d\r\n" % retry_after)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class FixedResponse:
+    """A `respond` route's reply, encoded once and reused for every request."""
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, config: RespondConfig) -> None:
+        self.status = config.status
+        self.body = config.body.encode()
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, reason_phrase(self.status))]
+        names = {name.lower() for name in config.headers}
+        if "content-type" not in names:
+            lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        for name, value in config.headers.items():
+            if name.lower() in ("content-length", "connection", "transfer-encoding"):
+                continue
+            lines.append(f"{name}: {value}\r\n".encode())
+        lines.append(b"Content-Length: %d\r\n" % len(self.body))
+        self.head = b"".join(lines)
+
+    def render(self, *, close: bool, head_only: bool) -> bytes:
+        """Return the bytes to write for one request."""
+        connection = b"Connection: close\r\n\r\n" if close else b"\r\n"
+        if head_only:
+            return self.head + connection
+        return self.head + connection + self.body

@@ -1,0 +1,148 @@
+"""The proxy service: state shared by every downstream connection of a process.
+
+`ProxyService.current` is the RuntimeGraph that new requests use. A reload
+replaces it whole with `swap`; an exchange keeps the RuntimeGraph it started
+with until it ends, so in-flight requests finish on their graph. Pools and
+the health table belong to the service, not to a graph, so they carry over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgproxy.balancing import Balancer, build_balancer
+from pgproxy.graph.types import Cluster, Graph, Listener
+from pgproxy.health.state import HealthTable
+from pgproxy.observability.access import AccessLog
+from pgproxy.proxy.respond import FixedResponse
+from pgproxy.proxy.upstream import EndpointPool, Pools
+
+if TYPE_CHECKING:
+    from pgproxy.proxy.downstream import DownstreamProtocol
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterRuntime:
+    """A cluster with its balancer, pools and Host header policy."""
+
+    __slots__ = (
+        "balancer",
+        "cluster",
+        "config",
+        "host_literal",
+        "hosts",
+        "name",
+        "pools",
+    )
+
+    def __init__(self, cluster: Cluster, pools: Pools) -> None:
+        self.cluster = cluster
+        self.name = cluster.name
+        self.config = cluster.config
+        self.balancer: Balancer = build_balancer(cluster)
+        self.pools: dict[str, EndpointPool] = {}
+        self.hosts: dict[str, bytes] = {}
+        for endpoint in cluster.endpoints:
+            pool = pools.get(
+                endpoint,
+                self.config.pool_idle_timeout,
+                self.config.max_idle_connections,
+            )
+            pool.idle_timeout = self.config.pool_idle_timeout
+            pool.max_idle = self.config.max_idle_connections
+            self.pools[endpoint.address] = pool
+            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+            self.hosts[endpoint.address] = f"{host}:{endpoint.port}".encode("idna")
+        policy = self.config.host_header
+        self.host_literal: bytes | None = (
+            None if policy in ("preserve", "endpoint") else policy.encode("idna")
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClusterRuntime {self.name} endpoints={len(self.pools)}>"
+
+
+class RuntimeGraph:
+    """A Graph plus what the data plane derives from it once per load."""
+
+    def __init__(self, graph: Graph, pools: Pools) -> None:
+        self.graph = graph
+        self.clusters = {
+            name: ClusterRuntime(cluster, pools)
+            for name, cluster in graph.clusters.items()
+        }
+        self.fixed: dict[int, FixedResponse] = {}
+        self.strip: dict[int, bytes] = {}
+        for route in graph.routes:
+            if route.respond is not None:
+                self.fixed[route.index] = FixedResponse(route.respond)
+            if route.strip_prefix and route.path_kind == "prefix":
+                self.strip[route.index] = route.path.encode()
+        self.trusted_proxies = tuple(graph.config.server.trusted_proxies)
+
+    def __repr__(self) -> str:
+        routes = len(self.graph.routes)
+        return f"<RuntimeGraph clusters={len(self.clusters)} routes={routes}>"
+
+
+class ProxyService:
+    """Current graph, pools, health table, access log and open connections."""
+
+    def __init__(self, graph: Graph, health: HealthTable, access: AccessLog) -> None:
+        self.pools = Pools()
+        self.current = RuntimeGraph(graph, self.pools)
+        self.health = health
+        self.access = access
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.on_empty: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProxyService connections={len(self.connections)} "
+            f"draining={self.draining} pools={self.pools!r}>"
+        )
+
+    def swap(self, graph: Graph) -> None:
+        """Make `graph` the one new requests use; in-flight ones keep theirs."""
+        self.current = RuntimeGraph(graph, self.pools)
+
+    def protocol_factory(self, listener: Listener) -> Callable[[], DownstreamProtocol]:
+        """Return the protocol factory for `loop.create_server` on one listener."""
+        from pgproxy.proxy.downstream import DownstreamProtocol
+
+        def factory() -> DownstreamProtocol:
+            return DownstreamProtocol(self, listener)
+
+        return factory
+
+    def start_draining(self) -> None:
+        """Close idle client connections and let busy ones close after their reply."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+    def abort_all(self) -> int:
+        """Abort every remaining client connection; return how many there were."""
+        remaining = list(self.connections)
+        for conn in remaining:
+            conn.abort()
+        return len(remaining)
+
+    async def wait_closed(self) -> None:
+        """Wait until every client connection has closed."""
+        while self.connections:
+            closed = asyncio.Event()
+            self.on_empty = closed.set
+            await closed.wait()
+
+    def forget(self, conn: DownstreamProtocol) -> None:
+        """Remove a closed client connection; wake `wait_closed` when none is left."""
+        self.connections.discard(conn)
+        if not self.connections and self.on_empty is not None:
+            on_empty, self.on_empty = self.on_empty, None
+            on_empty()

@@ -1,0 +1,101 @@
+"""Listening sockets, created by pgproxy itself before the event loop serves.
+
+Creating the sockets here (instead of inside the event loop's server) lets
+every listener be bound, and every bind failure reported, before anything
+starts, and lets worker processes share one socket each (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+
+from pgproxy.errors import PgproxyError
+from pgproxy.graph.types import Graph, Listener
+
+BACKLOG = 1024
+
+
+class BindError(PgproxyError):
+    """A listener could not be bound or its TLS files could not be loaded."""
+
+
+@dataclass(slots=True)
+class BoundListener:
+    """A listener with its bound socket and, for TLS, its server context."""
+
+    listener: Listener
+    sock: socket.socket
+    ssl_context: ssl.SSLContext | None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (the real port when configured as 0)."""
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def describe(self) -> str:
+        """Return `host:port`, bracketing an IPv6 host."""
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """Create a non-blocking listening TCP socket on host:port."""
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def server_ssl_context(listener: Listener) -> ssl.SSLContext | None:
+    """Build the TLS context of a listener with `tls`, or return None."""
+    tls = listener.config.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise BindError(
+            f'listener "{listener.name}": cannot load TLS certificate '
+            f'"{tls.certificate}" or key "{tls.private_key}": {exc}'
+        ) from None
+    return context
+
+
+def bind_listeners(graph: Graph, *, reuse_port: bool = False) -> list[BoundListener]:
+    """Bind every listener of the graph, or close them all and raise BindError."""
+    bound: list[BoundListener] = []
+    try:
+        for listener in graph.listeners.values():
+            context = server_ssl_context(listener)
+            try:
+                sock = bind_socket(listener.host, listener.port, reuse_port=reuse_port)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise BindError(
+                    f'cannot bind listener "{listener.name}" to '
+                    f"{listener.config.address}: {reason}"
+                ) from None
+            bound.append(BoundListener(listener, sock, context))
+    except BaseException:
+        for item in bound:
+            item.sock.close()
+        raise
+    return bound

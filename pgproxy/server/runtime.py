@@ -1,0 +1,112 @@
+"""The process runtime of `pgproxy run`: serve a graph until the shutdown trigger fires.
+
+Lifecycle, one INFO line per stage: every listener is bound before anything
+is served (a bind failure stops startup with one line), then each listener
+logs `listener "NAME" listening on HOST:PORT` and the process logs
+`pgproxy ready`. On shutdown: stop accepting, drain in-flight requests for
+up to drain_timeout, abort what is left, close idle upstream connections,
+then log `pgproxy stopped`.
+
+anyio structures the process (task group, signals, health probes); the data
+plane runs on asyncio Protocols of the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import anyio.lowlevel
+
+from pgproxy.graph.types import Graph
+from pgproxy.health.active import run_active_checks
+from pgproxy.health.state import HealthTable
+from pgproxy.observability.access import AccessLog
+from pgproxy.proxy.service import ProxyService
+from pgproxy.server.listeners import BoundListener, bind_listeners
+
+logger = logging.getLogger(__name__)
+
+ShutdownTrigger = Callable[[], Awaitable[object]]
+
+
+async def serve(
+    graph: Graph,
+    *,
+    shutdown_trigger: ShutdownTrigger,
+    listeners: Sequence[BoundListener] | None = None,
+    force_trigger: ShutdownTrigger | None = None,
+    on_ready: Callable[[ProxyService, Sequence[BoundListener]], None] | None = None,
+) -> None:
+    """Serve `graph` until `shutdown_trigger` returns, then shut down in stages.
+
+    `listeners` are sockets bound beforehand (bound here when None).
+    `force_trigger`, when it returns during the drain, cuts the drain short.
+    `on_ready` is called once every listener accepts connections.
+    """
+    bound = list(listeners) if listeners is not None else bind_listeners(graph)
+    loop = asyncio.get_running_loop()
+    health = HealthTable(graph.clusters, time.monotonic)
+    service = ProxyService(graph, health, AccessLog(graph.config.server.access_log))
+    servers = []
+    for item in bound:
+        server = await loop.create_server(
+            service.protocol_factory(item.listener),
+            sock=item.sock,
+            ssl=item.ssl_context,
+        )
+        servers.append(server)
+        logger.info(
+            'listener "%s" listening on %s', item.listener.name, item.describe()
+        )
+    async with anyio.create_task_group() as group:
+        stop_probes = anyio.Event()
+        group.start_soon(_run_health, graph, health, stop_probes)
+        logger.info("pgproxy ready")
+        if on_ready is not None:
+            on_ready(service, bound)
+        await shutdown_trigger()
+        await _shutdown(
+            service, servers, graph.config.server.drain_timeout, force_trigger
+        )
+        stop_probes.set()
+    logger.info("pgproxy stopped")
+
+
+async def _run_health(graph: Graph, health: HealthTable, stop: anyio.Event) -> None:
+    await run_active_checks(graph, health, stop=stop)
+
+
+async def _shutdown(
+    service: ProxyService,
+    servers: Sequence[asyncio.Server],
+    drain_timeout: float,
+    force_trigger: ShutdownTrigger | None,
+) -> None:
+    for server in servers:
+        server.close()
+    logger.info("stopped accepting new connections")
+    busy = len(service.connections)
+    logger.info("draining %d client connections (up to %gs)", busy, drain_timeout)
+    service.start_draining()
+    async with anyio.create_task_group() as group:
+        if force_trigger is not None:
+            group.start_soon(_cancel_when, force_trigger, group.cancel_scope)
+        with anyio.move_on_after(drain_timeout):
+            await service.wait_closed()
+        group.cancel_scope.cancel()
+    aborted = service.abort_all()
+    if aborted:
+        logger.info("cancelled %d connections still busy after the drain", aborted)
+    closed = service.pools.close_idle()
+    logger.info("closed %d idle upstream connections", closed)
+    # Let transports finish closing before the loop stops.
+    await anyio.lowlevel.checkpoint()
+
+
+async def _cancel_when(trigger: ShutdownTrigger, scope: anyio.CancelScope) -> None:
+    await trigger()
+    scope.cancel()

@@ -1,0 +1,98 @@
+"""WebSocket and Upgrade through a real pgproxy process.
+
+After the upstream responds 101, pgproxy tunnels bytes both ways until either
+side closes; the `websockets` client checks the handshake and frames.
+"""
+
+from __future__ import annotations
+
+import pytest
+from e2e_client import RawConnection, build_request, echo_of, echoed_header
+from e2e_process import PgproxyFactory, PgproxyProcess
+from e2e_upstream import UpstreamFactory, WebSocketUpstream
+from websockets.sync.client import connect
+
+CONFIG = """
+[server]
+access_log = "json"
+drain_timeout = "2s"
+
+[listeners.main]
+address = "127.0.0.1:0"
+
+[[routes]]
+path_prefix = "/ws"
+cluster = "ws"
+
+[[routes]]
+path_prefix = "/plain"
+cluster = "plain"
+
+[clusters.ws]
+endpoints = ["{ws}"]
+
+[clusters.plain]
+endpoints = ["{plain}"]
+"""
+
+
+@pytest.fixture
+def proxy(
+    pgproxy_factory: PgproxyFactory,
+    websocket_upstream: WebSocketUpstream,
+    upstream_factory: UpstreamFactory,
+) -> PgproxyProcess:
+    plain = upstream_factory("plain")
+    return pgproxy_factory(
+        CONFIG.format(ws=websocket_upstream.address, plain=plain.address)
+    )
+
+
+def test_websocket_echo_round_trip(
+    proxy: PgproxyProcess, websocket_upstream: WebSocketUpstream
+) -> None:
+    with connect(
+        f"ws://127.0.0.1:{proxy.port()}/ws/echo", open_timeout=5, close_timeout=5
+    ) as ws:
+        ws.send("hello through pgproxy")
+        assert ws.recv(timeout=5) == "hello through pgproxy"
+        payload = bytes(range(256)) * 400
+        ws.send(payload)
+        assert ws.recv(timeout=5) == payload, (
+            "a 100 KiB binary message changed in the tunnel"
+        )
+        for index in range(20):
+            ws.send(f"message {index}")
+        assert [ws.recv(timeout=5) for _ in range(20)] == [
+            f"message {i}" for i in range(20)
+        ]
+    assert websocket_upstream.paths == ["/ws/echo"]
+
+
+def test_websocket_connections_independent(proxy: PgproxyProcess) -> None:
+    url = f"ws://127.0.0.1:{proxy.port()}/ws/pair"
+    with connect(url, open_timeout=5) as first, connect(url, open_timeout=5) as second:
+        first.send("first")
+        second.send("second")
+        assert second.recv(timeout=5) == "second"
+        assert first.recv(timeout=5) == "first"
+
+
+def test_upgrade_declined_is_plain_response(proxy: PgproxyProcess) -> None:
+    """An upgrade request keeps Upgrade; a 200 is an ordinary response."""
+    headers = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    with RawConnection(proxy.port()) as conn:
+        conn.send(build_request("GET", "/plain/upgrade", headers=headers))
+        document = echo_of(conn.read_response())
+    assert echoed_header(document, "upgrade") == ["websocket"], (
+        "an upgrade request must keep Upgrade"
+    )
+    connection = ", ".join(echoed_header(document, "connection")).lower()
+    assert "upgrade" in connection, (
+        f"an upgrade request must keep Connection: upgrade, got {connection!r}"
+    )

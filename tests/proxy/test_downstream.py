@@ -1,0 +1,174 @@
+"""Protocol tests of the client side: framing, pipelining, limits, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from tests.proxy.loopback import (
+    ScriptedUpstream,
+    exchange,
+    make_graph,
+    read_response,
+    running_proxy,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def echo_target(head: bytes) -> bytes | None:
+    target = head.split(b" ", 2)[1]
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(target), target)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    server = ScriptedUpstream(reply=echo_target)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_pipelined_requests_answered_in_order(upstream: ScriptedUpstream) -> None:
+    requests = b"".join(
+        b"GET /r%d HTTP/1.1\r\nHost: a\r\n\r\n" % index for index in range(5)
+    )
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(requests)
+        with anyio.fail_after(5):
+            bodies = [
+                (await read_response(reader)).split(b"\r\n\r\n")[1] for _ in range(5)
+            ]
+        writer.close()
+    assert bodies == [b"/r%d" % index for index in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"GET  /x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nabc\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+        ),
+        (b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n", 413),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_malformed_request_rejected_before_upstream(
+    upstream: ScriptedUpstream, request_bytes: bytes, status: int
+) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reply = await exchange(port, request_bytes, until_close=True)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:200]
+    assert b"Connection: close\r\n" in reply
+    assert upstream.heads == []
+    assert upstream.connections == 0
+
+
+async def test_header_read_timeout_is_408(upstream: ScriptedUpstream) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reply = await exchange(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\n", until_close=True
+        )
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert upstream.heads == []
+
+
+async def test_head_response_has_no_body_and_keeps_connection(
+    upstream: ScriptedUpstream,
+) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD /abc HTTP/1.1\r\nHost: a\r\n\r\n")
+        with anyio.fail_after(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            second = await read_response(reader)
+        writer.close()
+    assert b"Content-Length: 4\r\n" in head
+    assert second.startswith(b"HTTP/1.1 200 OK")
+    assert second.endswith(b"/next"), "the HEAD reply must not carry a body"
+    assert upstream.connections == 1
+
+
+async def test_expect_continue_then_body(upstream: ScriptedUpstream) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
+        with anyio.fail_after(5):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"hello")
+            final = await read_response(reader)
+        writer.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 200 OK")
+    assert b"expect" not in upstream.heads[0].lower()
+
+
+async def test_http10_client_gets_close_delimited_body() -> None:
+    upstream = ScriptedUpstream()
+
+    async def chunked(head: bytes) -> bytes | None:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return head + b"3\r\nabc\r\n0\r\n\r\n"
+
+    upstream.reply = chunked
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reply = await exchange(port, b"GET /x HTTP/1.0\r\n\r\n", until_close=True)
+        chunked_reply = await exchange(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", until_close=False
+        )
+    await upstream.stop()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head
+    assert b"Connection: close" in head
+    assert body == b"abc"
+    assert b"Transfer-Encoding: chunked" in chunked_reply
+
+
+async def test_fixed_response_route(upstream: ScriptedUpstream) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reply = await exchange(port, b"GET /fixed HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert reply.endswith(b"\r\n\r\nfixed")
+    assert upstream.heads == []
+
+
+async def test_idle_client_closed_on_drain(upstream: ScriptedUpstream) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        with anyio.fail_after(5):
+            await read_response(reader)
+        service.start_draining()
+        with anyio.fail_after(5):
+            assert await reader.read() == b""
+        writer.close()

@@ -1,0 +1,285 @@
+"""Tests of the request and response framing checks (RFC 9112 section 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgproxy.proxy.framing import (
+    BadResponseError,
+    FramingError,
+    check_request_head,
+    check_response_head,
+    host_without_port,
+)
+
+HOST = (b"Host", b"example.com")
+
+
+def check(
+    headers: list[tuple[bytes, bytes]],
+    *,
+    method: bytes = b"POST",
+    target: bytes = b"/",
+    version: str = "1.1",
+):
+    return check_request_head(method, target, version, headers)
+
+
+def rejected(headers: list[tuple[bytes, bytes]], **kwargs: object) -> int:
+    with pytest.raises(FramingError) as info:
+        check(headers, **kwargs)  # type: ignore[arg-type]
+    return info.value.status
+
+
+def test_plain_get_has_no_body() -> None:
+    info = check([HOST], method=b"GET")
+    assert not info.has_body
+    assert info.content_length is None
+    assert not info.chunked
+    assert info.keep_alive
+    assert info.host == "example.com"
+
+
+def test_content_length_body() -> None:
+    info = check([HOST, (b"Content-Length", b"12")])
+    assert info.content_length == 12
+    assert info.has_body
+
+
+def test_identical_content_length_values_accepted() -> None:
+    info = check([HOST, (b"Content-Length", b"5, 5"), (b"content-length", b"5")])
+    assert info.content_length == 5
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [b"5", b"6"],
+        [b"5, 6"],
+        [b"+5"],
+        [b"-1"],
+        [b"5 5"],
+        [b"0x10"],
+        [b""],
+        [b"1" * 19],
+    ],
+)
+def test_bad_content_length_is_400(values: list[bytes]) -> None:
+    headers = [HOST] + [(b"Content-Length", value) for value in values]
+    assert rejected(headers) == 400
+
+
+def test_content_length_with_transfer_encoding_is_400() -> None:
+    headers = [HOST, (b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")]
+    assert rejected(headers) == 400
+
+
+def test_chunked_body() -> None:
+    info = check([HOST, (b"Transfer-Encoding", b"Chunked")])
+    assert info.chunked
+    assert info.content_length is None
+
+
+@pytest.mark.parametrize(
+    ("values", "status"),
+    [
+        ([b"gzip"], 400),
+        ([b"chunked, gzip"], 400),
+        ([b"chunked", b"chunked"], 400),
+        ([b"chunked, chunked"], 400),
+        ([b"xchunked"], 400),
+        ([b""], 400),
+        ([b"gzip, chunked"], 501),
+        ([b"gzip", b"chunked"], 501),
+    ],
+)
+def test_unsupported_transfer_encoding(values: list[bytes], status: int) -> None:
+    headers = [HOST] + [(b"Transfer-Encoding", value) for value in values]
+    assert rejected(headers) == status
+
+
+def test_transfer_encoding_in_http10_is_400() -> None:
+    assert rejected([HOST, (b"Transfer-Encoding", b"chunked")], version="1.0") == 400
+
+
+@pytest.mark.parametrize("version", ["0.9", "1.2", "2.0", "3.0"])
+def test_other_http_versions_are_505(version: str) -> None:
+    assert rejected([HOST], version=version) == 505
+
+
+def test_missing_host_in_http11_is_400() -> None:
+    assert rejected([]) == 400
+
+
+def test_missing_host_in_http10_is_accepted() -> None:
+    info = check([], version="1.0", method=b"GET")
+    assert info.host is None
+    assert not info.keep_alive
+
+
+def test_two_host_headers_are_400() -> None:
+    assert rejected([HOST, (b"Host", b"other.com")]) == 400
+
+
+@pytest.mark.parametrize("host", [b"a@b.com", b"a/b", b"a b"])
+def test_invalid_host_is_400(host: bytes) -> None:
+    assert rejected([(b"Host", host)]) == 400
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"X Bad", b"v"),
+        (b"X-Bad:", b"v"),
+        (b"", b"v"),
+        (b"X-Bad ", b"v"),
+        (b"X-A", b"a\x00b"),
+        (b"X-A", b"a\rb"),
+        (b"X-A", b"a\nb"),
+        (b"X-A", b"a\x7fb"),
+    ],
+)
+def test_invalid_fields_are_400(name: bytes, value: bytes) -> None:
+    assert rejected([HOST, (name, value)]) == 400
+
+
+def test_obs_text_in_value_is_accepted() -> None:
+    check([HOST, (b"X-A", b"caf\xe9\tok")])
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        (b"GET", b"*"),
+        (b"GET", b"x"),
+        (b"GET", b"//"[:1] + b"a b"),
+        (b"GET", b"ftp://example.com/"),
+        (b"GET", b"http://user@example.com/"),
+        (b"GET", b"http:///x"),
+    ],
+)
+def test_invalid_targets_are_400(method: bytes, target: bytes) -> None:
+    assert rejected([HOST], method=method, target=target) == 400
+
+
+def test_connect_is_501() -> None:
+    assert rejected([HOST], method=b"CONNECT", target=b"example.com:443") == 501
+
+
+def test_options_asterisk_is_accepted() -> None:
+    info = check([HOST], method=b"OPTIONS", target=b"*")
+    assert info.target == b"*"
+
+
+def test_absolute_form_uses_its_authority() -> None:
+    info = check(
+        [(b"Host", b"Example.com:8080")],
+        method=b"GET",
+        target=b"http://example.com:8080/a?b=1",
+    )
+    assert info.target == b"/a?b=1"
+    assert info.host == "example.com"
+    assert info.host_raw == b"example.com:8080"
+
+
+def test_absolute_form_host_mismatch_is_400() -> None:
+    headers = [(b"Host", b"other.com")]
+    assert rejected(headers, method=b"GET", target=b"http://example.com/") == 400
+
+
+def test_connection_close_and_tokens() -> None:
+    info = check([HOST, (b"Connection", b"close, X-Secret")], method=b"GET")
+    assert not info.keep_alive
+    assert info.connection_tokens == frozenset({b"close", b"x-secret"})
+
+
+def test_http10_keep_alive_token() -> None:
+    info = check([HOST, (b"Connection", b"Keep-Alive")], method=b"GET", version="1.0")
+    assert info.keep_alive
+
+
+def test_upgrade_needs_connection_upgrade() -> None:
+    plain = check([HOST, (b"Upgrade", b"websocket")], method=b"GET")
+    upgrade = check(
+        [HOST, (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")], method=b"GET"
+    )
+    assert plain.upgrade is None
+    assert upgrade.upgrade == b"websocket"
+
+
+def test_expect_continue() -> None:
+    info = check([HOST, (b"Expect", b"100-Continue"), (b"Content-Length", b"1")])
+    assert info.expect_continue
+
+
+def test_unknown_expectation_is_417() -> None:
+    assert rejected([HOST, (b"Expect", b"something")]) == 417
+
+
+def test_idempotency_key_noted() -> None:
+    assert check([HOST, (b"Idempotency-Key", b"k1")]).has_idempotency_key
+
+
+@pytest.mark.parametrize(
+    ("raw", "host"),
+    [
+        (b"Example.COM", "example.com"),
+        (b"example.com:81", "example.com"),
+        (b"[::1]:8080", "[::1]"),
+        (b"127.0.0.1:80", "127.0.0.1"),
+    ],
+)
+def test_host_without_port(raw: bytes, host: str) -> None:
+    assert host_without_port(raw) == host
+
+
+def response(
+    headers: list[tuple[bytes, bytes]], status: int = 200, *, head: bool = False
+) -> str:
+    return check_response_head(status, "1.1", headers, head).body
+
+
+def test_response_body_kinds() -> None:
+    assert response([(b"Content-Length", b"10")]) == "length"
+    assert response([(b"Content-Length", b"0")]) == "none"
+    assert response([(b"Transfer-Encoding", b"chunked")]) == "chunked"
+    assert response([]) == "close"
+
+
+@pytest.mark.parametrize("status", [101, 103, 204, 304])
+def test_responses_without_body(status: int) -> None:
+    assert response([(b"Content-Length", b"10")], status) == "none"
+
+
+def test_head_response_has_no_body() -> None:
+    info = check_response_head(200, "1.1", [(b"Content-Length", b"10")], True)
+    assert info.body == "none"
+    assert info.content_length == 10
+
+
+def test_close_delimited_response_is_not_kept_alive() -> None:
+    assert not check_response_head(200, "1.1", [], False).keep_alive
+
+
+def test_http10_response_closes_unless_keep_alive() -> None:
+    plain = check_response_head(200, "1.0", [(b"Content-Length", b"1")], False)
+    kept = check_response_head(
+        200, "1.0", [(b"Content-Length", b"1"), (b"Connection", b"keep-alive")], False
+    )
+    assert not plain.keep_alive
+    assert kept.keep_alive
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Content-Length", b"1"), (b"Content-Length", b"2")],
+        [(b"Transfer-Encoding", b"gzip")],
+    ],
+)
+def test_conflicting_response_framing_is_rejected(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    with pytest.raises(BadResponseError):
+        check_response_head(200, "1.1", headers, False)
