@@ -5,7 +5,9 @@ cluster's connect_timeout, when none is configured). Probes run concurrently,
 at most MAX_CONCURRENT_PROBES at a time, and `--timeout` bounds the whole run.
 A probe that starts near the bound gets only the time left. A probe that
 cannot start before the bound is reported as SKIPPED. The command opens no
-listener and routes no traffic.
+listener and routes no traffic. With `--admin URL` it probes nothing and
+reads the live state of a running pgproxy instead (see
+`pgproxy.cli.check_upstreams_admin`).
 
 Exit codes: 0 every endpoint is up, 1 some are down but every cluster has a
 healthy endpoint, 2 a cluster has no healthy endpoint, 3 the check could not
@@ -29,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand
 
+from pgproxy.cli.check_upstreams_admin import check_admin
 from pgproxy.config.models import HealthCheckConfig
 from pgproxy.config.units import parse_duration
 from pgproxy.errors import ConfigError
@@ -285,7 +288,8 @@ def _fail(
 ) -> typer.Exit:
     errors = Console(stderr=True)
     for line in diagnostics:
-        errors.print(line, markup=False, highlight=False)
+        # soft_wrap: one diagnostic stays on one line, for grep and editors.
+        errors.print(line, markup=False, highlight=False, soft_wrap=True)
     errors.print(f"error: {message}", markup=False, highlight=False)
     if output_format == "json":
         document = error_json(config, message, list(diagnostics))
@@ -304,7 +308,10 @@ def _select(clusters: dict[str, Cluster], names: list[str]) -> list[Cluster]:
 
 
 def check_upstreams_command(
-    config: Annotated[str, typer.Argument(help="Path of the TOML config file.")],
+    config: Annotated[
+        str | None,
+        typer.Argument(help="Path of the TOML config file (not needed with --admin)."),
+    ] = None,
     cluster: Annotated[
         list[str] | None,
         typer.Option("--cluster", help="Check only this cluster; repeat for several."),
@@ -320,6 +327,15 @@ def check_upstreams_command(
         str,
         typer.Option("--format", help='Output format: "text" (tables) or "json".'),
     ] = "text",
+    admin: Annotated[
+        str | None,
+        typer.Option(
+            "--admin",
+            help="Read the live state (probe verdicts and passive ejections) "
+            "from the /status of a running pgproxy's admin listener, "
+            'such as "127.0.0.1:9901", instead of probing.',
+        ),
+    ] = None,
 ) -> None:
     """Probe every endpoint once with its cluster's health check and report.
 
@@ -328,12 +344,18 @@ def check_upstreams_command(
     """
     if output_format not in ("text", "json"):
         raise _fail(
-            config, "text", f'invalid --format "{output_format}": use text or json'
+            config or "",
+            "text",
+            f'invalid --format "{output_format}": use text or json',
         )
     try:
         bound_s = parse_duration(timeout)
     except ValueError as exc:
-        raise _fail(config, output_format, f"invalid --timeout: {exc}") from None
+        raise _fail(config or "", output_format, f"invalid --timeout: {exc}") from None
+    if admin is not None:
+        raise typer.Exit(check_admin(admin, cluster or [], bound_s, output_format))
+    if config is None:
+        raise _fail("", output_format, "missing CONFIG (or --admin URL)")
     try:
         graph = load_graph(config).graph
     except ConfigError as exc:

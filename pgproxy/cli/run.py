@@ -1,4 +1,10 @@
-"""`pgproxy run CONFIG`: serve the config until SIGTERM or SIGINT."""
+"""`pgproxy run CONFIG`: serve the config until SIGTERM or SIGINT.
+
+With `[server] workers` above one, the process becomes a supervisor of that
+many worker processes (see `pgproxy.server.workers`). Otherwise it serves
+itself: SIGHUP reloads the config, and `--watch` reloads it when the file or
+its folder changes.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,22 @@ import anyio
 import typer
 
 from pgproxy.errors import ConfigError
-from pgproxy.graph.load import load_graph
-from pgproxy.graph.types import Graph
+from pgproxy.graph.load import LoadedGraph
+from pgproxy.graph.types import Listener
 from pgproxy.observability.logging import setup_logging
-from pgproxy.server.listeners import BindError, BoundListener, bind_listeners
+from pgproxy.server.admin import AdminServer
+from pgproxy.server.listeners import (
+    BindError,
+    BoundListener,
+    bind_listeners,
+    bind_socket,
+    server_ssl_context,
+)
+from pgproxy.server.operations import OperationsSettings
+from pgproxy.server.reload import describe_config_error, read_config
 from pgproxy.server.runtime import serve
 from pgproxy.server.signals import ShutdownSignals
+from pgproxy.server.workers import Supervisor, worker_count
 
 logger = logging.getLogger("pgproxy.run")
 
@@ -30,40 +46,100 @@ def run_command(
             "--log-level", help="Process log level: DEBUG, INFO, WARNING or ERROR."
         ),
     ] = "INFO",
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Reload when the config file or its folder changes (polled "
+            "every second, debounced).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the config until SIGTERM or SIGINT, then drain and exit 0."""
+    """Serve the config until SIGTERM or SIGINT, then drain and exit 0.
+
+    SIGHUP reloads the config; an invalid one keeps the running config.
+    """
     if log_level.upper() not in LOG_LEVELS:
         raise typer.BadParameter(
             f"expected one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
         )
     setup_logging(log_level)
     try:
-        loaded = load_graph(config)
+        loaded, source = read_config(str(config))
     except ConfigError as exc:
-        logger.error("invalid config: %s", exc)
+        logger.error("invalid config: %s", describe_config_error(str(config), exc))
         raise typer.Exit(1) from None
     for diagnostic in loaded.diagnostics:
         logger.warning("%s", diagnostic.render())
+
+    count = worker_count(loaded.graph.config.server.workers)
+    if count > 1:
+        supervisor = Supervisor(
+            str(config), loaded, source, count, log_level=log_level.upper()
+        )
+        code = anyio.run(
+            supervisor.run,
+            watch,
+            backend="asyncio",
+            backend_options=event_loop_options(),
+        )
+        raise typer.Exit(code)
+
     try:
         listeners = bind_listeners(loaded.graph)
-    except BindError as exc:
+        admin = _bind_admin(loaded)
+    except (BindError, OSError) as exc:
         logger.error("%s", exc)
         raise typer.Exit(1) from None
-    run_until_signal(loaded.graph, listeners)
+    settings = OperationsSettings(
+        config_path=str(config),
+        loaded=loaded,
+        bind=bind_listener,
+        admin=admin,
+        watch=watch,
+    )
+    run_until_signal(loaded, listeners, settings)
 
 
-def run_until_signal(graph: Graph, listeners: list[BoundListener]) -> None:
-    """Run the event loop (uvloop when installed) serving `graph`."""
+def _bind_admin(loaded: LoadedGraph) -> AdminServer | None:
+    address = loaded.graph.config.server.admin
+    if address is None:
+        return None
+    admin = AdminServer(address)
+    try:
+        bound = admin.bind()
+    except OSError as exc:
+        raise BindError(
+            f"cannot bind the admin listener to {address}: {exc.strerror or exc}"
+        ) from None
+    logger.info("admin listener listening on %s", bound)
+    return admin
+
+
+def bind_listener(listener: Listener) -> BoundListener:
+    """Bind a listener that a reload added; raises OSError or BindError."""
+    context = server_ssl_context(listener)
+    sock = bind_socket(listener.host, listener.port)
+    return BoundListener(listener, sock, context)
+
+
+def run_until_signal(
+    loaded: LoadedGraph,
+    listeners: list[BoundListener],
+    settings: OperationsSettings | None = None,
+) -> None:
+    """Run the event loop (uvloop when installed) serving `loaded.graph`."""
 
     async def main() -> None:
         signals = ShutdownSignals()
         async with anyio.create_task_group() as group:
             group.start_soon(signals.receive)
             await serve(
-                graph,
+                loaded.graph,
                 shutdown_trigger=signals.wait,
                 force_trigger=signals.forced.wait,
                 listeners=listeners,
+                operations=settings,
             )
             group.cancel_scope.cancel()
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from pgproxy.graph.types import Listener
+from pgproxy.observability.metrics import ConnectionStats
 from pgproxy.proxy.exchange import Exchange
 from pgproxy.proxy.framing import FramingError, check_request_head
 from pgproxy.proxy.headers import Forwarding, HeaderMap, is_trusted
@@ -63,8 +64,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self._starting = False
         self._feeding = False
         self._tunnel: Exchange | None = None
+        self._connection_stats: ConnectionStats | None = None
         self._closed = False
         self._close_when_done = False
+        self._eof = False
+        self._tls = False
         self._paused = 0
         self._in_head = False
         self._head_bytes = 0
@@ -100,9 +104,14 @@ class DownstreamProtocol(asyncio.Protocol):
             self.client_ip = host
             self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         trusted = is_trusted(self.client_ip, self.service.current.trusted_proxies)
-        proto = b"https" if transport.get_extra_info("sslcontext") else b"http"
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        proto = b"https" if self._tls else b"http"
         self.forwarding = Forwarding(self.client_ip, proto, trusted)
         self.service.connections.add(self)
+        metrics = self.service.current.metrics
+        if metrics is not None and self.listener_name in metrics:
+            self._connection_stats = metrics[self.listener_name].connections
+            self._connection_stats.connection_opened()
         if self.service.draining:
             self.close()
             return
@@ -111,6 +120,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.service.forget(self)
+        if self._connection_stats is not None:
+            self._connection_stats.connection_closed()
+            self._connection_stats = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -119,9 +131,44 @@ class DownstreamProtocol(asyncio.Protocol):
             queue[0].on_client_closed()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes is treated as gone, as nginx does: the
-        # exchange in flight is cancelled and its upstream request dropped.
+        # A FIN is either a client giving up or one that half-closed after
+        # its last request (`nc -N`, fortio -halfclose) and still reads. Only
+        # the second kind asks to close after the response (Connection: close,
+        # or HTTP/1.0 without keep-alive), so then the requests received are
+        # served, as HAProxy does, and the connection closes after the last
+        # response. Otherwise the client is gone and its exchange is
+        # cancelled, as nginx does, so abandoned requests free their upstream.
+        if self._eof:
+            return True  # resume_reading after EOF reports it again
+        self._eof = True
+        if self._can_serve_after_eof():
+            self._close_when_done = True
+            return True
+        self._client_gone()
         return False
+
+    def _can_serve_after_eof(self) -> bool:
+        # An incomplete request can never finish. asyncio's TLS transports
+        # cannot stay half-open. A tunnel, or an upgrade request that may
+        # become one, ends with the client's side.
+        if not self._queue or self._tls or self._tunnel is not None:
+            return False
+        last = self._queue[-1]
+        return (
+            self._receiving is None
+            and not self._in_head
+            and not last.info.keep_alive
+            and last.info.upgrade is None
+        )
+
+    def _client_gone(self) -> None:
+        # The transport closes once this callback returns. Ending the exchange
+        # now keeps a response that completes before connection_lost from
+        # being written to a closing transport and logged as delivered.
+        self._closed = True
+        queue, self._queue = self._queue, deque()
+        if queue and self._front_started:
+            queue[0].on_client_closed()
 
     def pause_writing(self) -> None:
         if self._queue and self._front_started:
@@ -329,8 +376,16 @@ class DownstreamProtocol(asyncio.Protocol):
         return self._queue[0] if self._queue else None
 
     def _write_error(self, status: int, message: str) -> None:
+        self._count_unrouted(status)
         self.write(error_response(status, message, close=True))
         self.close()
+
+    def _count_unrouted(self, status: int) -> None:
+        """Count a request rejected before routing (4xx on its head or framing)."""
+        metrics = self.service.current.metrics
+        listener = metrics.get(self.listener_name) if metrics is not None else None
+        if listener is not None:
+            listener.unrouted.observe(status, 0.0, 0)
 
     # used by exchanges
 
@@ -346,6 +401,11 @@ class DownstreamProtocol(asyncio.Protocol):
     def resume_body(self) -> None:
         """Read request bytes again."""
         self._resume(_PAUSE_BODY)
+
+    @property
+    def tunnel(self) -> Exchange | None:
+        """The upgraded exchange relaying raw bytes, or None."""
+        return self._tunnel
 
     def start_tunnel(self, exchange: Exchange) -> None:
         """Relay raw bytes between the client and the exchange's upstream."""

@@ -382,9 +382,7 @@ class Exchange:
             conn.fail(f"invalid response: {exc}", "bad_response")
             return
         if status >= 502 and status <= 504:
-            self.downstream.service.health.record_failure(
-                self.endpoint, f"HTTP {status}"
-            )
+            self.record_failure(self.endpoint, f"HTTP {status}", f"http_{status}")
             if may_retry_status(
                 route,
                 self.attempts,
@@ -511,7 +509,7 @@ class Exchange:
     def on_upstream_failed(self, error: UpstreamError) -> None:
         """Retry, reply with an error, or cut the response short."""
         if self.endpoint is not None:
-            self.downstream.service.health.record_failure(self.endpoint, error.flag)
+            self.record_failure(self.endpoint, error.flag, error.flag)
         self.release_upstream(reuse=False)
         self.last_error = error
         self.head_deadline = 0.0
@@ -584,7 +582,7 @@ class Exchange:
         elif self.head_deadline and now >= self.head_deadline:
             flag, message = "upstream_timeout", "response header timeout"
             if self.endpoint is not None:
-                self.downstream.service.health.record_failure(self.endpoint, flag)
+                self.record_failure(self.endpoint, flag, flag)
         else:
             return
         self.cancel_connect()
@@ -684,6 +682,18 @@ class Exchange:
         """Read the client again."""
         self.downstream.resume_body()
 
+    def record_failure(self, endpoint: Endpoint, reason: str, flag: str) -> None:
+        """Report a failed attempt to the health table and the metrics."""
+        service = self.downstream.service
+        health = service.health
+        ejections = health.ejections_total
+        health.record_failure(endpoint, reason)
+        metrics = service.metrics
+        if metrics is not None:
+            metrics.record_upstream_failure(endpoint.cluster, endpoint.address, flag)
+            if health.ejections_total != ejections:
+                metrics.record_ejection(endpoint.cluster, endpoint.address)
+
     # log
 
     def finish(self) -> None:
@@ -692,6 +702,16 @@ class Exchange:
             return
         self.done = True
         self.cancel_connect()
+        metrics = self.runtime.metrics
+        listener = metrics.get(self.downstream.listener_name) if metrics else None
+        if listener is not None:
+            route = self.route
+            stats = (
+                listener.unrouted
+                if route is None
+                else listener.routes.get(route.index, listener.unrouted)
+            )
+            stats.observe(self.status, time.monotonic() - self.started, self.attempts)
         access = self.downstream.service.access
         if access.enabled:
             access.write(self.access_record())

@@ -17,6 +17,7 @@ from pgproxy.balancing import Balancer, build_balancer
 from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
+from pgproxy.observability.metrics import ListenerMetrics, Metrics
 from pgproxy.proxy.respond import FixedResponse
 from pgproxy.proxy.upstream import EndpointPool, Pools
 
@@ -54,6 +55,8 @@ class ClusterRuntime:
             )
             pool.idle_timeout = self.config.pool_idle_timeout
             pool.max_idle = self.config.max_idle_connections
+            pool.max_response_head = self.config.max_response_header_bytes
+            pool.tls_ca_file = self.config.tls_ca_file
             self.pools[endpoint.address] = pool
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             self.hosts[endpoint.address] = f"{host}:{endpoint.port}".encode("idna")
@@ -83,6 +86,8 @@ class RuntimeGraph:
             if route.strip_prefix and route.path_kind == "prefix":
                 self.strip[route.index] = route.path.encode()
         self.trusted_proxies = tuple(graph.config.server.trusted_proxies)
+        # Metrics bound to this graph, by listener name; None without metrics.
+        self.metrics: dict[str, ListenerMetrics] | None = None
 
     def __repr__(self) -> str:
         routes = len(self.graph.routes)
@@ -100,6 +105,7 @@ class ProxyService:
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
         self.on_empty: Callable[[], None] | None = None
+        self.metrics: Metrics | None = None  # set when a process serves /metrics
 
     def __repr__(self) -> str:
         return (
@@ -115,8 +121,13 @@ class ProxyService:
         """Return the protocol factory for `loop.create_server` on one listener."""
         from pgproxy.proxy.downstream import DownstreamProtocol
 
+        name = listener.name
+
         def factory() -> DownstreamProtocol:
-            return DownstreamProtocol(self, listener)
+            # A reload may change a kept listener's limits; new connections
+            # take them from the graph in force.
+            current = self.current.graph.listeners.get(name, listener)
+            return DownstreamProtocol(self, current)
 
         return factory
 

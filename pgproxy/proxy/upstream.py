@@ -11,12 +11,22 @@ Invariants:
 - A pooled connection is checked for a pending EOF or stray bytes before
   reuse (a non-blocking MSG_PEEK), so a connection the upstream already
   closed is replaced before any byte of a request is written to it.
+- Only a connection that delivered exactly one complete response goes back
+  to its pool. The exchange is detached when its response completes, and
+  the pool decision waits until the rest of that read has been parsed: any
+  byte after the response (other than the CRLF llhttp skips), and any byte
+  arriving while idle, closes the connection, so it can never be taken for
+  the start of the next request's response.
+- A response head is read up to the cluster's `max_response_header_bytes`;
+  a larger one fails the exchange with 502 and closes the connection, so
+  the memory held for a head stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,7 +45,14 @@ logger = logging.getLogger(__name__)
 # Write buffer above which the sending side pauses reading its source.
 WRITE_BUFFER_HIGH = 256 * 1024
 WRITE_BUFFER_LOW = 64 * 1024
+# Default limit on an upstream response's status line and header fields, the
+# same as the listeners' default request head limit (max_header_bytes).
+MAX_RESPONSE_HEAD = 64 * 1024
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class _ResponseHeadTooLarge(Exception):
+    """Raised inside an llhttp callback to stop parsing an oversized head."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -65,6 +82,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
+        self._head_bytes = 0
+        self._head_read = 0
+        self.max_head = pool.max_response_head
+        # The exchange whose response completed during the current read; it
+        # is told once the whole read has parsed (see data_received).
+        self._finished: Exchange | None = None
+        self._stray = False
 
     def __repr__(self) -> str:
         return (
@@ -95,11 +119,53 @@ class UpstreamConnection(asyncio.Protocol):
             offset = upgrade.args[0]
             exchange.on_upgraded(data[offset:])
         except httptools.HttpParserError as exc:
-            if self.exchange is not None:
-                self.fail(f"invalid response: {exc}", "bad_response")
+            self._on_parse_error(exc)
+        finished = self._finished
+        if finished is not None:
+            self._complete(finished)
             return
-        if self.exchange is not None:
-            self.exchange.flush_response()
+        if self.exchange is None:
+            return
+        if self._in_head:
+            # httptools holds a header field split over reads until it ends,
+            # so the reads ending inside the head are counted as well.
+            self._head_read += len(data)
+            if self._head_read > self.max_head:
+                self._fail_head_too_large()
+                return
+        self.exchange.flush_response()
+
+    def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
+        if self._finished is not None:
+            # Bytes after a complete response that are no response at all.
+            self._stray = True
+            self.keep_alive = False
+        elif self.exchange is None:
+            return
+        elif isinstance(exc.__context__, _ResponseHeadTooLarge):
+            self._fail_head_too_large()
+        else:
+            self.fail(f"invalid response: {exc}", "bad_response")
+
+    def _complete(self, exchange: Exchange) -> None:
+        """Tell `exchange` its response is complete, once the read has parsed."""
+        self._finished = None
+        if self._stray:
+            self._stray = False
+            logger.warning(
+                "endpoint %s sent bytes after a complete response; "
+                "closing the connection instead of reusing it",
+                self.endpoint,
+            )
+        self.exchange = exchange
+        exchange.on_response_complete()
+
+    def _fail_head_too_large(self) -> None:
+        self.fail(
+            f"response header block larger than {self.max_head} bytes "
+            "(max_response_header_bytes)",
+            "response_header_too_large",
+        )
 
     def eof_received(self) -> bool | None:
         return False
@@ -131,16 +197,26 @@ class UpstreamConnection(asyncio.Protocol):
     # llhttp callbacks
 
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A second response in the read that completed the first one.
+            self._stray = True
+            self.keep_alive = False
         self._headers = []
         self._reason = b""
         self._in_head = True
+        self._head_bytes = 0
+        self._head_read = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
             self._headers.append((name, value))
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self.max_head:
+                raise _ResponseHeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -155,13 +231,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_only and status >= 200 and self.exchange is exchange:
             # llhttp cannot be told that a HEAD response has no body; finish
             # the message here and parse the next response with a new parser.
+            # The old parser reads the rest of this read, and any byte it
+            # finds there is stray.
             self._parser = httptools.HttpResponseParser(self)
-            exchange.on_response_complete()
+            self.exchange = None
+            self._finished = exchange
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:
             self.exchange.on_response_body(body)
         else:
+            self._stray = True
             self.keep_alive = False
 
     def on_message_complete(self) -> None:
@@ -170,8 +250,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._parser.get_status_code() < 200:
             exchange.on_interim_complete()
-        else:
-            exchange.on_response_complete()
+            return
+        # Detach now, so that bytes after the response in this read reach no
+        # exchange; the pool decision is made after the read in `_complete`.
+        self.exchange = None
+        self._finished = exchange
 
     # used by the exchange
 
@@ -188,6 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_sent = False
         self.response_started = False
         self.keep_alive = True
+        self.max_head = self.pool.max_response_head
 
     def pause_reading(self) -> None:
         """Stop reading the response (the client's write buffer is full)."""
@@ -203,7 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def is_reusable(self) -> bool:
         """Return whether no EOF, error or unread byte is waiting on the socket."""
-        if self.closed or self.sock is None:
+        if self.closed or self.sock is None or not self.keep_alive:
             return False
         try:
             waiting = self.sock.recv(1, _PEEK_FLAGS)
@@ -259,13 +343,16 @@ class EndpointPool:
         endpoint: Endpoint,
         idle_timeout: float,
         max_idle: int,
-        ssl_context: Callable[[], ssl.SSLContext],
+        ssl_context: Callable[[str | None], ssl.SSLContext],
     ) -> None:
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.active = 0
         self.opened = 0
+        self.max_response_head = MAX_RESPONSE_HEAD
+        # CA file verifying https:// endpoints; None means the system store.
+        self.tls_ca_file: str | None = None
         self._ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -400,7 +487,7 @@ class EndpointPool:
     async def _wrap(self, sock: socket.socket) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        context = self._ssl_context() if endpoint.tls else None
+        context = self._ssl_context(self.tls_ca_file) if endpoint.tls else None
         _, conn = await loop.create_connection(
             lambda: UpstreamConnection(endpoint, self),
             sock=sock,
@@ -426,7 +513,9 @@ class Pools:
 
     def __init__(self) -> None:
         self._pools: dict[tuple[str, str], EndpointPool] = {}
-        self._ssl: ssl.SSLContext | None = None
+        # TLS client contexts by (CA file, its mtime in ns); (None, 0) is the
+        # system trust store.
+        self._ssl: dict[tuple[str | None, int], ssl.SSLContext] = {}
 
     def __repr__(self) -> str:
         idle = sum(pool.idle for pool in self._pools.values())
@@ -444,6 +533,21 @@ class Pools:
             self._pools[key] = pool
         return pool
 
+    def retire(self, cluster: str, address: str) -> int:
+        """Drop the pool of an endpoint that a reload removed.
+
+        Its idle connections close now; connections in use close when they
+        are released, because the pool keeps no idle connection any more.
+        Returns how many idle connections were closed.
+        """
+        pool = self._pools.pop((cluster, address), None)
+        if pool is None:
+            return 0
+        closed = pool.idle
+        pool.max_idle = 0
+        pool.close_idle()
+        return closed
+
     def all(self) -> list[EndpointPool]:
         """Return every pool."""
         return list(self._pools.values())
@@ -456,7 +560,20 @@ class Pools:
             pool.close_idle()
         return count
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
+    def _ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
+        """Return the context verifying upstream certificates against `ca_file`.
+
+        The file is read again when its modification time changes, so a
+        rotated CA file applies to new connections without a reload. Raises
+        OSError naming the file when it cannot be loaded.
+        """
+        try:
+            key = (ca_file, os.stat(ca_file).st_mtime_ns if ca_file else 0)
+            context = self._ssl.get(key)
+            if context is None:
+                context = ssl.create_default_context(cafile=ca_file)
+                self._ssl = {k: v for k, v in self._ssl.items() if k[0] != ca_file}
+                self._ssl[key] = context
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f'cannot load tls_ca_file "{ca_file}": {exc}') from exc
+        return context

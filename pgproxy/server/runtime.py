@@ -27,6 +27,7 @@ from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.proxy.service import ProxyService
 from pgproxy.server.listeners import BoundListener, bind_listeners
+from pgproxy.server.operations import Operations, OperationsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,39 +41,53 @@ async def serve(
     listeners: Sequence[BoundListener] | None = None,
     force_trigger: ShutdownTrigger | None = None,
     on_ready: Callable[[ProxyService, Sequence[BoundListener]], None] | None = None,
+    operations: OperationsSettings | None = None,
 ) -> None:
     """Serve `graph` until `shutdown_trigger` returns, then shut down in stages.
 
     `listeners` are sockets bound beforehand (bound here when None).
     `force_trigger`, when it returns during the drain, cuts the drain short.
     `on_ready` is called once every listener accepts connections.
+    `operations` turns on metrics, reloads and the admin listener; without
+    it the graph is served as it is, with health probes only.
     """
     bound = list(listeners) if listeners is not None else bind_listeners(graph)
     loop = asyncio.get_running_loop()
     health = HealthTable(graph.clusters, time.monotonic)
     service = ProxyService(graph, health, AccessLog(graph.config.server.access_log))
-    servers = []
+    servers: dict[str, asyncio.Server] = {}
     for item in bound:
         server = await loop.create_server(
             service.protocol_factory(item.listener),
             sock=item.sock,
             ssl=item.ssl_context,
         )
-        servers.append(server)
+        servers[item.listener.name] = server
         logger.info(
             'listener "%s" listening on %s', item.listener.name, item.describe()
         )
+    ops = Operations(operations, service, servers) if operations else None
     async with anyio.create_task_group() as group:
         stop_probes = anyio.Event()
-        group.start_soon(_run_health, graph, health, stop_probes)
+        if ops is None:
+            group.start_soon(_run_health, graph, health, stop_probes)
+        else:
+            await group.start(ops.run)
         logger.info("pgproxy ready")
         if on_ready is not None:
             on_ready(service, bound)
         await shutdown_trigger()
+        if ops is not None:
+            ops.begin_drain()
+        # Servers as they are now: a reload may have added or closed some.
         await _shutdown(
-            service, servers, graph.config.server.drain_timeout, force_trigger
+            service,
+            list(servers.values()),
+            service.current.graph.config.server.drain_timeout,
+            force_trigger,
         )
         stop_probes.set()
+        group.cancel_scope.cancel()
     logger.info("pgproxy stopped")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,28 @@ def test_unreadable_file_exits_3(tmp_path: Path) -> None:
     result = run(str(tmp_path / "missing.toml"))
     assert result.exit_code == 3
     assert "missing.toml" in result.stderr
+
+
+def test_unknown_position_left_out(tmp_path: Path) -> None:
+    directory = tmp_path / "dir.toml"
+    directory.mkdir()
+
+    result = run(str(directory))
+
+    assert result.exit_code == 3
+    assert f"{directory}: is a directory, not a file\n" in result.stderr
+    assert ":0:0" not in result.stderr
+
+
+@pytest.mark.timeout(10)
+def test_fifo_config_exits_3(tmp_path: Path) -> None:
+    fifo = tmp_path / "pgproxy.toml"
+    os.mkfifo(fifo)
+
+    result = run(str(fifo))
+
+    assert result.exit_code == 3
+    assert "not a regular file: it is a FIFO (named pipe)" in result.stderr
 
 
 def test_unknown_cluster_exits_3(farm: ServerFarm, tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 from e2e_admin import admin_port, get, labels, samples, status_json
@@ -111,6 +114,44 @@ def test_status_shows_ejection(
     dead = labels(cluster="flaky", endpoint=dead_address)
     assert scraped[("pgproxy_endpoint_ejections_total", dead)] >= 1
     assert scraped[("pgproxy_endpoint_healthy", dead)] == 0.0
+    failures = labels(cluster="flaky", endpoint=dead_address, failure="connect_failure")
+    assert scraped[("pgproxy_upstream_failures_total", failures)] >= 1
+
+
+def test_check_upstreams_reads_admin(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+    dead_address: str,
+) -> None:
+    api = upstream_factory("api")
+    process = pgproxy_factory(CONFIG.format(api=api.address, dead=dead_address))
+    admin, port = admin_port(process), process.port("main")
+    assert get(port, "/flaky")[0] == 200
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgproxy",
+            "check-upstreams",
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--cluster",
+            "flaky",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stderr  # some down, cluster can serve
+    report = json.loads(result.stdout)
+    endpoints = {item["address"]: item for item in report["clusters"][0]["endpoints"]}
+    assert endpoints[dead_address]["status"] == "ejected"
+    assert endpoints[api.address]["status"] == "healthy"
 
 
 def test_unknown_path_and_malformed_request(

@@ -124,6 +124,8 @@ def test_reloads_under_load_lose_nothing(
         done.append(time.monotonic())
         time.sleep(0.35)
     outcomes = load.join()
+    elapsed = outcomes[-1].ended - outcomes[0].started
+    print(f"{len(outcomes)} requests in {elapsed:.1f}s across {RELOADS} reloads")
 
     assert len(outcomes) >= 1000, "the load generator fell far behind"
     failed = [outcome for outcome in outcomes if outcome.status != 200]
@@ -187,6 +189,43 @@ def test_websocket_survives_reload(
         assert websocket.recv(timeout=5) == "after"
     status, _, headers = get(process.port("main"), "/")
     assert (status, headers["x-upstream"]) == (200, "green")
+
+
+def test_websocket_closed_when_endpoint_removed(
+    pgproxy_factory: PgproxyFactory,
+    blue_green: tuple[Upstream, Upstream],
+    websocket_upstream: WebSocketUpstream,
+) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    blue, green = blue_green
+    replacement = WebSocketUpstream()
+    try:
+        old, new = websocket_upstream.address, replacement.address
+        process = pgproxy_factory(_config(blue, green, old, "blue"))
+        url = f"ws://127.0.0.1:{process.port('main')}/ws/chat"
+
+        with connect(url, open_timeout=5, close_timeout=2) as websocket:
+            websocket.send("before")
+            assert websocket.recv(timeout=5) == "before"
+
+            _reload(
+                process,
+                process.config_path,
+                _config(blue, green, new, "blue"),
+                "reloaded",
+            )
+
+            with pytest.raises(ConnectionClosed):
+                websocket.send("after")
+                websocket.recv(timeout=5)
+        with connect(url, open_timeout=5, close_timeout=2) as websocket:
+            websocket.send("again")
+            assert websocket.recv(timeout=5) == "again"
+        assert replacement.paths == ["/ws/chat"]
+    finally:
+        replacement.stop()
 
 
 def test_listener_added_then_removed(

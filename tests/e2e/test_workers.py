@@ -23,21 +23,28 @@ address = "127.0.0.1:0"
 
 [[routes]]
 name = "api"
-cluster = "api"
+cluster = "{cluster}"
 
 [clusters.api]
 endpoints = ["{api}"]
+
+[clusters.other]
+endpoints = ["{other}"]
 """
 
 CONNECTIONS = 60
 
 
 @pytest.fixture
+def upstreams(upstream_factory: UpstreamFactory) -> dict[str, str]:
+    return {name: upstream_factory(name).address for name in ("api", "other")}
+
+
+@pytest.fixture
 def workers(
-    pgproxy_factory: PgproxyFactory, upstream_factory: UpstreamFactory
+    pgproxy_factory: PgproxyFactory, upstreams: dict[str, str]
 ) -> tuple[PgproxyProcess, int]:
-    api = upstream_factory("api")
-    process = pgproxy_factory(CONFIG.format(api=api.address))
+    process = pgproxy_factory(CONFIG.format(cluster="api", **upstreams))
     return process, admin_port(process)
 
 
@@ -123,3 +130,41 @@ def test_sigterm_drains_workers(workers: tuple[PgproxyProcess, int]) -> None:
     assert process.wait_exit(20) == 0
     assert process.wait_for_stderr("pgproxy stopped", timeout=1.0) is not None
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_sighup_reloads_every_worker(
+    workers: tuple[PgproxyProcess, int], upstreams: dict[str, str]
+) -> None:
+    process, admin = workers
+    port = process.port("main")
+    start = len(process.stderr_lines)
+    process.config_path.write_text(CONFIG.format(cluster="other", **upstreams))
+
+    process.signal(signal.SIGHUP)
+
+    assert process.wait_for_stderr("reloaded", timeout=10.0, start=start) is not None
+    served = {get(port, "/")[2]["x-upstream"] for _ in range(CONNECTIONS)}
+    assert served == {"other"}  # new connections reach both workers
+    lines = process.stderr_lines[start:]
+    assert sum("reloaded" in line for line in lines) == 1
+    assert status_json(admin)["config"]["last_reload"]["outcome"] == "success"
+
+
+def test_invalid_reload_logged_once(
+    workers: tuple[PgproxyProcess, int], upstreams: dict[str, str]
+) -> None:
+    process, admin = workers
+    start = len(process.stderr_lines)
+    before = status_json(admin)["config"]["hash"]
+    process.config_path.write_text(CONFIG.format(cluster="missing", **upstreams))
+
+    process.signal(signal.SIGHUP)
+
+    line = process.wait_for_stderr("reload failed", timeout=10.0, start=start)
+    assert line is not None
+    assert "missing" in line
+    time.sleep(0.5)  # a second line from a worker would come quickly
+    lines = process.stderr_lines[start:]
+    assert sum("reload failed" in text for text in lines) == 1
+    assert status_json(admin)["config"]["hash"] == before
+    assert get(process.port("main"), "/")[2]["x-upstream"] == "api"

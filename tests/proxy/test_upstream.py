@@ -9,7 +9,13 @@ import anyio
 import pytest
 
 from pgproxy.proxy.upstream import Pools
-from tests.proxy.loopback import ScriptedUpstream, exchange, make_graph, running_proxy
+from tests.proxy.loopback import (
+    ScriptedUpstream,
+    exchange,
+    make_graph,
+    read_response,
+    running_proxy,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +154,108 @@ async def test_pool_repr_counts() -> None:
     assert pool.acquire() is None
     assert "idle=0 active=0" in repr(pool)
     assert "endpoints=1" in repr(pools)
+
+
+async def test_extra_response_not_given_to_pipelined_request() -> None:
+    upstream = ScriptedUpstream()
+
+    async def reply_by_path(head: bytes) -> bytes | None:
+        if head.startswith(b"GET /first "):
+            # One response too many: the second one belongs to no request.
+            return (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+            )
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"
+
+    upstream.reply = reply_by_path
+    await upstream.start()
+    pipelined = (
+        b"GET /first HTTP/1.1\r\nHost: test.local\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: test.local\r\n\r\n"
+    )
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(pipelined)
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await read_response(reader)
+        writer.close()
+    assert first.endswith(b"\r\n\r\nfirst")
+    assert second.endswith(b"\r\n\r\nsecond"), (
+        "the bytes after the first response were taken as the second one"
+    )
+    assert upstream.connections == 2
+    await upstream.stop()
+
+
+async def test_head_response_with_body_not_pooled() -> None:
+    upstream = ScriptedUpstream()
+
+    async def body_even_for_head(head: bytes) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+
+    upstream.reply = body_even_for_head
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        head_reply = await exchange(
+            port,
+            b"HEAD /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            until_close=True,
+        )
+        await exchange(port, GET)
+        pool = service.pools.all()[0]
+        assert pool.opened == 2
+    assert head_reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head_reply.endswith(b"\r\n\r\n"), "a HEAD response carried a body"
+    assert upstream.connections == 2
+    await upstream.stop()
+
+
+async def test_no_content_with_stray_bytes_not_pooled() -> None:
+    upstream = ScriptedUpstream()
+
+    async def no_content_then_bytes(head: bytes) -> bytes | None:
+        return b"HTTP/1.1 204 No Content\r\n\r\nstray"
+
+    upstream.reply = no_content_then_bytes
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        first = await exchange(port, GET)
+        second = await exchange(port, GET)
+        assert service.pools.all()[0].idle == 0
+    assert first.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert second.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert upstream.connections == 2
+    await upstream.stop()
+
+
+def _response_with_header(value_size: int) -> bytes:
+    filler = b"v" * value_size
+    return (
+        b"HTTP/1.1 200 OK\r\nX-Filler: " + filler + b"\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value_size", "status"),
+    [(1000, b"200"), (3000, b"502"), (4 * 1024 * 1024, b"502")],
+    ids=["under", "over", "one-huge-field"],
+)
+async def test_response_head_limit(value_size: int, status: bytes) -> None:
+    upstream = ScriptedUpstream()
+
+    async def reply(head: bytes) -> bytes | None:
+        return _response_with_header(value_size)
+
+    upstream.reply = reply
+    await upstream.start()
+    graph = make_graph([upstream.port], max_response_header_bytes="2KiB")
+    async with running_proxy(graph) as (port, service):
+        answer = await exchange(port, GET)
+        idle = service.pools.all()[0].idle
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    if status == b"502":
+        assert b"response_header_too_large" in answer
+        assert idle == 0
+    await upstream.stop()

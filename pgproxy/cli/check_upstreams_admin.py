@@ -1,0 +1,186 @@
+"""`pgproxy check-upstreams --admin URL`: report the live health of a running pgproxy.
+
+Instead of probing, this reads the /status document of a running instance's
+admin listener, so it shows what the data plane uses right now: the active
+checks' verdicts and the passive ejections of real traffic. With several
+workers an endpoint has the least healthy status any worker has for it.
+
+The exit codes match a probing run: 0 every endpoint is up, 1 some are down
+but every cluster has a healthy endpoint, 2 a cluster has no healthy
+endpoint, 3 the status could not be read (or an unknown cluster was named).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpcore
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+EXIT_ALL_UP = 0
+EXIT_SOME_DOWN = 1
+EXIT_CLUSTER_DOWN = 2
+EXIT_NOT_CHECKED = 3
+
+
+class AdminStatusError(Exception):
+    """The /status document could not be fetched or is not what pgproxy sends."""
+
+
+def status_url(admin: str) -> str:
+    """Return the /status URL of an admin address (`host:port` or `http://...`)."""
+    base = admin if "://" in admin else f"http://{admin}"
+    if not base.startswith("http://"):
+        raise AdminStatusError(
+            f'invalid admin URL "{admin}": expected http://host:port'
+        )
+    return base.rstrip("/") + "/status"
+
+
+def fetch_status(admin: str, timeout_s: float) -> dict[str, Any]:
+    """Fetch and parse the /status document; raise AdminStatusError on failure."""
+    url = status_url(admin)
+    timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s}
+    try:
+        response = httpcore.request("GET", url, extensions={"timeout": timeouts})
+    except (
+        httpcore.NetworkError,
+        httpcore.TimeoutException,
+        httpcore.UnsupportedProtocol,
+    ) as exc:
+        raise AdminStatusError(
+            f"could not read {url}: {exc or type(exc).__name__}"
+        ) from None
+    if response.status != 200:
+        raise AdminStatusError(f"{url} returned HTTP {response.status}")
+    try:
+        document = json.loads(response.content)
+    except ValueError:
+        raise AdminStatusError(f"{url} did not return JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("clusters"), dict):
+        raise AdminStatusError(f"{url} did not return a pgproxy /status document")
+    return document
+
+
+def select_clusters(
+    clusters: Mapping[str, Any], names: Sequence[str]
+) -> dict[str, Mapping[str, Any]]:
+    """Keep the named clusters (all when `names` is empty); ValueError if unknown."""
+    if not names:
+        return dict(clusters)
+    unknown = [name for name in names if name not in clusters]
+    if unknown:
+        known = ", ".join(clusters) or "none"
+        raise ValueError(f"unknown cluster {', '.join(unknown)} (clusters: {known})")
+    return {name: clusters[name] for name in dict.fromkeys(names)}
+
+
+def exit_code(clusters: Mapping[str, Mapping[str, Any]]) -> int:
+    """Return the exit code that sums up the clusters' endpoint statuses."""
+    statuses = [
+        [state.get("status") for state in endpoints.values()]
+        for endpoints in clusters.values()
+    ]
+    if any(group and "healthy" not in group for group in statuses):
+        return EXIT_CLUSTER_DOWN
+    if any(status != "healthy" for group in statuses for status in group):
+        return EXIT_SOME_DOWN
+    return EXIT_ALL_UP
+
+
+def report_json(
+    admin: str, document: Mapping[str, Any], clusters: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Build the JSON output: the selected clusters as /status reports them."""
+    return {
+        "admin": admin,
+        "config": document.get("config", {}),
+        "exit_code": exit_code(clusters),
+        "clusters": [
+            {
+                "name": name,
+                "healthy": sum(
+                    1 for s in endpoints.values() if s.get("status") == "healthy"
+                ),
+                "total": len(endpoints),
+                "endpoints": [
+                    {"address": address, **state}
+                    for address, state in endpoints.items()
+                ],
+            }
+            for name, endpoints in clusters.items()
+        ],
+    }
+
+
+def render_text(
+    console: Console, document: Mapping[str, Any], clusters: Mapping[str, Any]
+) -> None:
+    """Print the config in force, then one table and summary line per cluster."""
+    config = document.get("config", {})
+    console.print(
+        Text(f"config {config.get('file')} (hash {str(config.get('hash'))[:12]})")
+    )
+    for name, endpoints in clusters.items():
+        table = Table(title=f"cluster {name} (live state)", title_justify="left")
+        for column in ("endpoint", "verdict", "status", "since", "reason"):
+            table.add_column(column, overflow="fold")
+        healthy = 0
+        for address, state in endpoints.items():
+            status = str(state.get("status"))
+            healthy += status == "healthy"
+            table.add_row(
+                Text(address),
+                Text(
+                    "UP" if status == "healthy" else "DOWN",
+                    style="green" if status == "healthy" else "red",
+                ),
+                Text(status),
+                "" if state.get("since") is None else f"{state['since']:.0f}",
+                Text(str(state.get("reason") or "")),
+            )
+        console.print(table)
+        verdict = (
+            "[green]can serve[/]"
+            if healthy
+            else "[bold red]cannot serve: no healthy endpoint[/]"
+        )
+        console.print(f"{name}: {healthy}/{len(endpoints)} healthy, {verdict}")
+        console.print()
+
+
+def check_admin(
+    admin: str, names: Sequence[str], timeout_s: float, output_format: str
+) -> int:
+    """Read a running instance's /status, print the report, return the exit code."""
+    errors = Console(stderr=True)
+    try:
+        document = fetch_status(admin, timeout_s)
+        clusters = select_clusters(document["clusters"], names)
+    except (AdminStatusError, ValueError) as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        if output_format == "json":
+            print_json(
+                {
+                    "admin": admin,
+                    "exit_code": EXIT_NOT_CHECKED,
+                    "error": str(exc),
+                    "clusters": [],
+                }
+            )
+        return EXIT_NOT_CHECKED
+    if output_format == "json":
+        print_json(report_json(admin, document, clusters))
+    else:
+        render_text(Console(), document, clusters)
+    return exit_code(clusters)
+
+
+def print_json(document: Mapping[str, Any]) -> None:
+    """Print a JSON document on stdout."""
+    typer.echo(json.dumps(document, indent=2))

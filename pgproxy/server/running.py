@@ -1,0 +1,166 @@
+"""The running data plane of one process, as reloads and metrics use it.
+
+`ServiceState` implements `pgproxy.server.reload.RunningState` over the
+proxy service: it opens and closes listeners, swaps the graph and health
+table in one synchronous step, drains what a reload removed, and reads the
+endpoint gauges for /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pgproxy.graph.load import LoadedGraph
+from pgproxy.graph.types import Graph, Listener
+from pgproxy.health.state import HealthTable
+from pgproxy.observability.metrics import EndpointReading, Metrics
+from pgproxy.proxy.exchange import Exchange
+from pgproxy.proxy.service import ProxyService
+from pgproxy.server.listeners import BoundListener, server_ssl_context
+from pgproxy.server.reload import ReloadPlan
+
+logger = logging.getLogger(__name__)
+
+BindListener = Callable[[Listener], BoundListener]
+
+
+@dataclass
+class ServiceState:
+    """The proxy service with its listeners, for reloads and metrics.
+
+    `bind` returns a bound socket for a listener: a fresh bind in a single
+    process, or the socket the supervisor sent to a worker.
+    """
+
+    service: ProxyService
+    metrics: Metrics
+    bind: BindListener
+    servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    on_install: list[Callable[[Graph, HealthTable], None]] = field(default_factory=list)
+    # Servers opened by open_listeners, registered by install.
+    _pending: list[tuple[str, asyncio.Server]] = field(
+        default_factory=list, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.metrics.set_endpoint_source(self.endpoint_readings)
+
+    @property
+    def graph(self) -> Graph:
+        """The graph new requests use."""
+        return self.service.current.graph
+
+    @property
+    def health(self) -> HealthTable:
+        """The health table of the graph in force."""
+        return self.service.health
+
+    async def open_listeners(self, listeners: tuple[Listener, ...]) -> None:
+        """Bind and serve `listeners`; on failure close the ones opened here."""
+        loop = asyncio.get_running_loop()
+        opened: list[tuple[str, asyncio.Server]] = []
+        try:
+            for listener in listeners:
+                bound = self._bind_or_reuse(listener)
+                server = await loop.create_server(
+                    self.service.protocol_factory(listener),
+                    sock=bound.sock,
+                    ssl=bound.ssl_context,
+                )
+                opened.append((listener.name, server))
+                logger.info(
+                    'listener "%s" listening on %s', listener.name, bound.describe()
+                )
+        except BaseException:
+            for _, server in opened:
+                server.close()
+            raise
+        self._pending = opened
+
+    def _bind_or_reuse(self, listener: Listener) -> BoundListener:
+        try:
+            return self.bind(listener)
+        except OSError:
+            reused = self._reuse(listener)
+            if reused is None:
+                raise
+            return reused
+
+    def _reuse(self, listener: Listener) -> BoundListener | None:
+        """Share the socket of a listener whose address stays (its TLS changed).
+
+        Binding the address again would fail while the old socket is open.
+        """
+        old = self.graph.listeners.get(listener.name)
+        server = self.servers.get(listener.name)
+        if old is None or server is None or not server.sockets:
+            return None
+        if old.config.address != listener.config.address:
+            return None
+        sock = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        return BoundListener(listener, sock, server_ssl_context(listener))
+
+    def install(
+        self, loaded: LoadedGraph, health: HealthTable, plan: ReloadPlan
+    ) -> None:
+        """Swap graph and health table without an await, so no request gets half."""
+        for name in plan.removed_listeners:
+            server = self.servers.pop(name, None)
+            if server is not None:
+                server.close()
+        for name, server in self._pending:
+            self.servers[name] = server
+        self._pending = []
+        self.service.health = health
+        self.service.swap(loaded.graph)
+        for callback in self.on_install:
+            callback(loaded.graph, health)
+
+    def retire(self, plan: ReloadPlan) -> None:
+        """Drain what the new graph dropped: listeners, pools and tunnels."""
+        removed = set(plan.removed_listeners)
+        tunnels = 0
+        for conn in list(self.service.connections):
+            if conn.listener_name in removed:
+                conn.drain()
+            tunnel = conn.tunnel
+            if tunnel is not None and not _tunnel_survives(tunnel, plan):
+                conn.close()
+                tunnels += 1
+        closed = sum(
+            self.service.pools.retire(cluster, address)
+            for cluster, address in plan.removed_endpoints
+        )
+        if closed or tunnels:
+            logger.info(
+                "reload closed %d idle upstream connections to removed endpoints "
+                "and %d upgraded connections whose route changed",
+                closed,
+                tunnels,
+            )
+
+    def endpoint_readings(self) -> Iterator[EndpointReading]:
+        """Yield health and pool gauges of every endpoint of the graph in force."""
+        health = self.service.health
+        for cluster in self.service.current.clusters.values():
+            for endpoint in cluster.cluster.endpoints:
+                pool = cluster.pools[endpoint.address]
+                yield EndpointReading(
+                    cluster.name,
+                    endpoint.address,
+                    1.0 if health.is_available(endpoint) else 0.0,
+                    pool.idle,
+                    pool.active,
+                )
+
+
+def _tunnel_survives(tunnel: Exchange, plan: ReloadPlan) -> bool:
+    route, cluster, endpoint = tunnel.route, tunnel.cluster, tunnel.endpoint
+    if route is None or cluster is None or endpoint is None:
+        return False
+    return plan.tunnel_survives(route.name, cluster.name, endpoint.address)

@@ -1,0 +1,52 @@
+"""The /status document: config in force, reloads, workers, endpoint health.
+
+With several workers each one keeps its own health table (passive ejection
+counts only that worker's traffic). `merge_health` reports an endpoint with
+the least healthy status any worker has for it, and the status per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+HealthSnapshot = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+# Worse statuses rank higher; a worker that marks an endpoint unhealthy
+# outweighs another one that still uses it.
+_RANK = {"healthy": 0, "ejected": 1, "unhealthy": 2}
+
+
+def merge_health(snapshots: Mapping[str, HealthSnapshot]) -> dict[str, Any]:
+    """Merge `HealthTable.snapshot()` results keyed by worker id."""
+    clusters: dict[str, dict[str, dict[str, Any]]] = {}
+    for worker, snapshot in sorted(snapshots.items()):
+        for cluster, endpoints in snapshot.items():
+            merged = clusters.setdefault(cluster, {})
+            for address, state in endpoints.items():
+                entry = merged.get(address)
+                if entry is None or _rank(state) > _rank(entry):
+                    by_worker = entry["workers"] if entry else {}
+                    entry = merged[address] = {**state, "workers": by_worker}
+                entry["workers"][worker] = state.get("status")
+    return clusters
+
+
+def _rank(state: Mapping[str, Any]) -> int:
+    return _RANK.get(str(state.get("status")), 0)
+
+
+def status_document(
+    config: Mapping[str, Any],
+    clusters: Mapping[str, Any],
+    workers: Sequence[Mapping[str, Any]],
+    *,
+    draining: bool,
+) -> dict[str, Any]:
+    """Assemble the /status JSON object."""
+    return {
+        "config": dict(config),
+        "draining": draining,
+        "workers": list(workers),
+        "clusters": dict(clusters),
+    }

@@ -1,0 +1,175 @@
+"""Entry point of a worker process: `python -m pgproxy.server.worker_main`.
+
+The supervisor starts it with `PGPROXY_WORKER` set (see
+`pgproxy.server.worker`). The worker builds the config bytes from its
+`start` message, serves them on the inherited listening sockets, and replies
+to requests on the control channel. SIGTERM drains it like a single-process pgproxy; so
+does the channel closing, which means the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from pgproxy.errors import ConfigError
+from pgproxy.graph.types import Listener
+from pgproxy.observability.logging import setup_logging
+from pgproxy.observability.metrics import Snapshot
+from pgproxy.server.control import Channel, ChannelClosedError
+from pgproxy.server.listeners import BindError, BoundListener, server_ssl_context
+from pgproxy.server.operations import Operations, OperationsSettings
+from pgproxy.server.reload import describe_config_error, load_graph_bytes
+from pgproxy.server.runtime import serve
+from pgproxy.server.signals import ShutdownSignals
+from pgproxy.server.worker import WorkerSettings, receive_start, serve_control
+
+logger = logging.getLogger("pgproxy.worker")
+
+
+class WorkerRuntime:
+    """The `WorkerHost` of one worker process."""
+
+    def __init__(self, settings: WorkerSettings, sockets: dict[str, socket.socket]):
+        self.settings = settings
+        self.sockets = sockets  # listening sockets by listener name
+        self.shutdown = anyio.Event()
+        self.operations: Operations | None = None
+
+    def attach(self, operations: Operations) -> None:
+        """Connect the control requests to the serving process."""
+        self.operations = operations
+
+    def bind(self, listener: Listener) -> BoundListener:
+        """Pair a listener with the socket the supervisor passed for it."""
+        sock = self.sockets.get(listener.name)
+        if sock is None:
+            raise BindError(f'no socket was passed for listener "{listener.name}"')
+        sock.setblocking(False)
+        return BoundListener(listener, sock, server_ssl_context(listener))
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Return the metrics snapshot in wire form."""
+        if self.operations is None:
+            return Snapshot().to_wire()
+        return self.operations.metrics.snapshot().to_wire()
+
+    def health_snapshot(self) -> Mapping[str, Any]:
+        """Return the health table snapshot of the graph in force."""
+        if self.operations is None:
+            return {}
+        return self.operations.state.health.snapshot()
+
+    async def reload(
+        self, source: bytes, added: Mapping[str, socket.socket]
+    ) -> tuple[bool, str | None, str | None]:
+        """Install the config bytes the supervisor validated."""
+        if self.operations is None:
+            return False, None, "the worker is not serving yet"
+        self.sockets.update(added)
+        outcome = await self.operations.reloader.reload("supervisor", source=source)
+        return outcome.ok, outcome.config_hash, outcome.error
+
+    def request_shutdown(self) -> None:
+        """Start draining."""
+        self.shutdown.set()
+
+
+async def run_worker(settings: WorkerSettings) -> int:
+    """Serve as one worker until SIGTERM or the supervisor goes away."""
+    channel = await Channel.open(settings.control_fd)
+    try:
+        source = await receive_start(channel)
+        loaded = load_graph_bytes(source, settings.config)
+    except ChannelClosedError:
+        logger.error("the supervisor closed the control channel before start")
+        return 1
+    except ConfigError as error:
+        message = describe_config_error(settings.config, error)
+        logger.error("invalid config: %s", message)
+        return 1
+    runtime = WorkerRuntime(settings, settings.listener_sockets())
+    listeners = [runtime.bind(item) for item in loaded.graph.listeners.values()]
+    signals = ShutdownSignals()
+
+    async def stop() -> None:
+        async with anyio.create_task_group() as group:
+
+            async def when(event: anyio.Event) -> None:
+                await event.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(when, signals.requested)
+            group.start_soon(when, runtime.shutdown)
+
+    async with anyio.create_task_group() as group:
+
+        def on_start(operations: Operations) -> None:
+            runtime.attach(operations)
+            group.start_soon(serve_control, channel, runtime)
+
+        group.start_soon(signals.receive)
+        await serve(
+            loaded.graph,
+            shutdown_trigger=stop,
+            force_trigger=signals.forced.wait,
+            listeners=listeners,
+            operations=OperationsSettings(
+                config_path=settings.config,
+                loaded=loaded,
+                bind=runtime.bind,
+                sighup=False,
+                log_outcome=False,
+                on_start=on_start,
+            ),
+        )
+        group.cancel_scope.cancel()
+    return 0
+
+
+class _WorkerPrefix(logging.Filter):
+    """Demotes per-worker start-up lines that the supervisor logs once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno == logging.INFO and (
+            "listening on" in message or message == "pgproxy ready"
+        ):
+            return False
+        return True
+
+
+def main() -> None:
+    """Run one worker process (started by the supervisor only)."""
+    try:
+        settings = WorkerSettings.from_environment()
+    except (KeyError, ValueError):
+        sys.stderr.write("pgproxy worker: started without PGPROXY_WORKER settings\n")
+        sys.exit(2)
+    setup_logging(settings.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerPrefix())
+    started = time.monotonic()
+    code = anyio.run(
+        run_worker, settings, backend="asyncio", backend_options=_loop_options()
+    )
+    logger.debug("worker %d ran %.1fs", settings.index, time.monotonic() - started)
+    sys.exit(code)
+
+
+def _loop_options() -> dict[str, bool]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Tests of the /status document and the merge of worker health tables."""
+
+from __future__ import annotations
+
+from pgproxy.server.status import merge_health, status_document
+
+
+def _state(status: str) -> dict[str, object]:
+    return {"status": status, "reason": status, "consecutive_failures": 0}
+
+
+def test_merge_keeps_least_healthy() -> None:
+    merged = merge_health(
+        {
+            "0": {"api": {"a:1": _state("healthy"), "b:1": _state("healthy")}},
+            "1": {"api": {"a:1": _state("ejected"), "b:1": _state("healthy")}},
+        }
+    )
+
+    assert merged["api"]["a:1"]["status"] == "ejected"
+    assert merged["api"]["a:1"]["workers"] == {"0": "healthy", "1": "ejected"}
+    assert merged["api"]["b:1"]["status"] == "healthy"
+
+
+def test_unhealthy_outranks_ejected() -> None:
+    merged = merge_health(
+        {
+            "0": {"api": {"a:1": _state("unhealthy")}},
+            "1": {"api": {"a:1": _state("ejected")}},
+        }
+    )
+
+    assert merged["api"]["a:1"]["status"] == "unhealthy"
+
+
+def test_single_process_snapshot() -> None:
+    merged = merge_health({"0": {"api": {"a:1": _state("healthy")}}})
+
+    assert merged == {
+        "api": {"a:1": {**_state("healthy"), "workers": {"0": "healthy"}}}
+    }
+
+
+def test_status_document_shape() -> None:
+    document = status_document(
+        {"file": "x.toml", "hash": "abc"}, {}, [{"id": 0}], draining=True
+    )
+
+    assert document == {
+        "config": {"file": "x.toml", "hash": "abc"},
+        "draining": True,
+        "workers": [{"id": 0}],
+        "clusters": {},
+    }
