@@ -78,9 +78,7 @@ def summarize(results: Sequence[FileResult], strict: bool) -> str:
 
 def _print_diagnostic(console: Console, diagnostic: Diagnostic) -> None:
     is_error = diagnostic.severity is Severity.ERROR
-    head = Text(diagnostic.file, style="bold")
-    if diagnostic.line:
-        head.append(f":{diagnostic.line}:{diagnostic.column}", style="bold")
+    head = Text(diagnostic.location(), style="bold")
     head.append(": ")
     if diagnostic.key:
         head.append(f"{diagnostic.key}: ", style="cyan")
@@ -89,7 +87,7 @@ def _print_diagnostic(console: Console, diagnostic: Diagnostic) -> None:
     head.append(diagnostic.message, style="red" if is_error else "yellow")
     head.append(f" [{diagnostic.code}]", style="dim")
     console.print(head)
-    if diagnostic.line and diagnostic.source_line is not None:
+    if diagnostic.line and diagnostic.column and diagnostic.source_line is not None:
         gutter = str(diagnostic.line)
         source = diagnostic.source_line.expandtabs(_TAB_SIZE)
         before = diagnostic.source_line[: diagnostic.column - 1]

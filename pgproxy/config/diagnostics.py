@@ -39,7 +39,19 @@ class Diagnostic:
     source_line: str | None = field(default=None, compare=False)
 
     def render(self) -> str:
-        """Format as `file:line:col: key: message` (the text output's first line)."""
+        """Format as `file:line:col: key: message` (the text output's first line).
+
+        An unknown position is left out, as in `file: message`, and so is an
+        unknown column, as in `file:line: message`.
+        """
         key = f"{self.key}: " if self.key else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{self.file}:{self.line}:{self.column}: {key}{self.message}{hint}"
+        return f"{self.location()}: {key}{self.message}{hint}"
+
+    def location(self) -> str:
+        """Return `file:line:col`, without the parts that are unknown (0)."""
+        if not self.line:
+            return self.file
+        if not self.column:
+            return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.line}:{self.column}"

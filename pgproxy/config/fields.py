@@ -23,14 +23,28 @@ _HASH_KEY_PATTERN = (
     r"|path|client_ip)$"
 )
 _HASH_KEY_RE = re.compile(_HASH_KEY_PATTERN)
+# RFC 1123 section 2.1 host name labels, plus "_" inside a label: resolvers
+# accept it, and container service names such as "my_service" use it. A host
+# of digits and dots only must be an IPv4 address.
+_DNS_LABEL_RE = re.compile(
+    r"^(?=[^.]*[A-Za-z0-9])[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z"
+)
+_DOTTED_DIGITS_RE = re.compile(r"^(?=.*[0-9])[0-9.]+\Z")
 
 
 def parse_host_port(address: str) -> tuple[str, int]:
     """Split `host:port` or `[v6]:port` into host and port.
 
-    Raises ValueError with the expected forms when the address is malformed
-    or the port is outside 0-65535.
+    The host is an IPv4 address, a bracketed IPv6 address or a DNS name
+    (RFC 1123 labels); the port is 0-65535 in ASCII digits. Raises ValueError
+    with the expected form when the address is not one of these.
     """
+    if "://" in address:
+        rest = address.partition("://")[2]
+        raise ValueError(
+            f'invalid address "{address}": expected "host:port" without a '
+            f'scheme; write "{rest.rstrip("/")}"'
+        )
     if address.startswith("["):
         end = address.find("]")
         if end < 0 or not address[end + 1 :].startswith(":"):
@@ -51,9 +65,33 @@ def parse_host_port(address: str) -> tuple[str, int]:
                 f'invalid address "{address}": put an IPv6 host in brackets, '
                 f'as "[{host}]:{port_text}"'
             )
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        _check_host(host, address)
+    # isdigit() alone accepts digits of other scripts, such as "٨٠".
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or int(port_text) > 65535:
         raise ValueError(f'invalid port "{port_text}" in "{address}": expected 0-65535')
     return host, int(port_text)
+
+
+def _check_host(host: str, address: str) -> None:
+    """Check an unbracketed host: an IPv4 address or an RFC 1123 DNS name."""
+    if _DOTTED_DIGITS_RE.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f'invalid IPv4 address "{host}" in "{address}": expected four '
+                "numbers 0-255 without leading zeros, such as 127.0.0.1"
+            ) from None
+        return
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ValueError(
+            f'invalid host name "{host}" in "{address}": use labels of ASCII '
+            'letters, digits, "_" and "-" separated by ".", each 1-63 characters '
+            'long and not starting or ending with "-"'
+        )
 
 
 def split_endpoint_address(address: str) -> tuple[bool, str, int]:

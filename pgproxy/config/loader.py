@@ -5,12 +5,14 @@ raises ConfigError carrying every problem found, each as a positioned
 Diagnostic. It never lets an OSError, UnicodeDecodeError, TOMLDecodeError or
 ValidationError escape. Diagnostic codes, stable for tests and CI filters:
 
-    file-unreadable   the file is missing, a directory, or cannot be read
+    file-unreadable   the file is missing, not a regular file (a directory,
+                      FIFO, device or socket), or cannot be read
     file-too-large    larger than MAX_CONFIG_BYTES
     file-binary       contains NUL bytes
     file-encoding     not valid UTF-8
     file-empty        no keys at all (empty, blank or only comments)
     toml-syntax       not valid TOML
+    toml-too-deep     arrays or inline tables nested deeper than MAX_NESTING_DEPTH
     duplicate-key     a key or table defined twice
     unknown-key       a key the model does not have (with "did you mean")
     missing-key       a required key is absent
@@ -24,7 +26,9 @@ with 2 for it and with 1 for every other error.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from pydantic import ValidationError
 
 from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.config.models import Config
+from pgproxy.config.nesting import measure_nesting
 from pgproxy.config.sourcemap import SourceMap
 from pgproxy.config.validation import diagnostics_from_error
 from pgproxy.errors import ConfigError
@@ -41,12 +46,29 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["MAX_CONFIG_BYTES", "UNREADABLE_CODES", "load_config", "parse_config"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_NESTING_DEPTH",
+    "UNREADABLE_CODES",
+    "decode_config",
+    "load_config",
+    "parse_config",
+    "read_config_bytes",
+]
 
 # A config with thousands of routes is a few hundred KiB; anything near this
 # limit is almost certainly the wrong file, and reading it whole would cost
 # memory for nothing.
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+# Arrays and inline tables nested deeper than this are rejected before
+# parsing, because tomllib (and the source map) recurse once or more per
+# level. With CPython 3.11's default recursion limit, tomllib parses 300
+# levels and raises RecursionError at 500. A pgproxy config nests
+# three levels at most (routes, respond, headers).
+MAX_NESTING_DEPTH = 100
+# Maximum length of the source line shown under a diagnostic, because a
+# deeply nested value can fill thousands of columns.
+MAX_SHOWN_LINE = 120
 UNREADABLE_CODES = frozenset({"file-unreadable"})
 # Syntax errors reported per file. After each one the loader blanks the bad
 # line and parses again, which finds independent mistakes on later lines.
@@ -82,37 +104,59 @@ def load_config(path: str | Path) -> tuple[Config, SourceMap]:
     syntax errors, or model validation errors (positioned via the SourceMap).
     """
     file = str(path)
-    data = _read_bytes(Path(path), file)
-    return parse_config(_decode(data, file), file)
+    data = read_config_bytes(path)
+    return parse_config(decode_config(data, file), file)
 
 
 def parse_config(text: str, file: str = "<config>") -> tuple[Config, SourceMap]:
     """Parse and validate config `text`; `file` names it in diagnostics."""
     source = SourceMap(text)
-    document = _parse_toml(text, file, source)
-    if not document:
-        raise ConfigError(
-            [_file_diagnostic(file, "file-empty", "the config contains no keys")]
+    nesting = measure_nesting(text)
+    if nesting.depth > MAX_NESTING_DEPTH:
+        message = (
+            f"arrays or inline tables are nested {nesting.depth} levels deep; "
+            f"at most {MAX_NESTING_DEPTH} are allowed"
         )
+        raise ConfigError([_too_deep(file, text, nesting.offset, message)])
     try:
-        config = Config.model_validate(document)
-    except ValidationError as error:
-        raise ConfigError(diagnostics_from_error(error, source, file)) from None
+        document = _parse_toml(text, file, source)
+        config = _validate(document, source, file)
+    except RecursionError:
+        # Only a call stack already deep when parsing starts gets here, since
+        # MAX_NESTING_DEPTH stays far below the recursion limit.
+        message = (
+            f"the config is nested too deeply to parse ({nesting.depth} levels "
+            "of arrays or inline tables)"
+        )
+        raise ConfigError([_too_deep(file, text, nesting.offset, message)]) from None
     return config, source
 
 
-def _read_bytes(path: Path, file: str) -> bytes:
+def _validate(document: dict[str, object], source: SourceMap, file: str) -> Config:
+    if not document:
+        message = "the config contains no keys"
+        raise ConfigError([_file_diagnostic(file, "file-empty", message)])
     try:
-        if path.is_dir():
-            raise ConfigError(
-                [
-                    _file_diagnostic(
-                        file, "file-unreadable", "is a directory, not a file"
-                    )
-                ]
-            )
-        # Bounded read: the path may be a pipe or device with no size.
-        with path.open("rb") as stream:
+        return Config.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(diagnostics_from_error(error, source, file)) from None
+
+
+def read_config_bytes(path: str | Path) -> bytes:
+    """Return the bytes of the config file at `path`, at most MAX_CONFIG_BYTES.
+
+    Raises ConfigError (`file-unreadable` or `file-too-large`) without
+    opening the path when it is not a regular file, so that a FIFO cannot
+    block the read and a device such as /dev/zero is never read.
+    """
+    file = str(path)
+    try:
+        _check_regular(file, os.stat(path).st_mode)
+        # O_NONBLOCK keeps open() from blocking when a FIFO replaced the
+        # file after the stat; fstat then reports it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as stream:
+            _check_regular(file, os.fstat(fd).st_mode)
             data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         message = "file not found"
@@ -131,7 +175,57 @@ def _read_bytes(path: Path, file: str) -> bytes:
     return data
 
 
-def _decode(data: bytes, file: str) -> str:
+def _check_regular(file: str, mode: int) -> None:
+    """Raise ConfigError unless `mode` is the mode of a regular file."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        message = "is a directory, not a file"
+        hint = None
+    else:
+        message = f"not a regular file: it is {_file_kind(mode)}"
+        hint = "pass the path of a TOML file; save piped output to a file first"
+    raise ConfigError([_file_diagnostic(file, "file-unreadable", message, hint)])
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _too_deep(file: str, text: str, offset: int, message: str) -> Diagnostic:
+    """Point at the key whose value nests arrays or inline tables too deeply."""
+    line, column = _text_position(text, offset)
+    source_line = text.split("\n", line)[line - 1]
+    if len(source_line) > MAX_SHOWN_LINE:
+        source_line = source_line[:MAX_SHOWN_LINE] + "..."
+    return Diagnostic(
+        file,
+        line,
+        column,
+        "",
+        "toml-too-deep",
+        message,
+        hint="a pgproxy config never needs more than a few levels; check the value",
+        source_line=source_line if column <= MAX_SHOWN_LINE else None,
+    )
+
+
+def _text_position(text: str, offset: int) -> tuple[int, int]:
+    """Return the 1-based line and column of a character offset."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def decode_config(data: bytes, file: str) -> str:
+    """Decode config bytes as UTF-8; raises ConfigError for empty or binary data."""
     if not data.strip():
         raise ConfigError([_file_diagnostic(file, "file-empty", "the file is empty")])
     nul = data.find(b"\0")

@@ -26,7 +26,12 @@ from pgproxy.config.fields import (
 from pgproxy.config.fields import parse_host_port as parse_host_port
 from pgproxy.config.fields import parse_status_ranges as parse_status_ranges
 from pgproxy.config.fields import split_endpoint_address as split_endpoint_address
-from pgproxy.config.units import DurationSeconds, SizeBytes
+from pgproxy.config.units import (
+    DurationSeconds,
+    HeaderSizeBytes,
+    PositiveDurationSeconds,
+    SizeBytes,
+)
 
 
 class _Model(BaseModel):
@@ -55,7 +60,7 @@ class ServerConfig(_Model):
     drain_timeout: DurationSeconds = Field(
         default=30.0,
         description="On SIGTERM or reload, the time in-flight requests may take "
-        "to finish before they are cancelled.",
+        'to finish before they are cancelled; "0s" cancels them at once.',
     )
     admin: str | None = Field(
         default=None,
@@ -92,18 +97,19 @@ class ListenerConfig(_Model):
     address: str = Field(
         description='"host:port" to bind, or "[v6]:port"; port 0 picks a free port.'
     )
-    header_read_timeout: DurationSeconds = Field(
+    header_read_timeout: PositiveDurationSeconds = Field(
         default=10.0,
         description="Time a client has to send the request line and headers "
         "(408 after it).",
     )
-    idle_timeout: DurationSeconds = Field(
+    idle_timeout: PositiveDurationSeconds = Field(
         default=75.0,
         description="Time an idle keep-alive client connection is kept open.",
     )
-    max_header_bytes: SizeBytes = Field(
+    max_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
-        description="Max size of the request line and headers (431 above it).",
+        description="Max size of the request line and headers (431 above it); "
+        "1KiB to 1MiB.",
     )
     max_body_bytes: SizeBytes = Field(
         default=100 * 1024 * 1024,
@@ -176,7 +182,7 @@ class RouteConfig(_Model):
         default=False,
         description="Remove the matched path_prefix before forwarding.",
     )
-    timeout: DurationSeconds = Field(
+    timeout: PositiveDurationSeconds = Field(
         default=60.0,
         description="Limit on the whole request, every attempt included (504).",
     )
@@ -260,8 +266,10 @@ class HealthCheckConfig(_Model):
         description='Statuses that count as healthy: "200", "200-399" or '
         '"200,204,300-399".',
     )
-    interval: DurationSeconds = Field(default=5.0, description="Time between probes.")
-    timeout: DurationSeconds = Field(
+    interval: PositiveDurationSeconds = Field(
+        default=5.0, description="Time between probes."
+    )
+    timeout: PositiveDurationSeconds = Field(
         default=2.0, description="Limit on one probe; must be below interval."
     )
     healthy_threshold: int = Field(
@@ -296,11 +304,11 @@ class OutlierDetectionConfig(_Model):
         description="Connect failures or 502-504 answers in a row that eject an "
         "endpoint.",
     )
-    base_ejection_time: DurationSeconds = Field(
+    base_ejection_time: PositiveDurationSeconds = Field(
         default=30.0,
         description="First ejection time; each further ejection adds this again.",
     )
-    max_ejection_time: DurationSeconds = Field(
+    max_ejection_time: PositiveDurationSeconds = Field(
         default=300.0, description="Cap on the ejection time."
     )
     max_ejection_percent: int = Field(
@@ -327,21 +335,31 @@ class ClusterConfig(_Model):
         description="Key of consistent_hash: header:NAME, cookie:NAME, query:NAME, "
         "path or client_ip.",
     )
-    connect_timeout: DurationSeconds = Field(
+    connect_timeout: PositiveDurationSeconds = Field(
         default=5.0, description="Limit on opening a connection to an endpoint."
     )
-    response_header_timeout: DurationSeconds = Field(
+    response_header_timeout: PositiveDurationSeconds = Field(
         default=60.0,
         description="Limit between sending the request and receiving the "
         "response headers (504).",
     )
-    pool_idle_timeout: DurationSeconds = Field(
+    pool_idle_timeout: PositiveDurationSeconds = Field(
         default=4.0,
         description="Idle pooled connections are closed after this; keep it below "
         "the upstream's own keep-alive timeout.",
     )
     max_idle_connections: int = Field(
         default=32, ge=0, le=10_000, description="Idle pooled connections per endpoint."
+    )
+    max_response_header_bytes: HeaderSizeBytes = Field(
+        default=64 * 1024,
+        description="Max size of an upstream response's status line and headers; "
+        "a larger one is answered with 502 and its connection closed. 1KiB to 1MiB.",
+    )
+    tls_ca_file: str | None = Field(
+        default=None,
+        description="Path of a PEM file of CA certificates that verify the "
+        "certificates of https:// endpoints, in place of the system trust store.",
     )
     host_header: str = Field(
         default="preserve",

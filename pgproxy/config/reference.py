@@ -20,7 +20,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from pgproxy.config.models import Config
-from pgproxy.config.units import DURATION_PATTERN, SIZE_PATTERN
+from pgproxy.config.units import DURATION_PATTERN, SIZE_PATTERN, format_size
 
 REGENERATE_COMMAND = "python -m pgproxy.config.reference > docs/configuration.md"
 
@@ -38,7 +38,8 @@ JSON Schema for editors.
 Value types used below:
 
 - **duration**: a string with a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
-  A bare number is rejected, because its unit would be a guess.
+  A bare number is rejected, because its unit would be a guess. A duration
+  is 1ms to 24h; where 0 is also accepted, the description says what it does.
 - **size**: bytes as an integer, or a string with a unit: `"64KiB"`,
   `"10MiB"`, `"1GiB"` (powers of 1024) or `"64KB"`, `"10MB"` (powers of 1000).
 - **NAME** in a table name is a name you choose: letters, digits, `_`, `.`
@@ -97,7 +98,7 @@ def _type_text(prop: dict[str, Any]) -> str:
     """Describe a JSON Schema property in TOML terms."""
     if "anyOf" in prop:
         if _is_size(prop):
-            return "size"
+            return _size_range_text(prop)
         branches = [b for b in prop["anyOf"] if b.get("type") != "null"]
         texts = [_type_text(branch) for branch in branches]
         return " or ".join(dict.fromkeys(texts))
@@ -135,6 +136,14 @@ def _range_text(kind: str, prop: dict[str, Any]) -> str:
     return kind
 
 
+def _size_range_text(prop: dict[str, Any]) -> str:
+    integer = next(b for b in prop["anyOf"] if b.get("type") == "integer")
+    low, high = integer.get("minimum"), integer.get("maximum")
+    if low is not None and high is not None:
+        return f"size, {format_size(low)}-{format_size(high)}"
+    return "size"
+
+
 def _is_size(prop: dict[str, Any]) -> bool:
     return any(
         branch.get("pattern") == SIZE_PATTERN for branch in prop.get("anyOf", [])
@@ -154,14 +163,6 @@ def _default_text(field: FieldInfo, prop: dict[str, Any]) -> str:
     if _is_size(prop) and isinstance(dumped, int):
         return f"`{json.dumps(format_size(dumped))}`"
     return f"`{json.dumps(dumped)}`"
-
-
-def format_size(size: int) -> str:
-    """Write bytes with the largest binary unit that divides them exactly."""
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
 
 
 def _unwrap(annotation: Any) -> Any:

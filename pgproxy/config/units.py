@@ -4,11 +4,17 @@ Durations are written with a unit (`"250ms"`, `"5s"`, `"2m"`, `"1h"`) and
 held as float seconds; sizes are written as bytes or with a binary unit
 (`"64KiB"`, `"10MiB"`) and held as int bytes. The JSON Schema of both types
 describes the string form that users write.
+
+Every duration is at most MAX_DURATION_SECONDS (24h), which keeps timer
+arithmetic far from float overflow. `DurationSeconds` accepts 0, for the few
+keys where 0 has a meaning; `PositiveDurationSeconds` starts at 1ms, the
+resolution at which durations are printed back.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -29,6 +35,8 @@ _SIZE_UNITS = {
 }
 
 DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h)$"
+MAX_DURATION_SECONDS = 24 * 3600.0
+MIN_POSITIVE_DURATION_SECONDS = 0.001
 SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB|GB)?$"
 
 
@@ -49,7 +57,22 @@ def parse_duration(value: Any) -> float:
             f'invalid duration "{value}": expected a number and a unit '
             '(ms, s, m, h), such as "250ms" or "5s"'
         )
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f'invalid duration "{_shorten(value)}": must be at most 24h')
+    return seconds
+
+
+def parse_positive_duration(value: Any) -> float:
+    """Convert a duration as `parse_duration` does, rejecting anything below 1ms."""
+    seconds = parse_duration(value)
+    if seconds < MIN_POSITIVE_DURATION_SECONDS:
+        raise ValueError(f'invalid duration "{_shorten(value)}": must be at least 1ms')
+    return seconds
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_duration(seconds: float) -> str:
@@ -62,6 +85,14 @@ def format_duration(seconds: float) -> str:
     if millis % 1000 == 0:
         return f"{millis // 1000}s"
     return f"{millis}ms"
+
+
+def format_size(size: int) -> str:
+    """Write bytes with the largest binary unit that divides them exactly."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
 
 
 def parse_size(value: Any) -> int:
@@ -93,7 +124,15 @@ DurationSeconds = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
 ]
-"""A duration written with a unit in the config, held as float seconds."""
+"""A duration from 0 to 24h written with a unit, held as float seconds."""
+
+PositiveDurationSeconds = Annotated[
+    float,
+    BeforeValidator(parse_positive_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+]
+"""A duration from 1ms to 24h written with a unit, held as float seconds."""
 
 SizeBytes = Annotated[
     int,
@@ -108,3 +147,45 @@ SizeBytes = Annotated[
     ),
 ]
 """A size written as bytes or with a unit in the config, held as int bytes."""
+
+
+def size_in_range(low: int, high: int) -> Callable[[Any], int]:
+    """Return a parser like `parse_size` that accepts only `low` to `high` bytes."""
+
+    def parse(value: Any) -> int:
+        size = parse_size(value)
+        if not low <= size <= high:
+            written = f'"{_shorten(value)}"' if isinstance(value, str) else str(value)
+            raise ValueError(
+                f"invalid size {written}: must be {format_size(low)} to "
+                f"{format_size(high)}"
+            )
+        return size
+
+    return parse
+
+
+# Header block limits. A browser request with a few cookies can exceed 1KiB,
+# so a smaller limit only breaks clients. Above 1MiB, each connection could
+# buffer that much before a byte is forwarded. (Envoy's default
+# max_request_headers_kb is 60.)
+MIN_HEADER_BYTES = 1024
+MAX_HEADER_BYTES = 1024 * 1024
+
+HeaderSizeBytes = Annotated[
+    int,
+    BeforeValidator(size_in_range(MIN_HEADER_BYTES, MAX_HEADER_BYTES)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "integer",
+                    "minimum": MIN_HEADER_BYTES,
+                    "maximum": MAX_HEADER_BYTES,
+                },
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ]
+        }
+    ),
+]
+"""A header block size from 1KiB to 1MiB, written like SizeBytes."""

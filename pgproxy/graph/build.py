@@ -25,6 +25,8 @@ Diagnostic codes (the problem is on the indented line under each code):
         no Host header can equal it (a port, a path, a misplaced "*")
     invalid-regex                      error     routes[N].path_regex
         path_regex does not compile as a Python regular expression
+    regex-backtracking                 warning   routes[N].path_regex
+        path_regex may take exponential time to match, as "(a+)+" does
     shadowed-route                     warning   routes[N]
         the route can never match, because a route ranked before it matches
         every request it matches
@@ -65,6 +67,7 @@ from pgproxy.config.models import (
     split_endpoint_address,
 )
 from pgproxy.config.sourcemap import format_key_path
+from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
 from pgproxy.graph.routing import RouteTable
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
@@ -355,16 +358,16 @@ def _route_path(
         return "prefix", route_config.path_prefix, None
     if route_config.path_regex is None:
         return "any", "", None
+    regex = route_config.path_regex
     try:
-        pattern = re.compile(route_config.path_regex)
-    except re.error as error:
-        found.error(
-            f"{key}.path_regex",
-            "invalid-regex",
-            f'invalid regular expression "{route_config.path_regex}": {error}',
-        )
-        return "regex", route_config.path_regex, None
-    return "regex", route_config.path_regex, pattern
+        pattern = compile_path_regex(regex)
+    except ValueError as error:
+        found.error(f"{key}.path_regex", "invalid-regex", str(error))
+        return "regex", regex, None
+    warning = backtracking_warning(regex)
+    if warning is not None:
+        found.warning(f"{key}.path_regex", "regex-backtracking", *warning)
+    return "regex", regex, pattern
 
 
 def _check_route_names(routes: list[Route], found: _Collector) -> None:

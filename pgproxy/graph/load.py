@@ -14,8 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgproxy.config.diagnostics import Diagnostic, Severity
-from pgproxy.config.loader import MAX_CONFIG_BYTES, load_config, parse_config
+from pgproxy.config.diagnostics import Diagnostic
+from pgproxy.config.loader import decode_config, parse_config, read_config_bytes
 from pgproxy.config.sourcemap import SourceMap
 from pgproxy.errors import ConfigError
 from pgproxy.graph.build import build_graph
@@ -40,14 +40,8 @@ def load_graph(path: str | Path) -> LoadedGraph:
     a semantic error.
     """
     file = str(path)
-    data = _read(Path(path))
-    if data is None:
-        # The loader owns the messages for unreadable, oversized, binary and
-        # non-UTF-8 files; let it read the file and raise them.
-        load_config(path)
-        raise ConfigError([_changed_while_reading(file)])
-    text = data.decode("utf-8-sig")
-    config, source_map = parse_config(text, file)
+    data = read_config_bytes(path)
+    config, source_map = parse_config(decode_config(data, file), file)
     graph, diagnostics = build_graph(config, file)
     positioned = [position(item, source_map) for item in diagnostics]
     if graph is None:
@@ -60,33 +54,4 @@ def position(diagnostic: Diagnostic, source_map: SourceMap) -> Diagnostic:
     line, column, source_line = source_map.locate(diagnostic.key)
     return dataclasses.replace(
         diagnostic, line=line, column=column, source_line=source_line
-    )
-
-
-def _read(path: Path) -> bytes | None:
-    """Return the file's bytes, or None when the loader must report a problem."""
-    try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)
-    except OSError:
-        return None
-    if len(data) > MAX_CONFIG_BYTES or not data.strip() or b"\0" in data:
-        return None
-    try:
-        data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return None
-    return data
-
-
-def _changed_while_reading(file: str) -> Diagnostic:
-    return Diagnostic(
-        file,
-        0,
-        0,
-        "",
-        "file-unreadable",
-        "the file could not be read consistently; it may have changed while being read",
-        Severity.ERROR,
-        "try again once the file is written completely",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,17 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
     result = _explain(str(path), "GET /")
     assert result.exit_code == 2
     assert "unknown-cluster" in result.output
+
+
+@pytest.mark.timeout(10)
+def test_fifo_config_exits_2(tmp_path: Path) -> None:
+    fifo = tmp_path / "pgproxy.toml"
+    os.mkfifo(fifo)
+
+    result = _explain(str(fifo), "GET /")
+
+    assert result.exit_code == 2
+    assert "not a regular file" in result.output
 
 
 def test_missing_config_exits_2(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import socket
@@ -208,7 +209,7 @@ def test_github_annotations(tmp_path: Path) -> None:
 def test_github_escaping(tmp_path: Path) -> None:
     directory = tmp_path / "a,b:c%"
     directory.mkdir()
-    path = write(directory, "x.toml", '[listeners.a]\naddress = "100%:x"\n')
+    path = write(directory, "x.toml", '[listeners.a]\naddress = "host:100%"\n')
 
     line = run("--format", "github", str(path)).stdout.splitlines()[0]
 
@@ -216,7 +217,7 @@ def test_github_escaping(tmp_path: Path) -> None:
     assert line.startswith(
         f"::error file={escaped},line=2,col=11,title=listeners.a.address::"
     )
-    assert 'invalid port "x" in "100%25:x"' in line
+    assert 'invalid port "100%25" in "host:100%25"' in line
 
 
 def test_github_file_level_annotation(tmp_path: Path) -> None:
@@ -307,14 +308,15 @@ def test_bad_input(
 
 def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "locked.toml", VALID)
-    real_open = Path.open
+    real_open = os.open
 
-    def deny(self: Path, *args: object, **kwargs: object) -> object:
-        if self.name == "locked.toml":
+    def deny(file: str, *args: int, **kwargs: int) -> int:
+        if Path(file).name == "locked.toml":
             raise PermissionError(13, "Permission denied")
-        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", deny)
+    # Tests may run as root, which chmod cannot lock out.
+    monkeypatch.setattr(os, "open", deny)
     result = run(str(path))
 
     assert result.exit_code == 2

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
 
+from pgproxy.config import loader
 from pgproxy.config.diagnostics import Diagnostic
-from pgproxy.config.loader import MAX_CONFIG_BYTES, load_config, parse_config
+from pgproxy.config.loader import (
+    MAX_CONFIG_BYTES,
+    MAX_NESTING_DEPTH,
+    MAX_SHOWN_LINE,
+    load_config,
+    parse_config,
+)
 from pgproxy.config.models import Config
 from pgproxy.errors import ConfigError
 
@@ -83,15 +92,75 @@ def test_directory(tmp_path: Path) -> None:
 def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, VALID)
 
-    def deny(*args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied")
+    real_open = os.open
+
+    def deny(file: str, *args: int, **kwargs: int) -> int:
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
 
     # Tests may run as root, which chmod cannot lock out.
-    monkeypatch.setattr(Path, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     [error] = load_errors(path)
 
     assert error.code == "file-unreadable"
     assert error.message == "cannot read the file: Permission denied"
+
+
+@pytest.mark.timeout(10)
+def test_fifo_rejected_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "pgproxy.toml"
+    os.mkfifo(path)
+
+    [error] = load_errors(path)
+
+    assert error.code == "file-unreadable"
+    assert error.message == "not a regular file: it is a FIFO (named pipe)"
+    assert (error.line, error.column) == (0, 0)
+
+
+def test_device_rejected_before_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_open = os.open
+
+    def record(file: str, *args: int, **kwargs: int) -> int:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", record)
+    [error] = load_errors(Path(os.devnull))
+
+    assert error.message == "not a regular file: it is a character device"
+    assert opened == []
+
+
+def test_socket_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        [error] = load_errors(path)
+
+    assert error.message == "not a regular file: it is a socket"
+
+
+@pytest.mark.timeout(10)
+def test_fifo_swapped_in_after_stat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pgproxy.toml"
+    os.mkfifo(path)
+    regular = os.stat(write(tmp_path / "..", VALID))
+    real_stat = os.stat
+
+    def stale(file: str, *args: object, **kwargs: object) -> os.stat_result:
+        return regular if Path(file) == path else real_stat(file)
+
+    # The stat before opening reports a regular file, so only the check
+    # after opening can catch the FIFO, and opening must not block.
+    monkeypatch.setattr(os, "stat", stale)
+    [error] = load_errors(path)
+
+    assert error.message == "not a regular file: it is a FIFO (named pipe)"
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \t\n"])
@@ -260,3 +329,57 @@ def test_random_bytes_never_escape_as_other_errors(tmp_path: Path, seed: int) ->
     except ConfigError as error:
         assert error.diagnostics
         assert all(d.code for d in error.diagnostics)
+
+
+@pytest.mark.parametrize(
+    ("value", "column"),
+    [
+        ("[" * 200 + "]" * 200, 8),
+        ("{a = " * 200 + "1" + "}" * 200, 8),
+        ("[\n" + "[" * 150 + "]" * 150 + "\n]", 8),
+    ],
+    ids=["array", "inline-table", "multi-line-array"],
+)
+def test_too_deep_value_positioned(value: str, column: int) -> None:
+    [error] = parse_errors(VALID + "junk = " + value + "\n")
+
+    assert error.code == "toml-too-deep"
+    assert (error.line, error.column) == (9, column)
+    assert error.source_line is not None
+    assert error.source_line.startswith("junk = ")
+    assert len(error.source_line) <= MAX_SHOWN_LINE + 3
+    assert f"at most {MAX_NESTING_DEPTH} are allowed" in error.message
+
+
+def test_nesting_at_limit_parses() -> None:
+    depth = MAX_NESTING_DEPTH
+    junk = "junk = " + "[" * depth + "]" * depth + "\n"
+
+    [error] = parse_errors(VALID + junk)
+
+    assert error.code == "unknown-key"
+
+
+def test_deep_value_in_typed_key_is_invalid_type() -> None:
+    depth = MAX_NESTING_DEPTH - 1
+    text = VALID.replace(
+        'cluster = "api"',
+        'cluster = "api"\nheaders = { x = ' + "[" * depth + "]" * depth + " }",
+    )
+
+    [error] = parse_errors(text)
+
+    assert error.code == "invalid-type"
+    assert error.key == "routes[0].headers.x"
+
+
+def test_recursion_error_becomes_diagnostic(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the depth limit tomllib itself recurses too deep.
+    monkeypatch.setattr(loader, "MAX_NESTING_DEPTH", 10**6)
+    depth = 5000
+
+    [error] = parse_errors(VALID + "junk = " + "[" * depth + "]" * depth + "\n")
+
+    assert error.code == "toml-too-deep"
+    assert (error.line, error.column) == (9, 8)
+    assert "too deeply to parse" in error.message

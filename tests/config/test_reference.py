@@ -8,7 +8,8 @@ import pytest
 from pydantic import BaseModel
 
 from pgproxy.config import models
-from pgproxy.config.reference import REGENERATE_COMMAND, format_size, render_reference
+from pgproxy.config.reference import REGENERATE_COMMAND, render_reference
+from pgproxy.config.units import format_size
 
 DOC = Path(__file__).parents[2] / "docs" / "configuration.md"
 
@@ -46,7 +47,7 @@ def test_every_key_is_documented(model: type[BaseModel]) -> None:
 def test_reference_shows_user_units() -> None:
     reference = render_reference()
 
-    assert '| `max_header_bytes` | size | `"64KiB"` |' in reference
+    assert '| `max_header_bytes` | size, 1KiB-1MiB | `"64KiB"` |' in reference
     assert '| `drain_timeout` | duration | `"30s"` |' in reference
     assert "| `address` | string | required |" in reference
 

@@ -120,6 +120,28 @@ DIAGNOSTIC_CASES = [
         id="invalid-regex",
     ),
     pytest.param(
+        LISTENER
+        + ROUTE
+        + 'path_regex = "'
+        + "(a|" * 500
+        + "a"
+        + ")" * 500
+        + '"\n'
+        + CLUSTER,
+        ("invalid-regex", "routes[0].path_regex", Severity.ERROR),
+        id="regex-nested-too-deeply",
+    ),
+    pytest.param(
+        LISTENER + ROUTE + 'path_regex = "^/x{99999999999999999}"\n' + CLUSTER,
+        ("invalid-regex", "routes[0].path_regex", Severity.ERROR),
+        id="regex-repeat-count-overflow",
+    ),
+    pytest.param(
+        LISTENER + ROUTE + 'path_regex = "^/(a+)+$"\n' + CLUSTER,
+        ("regex-backtracking", "routes[0].path_regex", Severity.WARNING),
+        id="regex-backtracking",
+    ),
+    pytest.param(
         LISTENER + ROUTE + 'host = "api.example.com:8080"\n' + CLUSTER,
         ("invalid-host", "routes[0].host", Severity.ERROR),
         id="host-with-port",
