@@ -131,13 +131,14 @@ class DownstreamProtocol(asyncio.Protocol):
             queue[0].on_client_closed()
 
     def eof_received(self) -> bool | None:
-        # A FIN is either a client giving up or one that half-closed after
-        # its last request (`nc -N`, fortio -halfclose) and still reads. Only
-        # the second kind asks to close after the response (Connection: close,
-        # or HTTP/1.0 without keep-alive), so then the requests received are
-        # served, as HAProxy does, and the connection closes after the last
-        # response. Otherwise the client is gone and its exchange is
-        # cancelled, as nginx does, so abandoned requests free their upstream.
+        # A FIN comes from a client giving up or from one that half-closed
+        # after its last request (fortio -halfclose) and still reads. Only the
+        # second kind requests closing after the response (Connection: close,
+        # or HTTP/1.0 without keep-alive). Its requests are served, as HAProxy
+        # does without `option abortonclose`, and the connection closes after
+        # the last response. Any other client is gone, so its exchange is
+        # cancelled, as nginx does by default (proxy_ignore_client_abort off),
+        # and an abandoned request frees its upstream.
         if self._eof:
             return True  # resume_reading after EOF reports it again
         self._eof = True

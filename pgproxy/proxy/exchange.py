@@ -3,7 +3,9 @@
 The downstream connection creates an Exchange once a request head has been
 parsed and passed the framing checks, so a malformed request never reaches
 this module. Everything here runs in event-loop callbacks; the only task is
-the one opening a new upstream connection on a pool miss.
+the one opening a new upstream connection on a pool miss. The response
+relay and the Upgrade tunnel are in pgproxy/proxy/relay.py, failures and
+deadlines in pgproxy/proxy/failures.py, the fields in exchange_state.py.
 
 Invariants:
 - The log phase runs exactly once per exchange, whatever ends it.
@@ -12,151 +14,34 @@ Invariants:
   opts in ("reset-before-response", or 502/503/504 for an idempotent
   request or one with Idempotency-Key), and every body byte is still held
   for replay. The route timeout covers every attempt.
-- Once a byte of the response has been written downstream, a failure can
-  only cut the response short (close without the final chunk, or with
-  fewer bytes than Content-Length), never complete it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from pgproxy.balancing import hash_key_value
-from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
-from pgproxy.graph.types import Endpoint, Route
+from pgproxy.errors import NoEndpointError, UpstreamError
+from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
-from pgproxy.proxy.framing import (
-    BadResponseError,
-    RequestInfo,
-    ResponseInfo,
-    check_response_head,
-)
-from pgproxy.proxy.headers import (
-    build_interim_head,
-    build_request_head,
-    build_response_head,
-)
-from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_response
-from pgproxy.proxy.retry import may_retry_error, may_retry_status
-from pgproxy.proxy.service import ClusterRuntime, RuntimeGraph
-from pgproxy.proxy.upstream import EndpointPool, UpstreamConnection
-
-if TYPE_CHECKING:
-    from pgproxy.proxy.downstream import DownstreamProtocol
+from pgproxy.proxy.failures import ExchangeFailures
+from pgproxy.proxy.headers import build_request_head
+from pgproxy.proxy.pool import EndpointPool
+from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
+from pgproxy.proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
 
-IDEMPOTENT_METHODS = frozenset(
-    {b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"}
-)
 # Request body bytes held for a possible retry; a larger body is streamed once.
 REPLAY_LIMIT = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
 
 
-class Exchange:
+class Exchange(ResponseRelay, ExchangeFailures):
     """One request and its response, from the parsed head to the access log."""
 
-    __slots__ = (
-        "attempts",
-        "body_chunks",
-        "body_held",
-        "bytes_in",
-        "bytes_out",
-        "candidates",
-        "client_keep_alive",
-        "cluster",
-        "connect_task",
-        "deadline",
-        "done",
-        "downstream",
-        "early_data",
-        "endpoint",
-        "failure",
-        "head_deadline",
-        "headers",
-        "http10",
-        "info",
-        "last_error",
-        "method",
-        "out_chunked",
-        "pending",
-        "pool",
-        "replayable",
-        "request_complete",
-        "response_info",
-        "route",
-        "runtime",
-        "sent_continue",
-        "started",
-        "status",
-        "tried",
-        "tunnel",
-        "upstream",
-        "upstream_head",
-        "upstream_status",
-        "wall_started",
-        "written",
-    )
-
-    def __init__(
-        self,
-        downstream: DownstreamProtocol,
-        method: bytes,
-        headers: list[tuple[bytes, bytes]],
-        info: RequestInfo,
-        http10: bool,
-    ) -> None:
-        self.downstream = downstream
-        self.method = method
-        self.headers = headers
-        self.info = info
-        self.http10 = http10
-        self.runtime: RuntimeGraph = downstream.service.current
-        self.started = time.monotonic()
-        self.wall_started = time.time()
-        self.request_complete = not info.has_body
-        self.client_keep_alive = info.keep_alive
-        self.body_chunks: list[bytes] = []
-        self.body_held = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.replayable = True
-        self.sent_continue = False
-        self.early_data = b""
-        self.route: Route | None = None
-        self.cluster: ClusterRuntime | None = None
-        self.candidates: Iterator[Endpoint] | None = None
-        self.tried = 0
-        self.endpoint: Endpoint | None = None
-        self.pool: EndpointPool | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_head = b""
-        self.connect_task: asyncio.Task[None] | None = None
-        self.attempts = 0
-        self.last_error: ProxyError | None = None
-        self.deadline = 0.0
-        self.head_deadline = 0.0
-        self.status = 0
-        self.upstream_status: int | None = None
-        self.response_info: ResponseInfo | None = None
-        self.pending = b""
-        self.written = False
-        self.out_chunked = False
-        self.tunnel = False
-        self.failure: str | None = None
-        self.done = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<Exchange {self.method.decode()} {self.info.target[:60]!r} "
-            f"status={self.status} attempts={self.attempts} done={self.done}>"
-        )
+    __slots__ = ()
 
     # route and pick
 
@@ -265,7 +150,7 @@ class Exchange:
             for chunk in self.body_chunks:
                 parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             if self.request_complete:
-                parts.append(_LAST_CHUNK)
+                parts.append(LAST_CHUNK)
         else:
             parts += self.body_chunks
         conn.send(b"".join(parts))
@@ -325,7 +210,7 @@ class Exchange:
         conn = self.upstream
         if conn is not None and not self.tunnel:
             if self.info.chunked:
-                conn.send(_LAST_CHUNK)
+                conn.send(LAST_CHUNK)
             self.arm_head_timeout()
 
     def arm_head_timeout(self) -> None:
@@ -348,330 +233,6 @@ class Exchange:
             return self.head_deadline
         return self.deadline
 
-    @property
-    def cluster_name(self) -> str | None:
-        """Name of the routed cluster, if any."""
-        return self.cluster.name if self.cluster is not None else None
-
-    # respond
-
-    def on_response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        version: str,
-    ) -> None:
-        """Check the upstream response head and relay it, or retry."""
-        conn = self.upstream
-        route = self.route
-        assert conn is not None and self.endpoint is not None and route is not None
-        if status < 200 and status != 101:
-            if status != 100 and not self.http10:
-                self.downstream.write(build_interim_head(status, reason, headers))
-            return
-        self.head_deadline = 0.0
-        self.upstream_status = status
-        try:
-            info = check_response_head(status, version, headers, self.method == b"HEAD")
-            if status == 101 and self.info.upgrade is None:
-                raise BadResponseError(
-                    "101 Switching Protocols without an upgrade request"
-                )
-        except BadResponseError as exc:
-            conn.fail(f"invalid response: {exc}", "bad_response")
-            return
-        if status >= 502 and status <= 504:
-            self.record_failure(self.endpoint, f"HTTP {status}", f"http_{status}")
-            if may_retry_status(
-                route,
-                self.attempts,
-                status,
-                self.method,
-                self.info.has_idempotency_key,
-                self.request_complete and self.replayable,
-            ):
-                logger.info(
-                    "endpoint %s returned %d, retrying on another endpoint",
-                    self.endpoint,
-                    status,
-                )
-                self.release_upstream(reuse=False)
-                self.next_attempt()
-                return
-        else:
-            self.downstream.service.health.record_success(self.endpoint)
-        self.response_info = info
-        if not info.keep_alive:
-            conn.keep_alive = False
-        self.relay_head(status, reason, headers, info)
-
-    def relay_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        info: ResponseInfo,
-    ) -> None:
-        """Write the response head downstream with the framing the client needs."""
-        self.status = status
-        body = info.body
-        close_delimited = body == "close" or (body == "chunked" and self.http10)
-        self.out_chunked = not self.http10 and body in ("chunked", "close")
-        keep_alive = (
-            self.client_keep_alive
-            and self.request_complete
-            and not close_delimited
-            and not self.downstream.service.draining
-            and self.info.upgrade is None
-        )
-        self.client_keep_alive = keep_alive or status == 101
-        head = build_response_head(
-            status,
-            reason,
-            headers,
-            info,
-            chunked=self.out_chunked,
-            keep_alive=keep_alive,
-            client_http10=self.http10,
-        )
-        if status == 101:
-            self.start_tunnel(head)
-            return
-        self.pending = head
-
-    def flush_response(self) -> None:
-        """Write a response head still held back to join the first body bytes."""
-        if self.pending:
-            data, self.pending = self.pending, b""
-            self.written = True
-            self.downstream.write(data)
-
-    def on_response_body(self, body: bytes) -> None:
-        """Relay a piece of the response body, re-framed for the client."""
-        if self.response_info is None:
-            return
-        self.bytes_out += len(body)
-        if self.out_chunked:
-            body = b"%x\r\n%b\r\n" % (len(body), body)
-        if self.pending:
-            body = self.pending + body
-            self.pending = b""
-        self.written = True
-        self.downstream.write(body)
-
-    def on_interim_complete(self) -> None:
-        """Note the end of a 1xx interim response; the final one follows."""
-
-    def on_response_complete(self) -> None:
-        """Finish the response: end its framing, pool the connection, log."""
-        if self.response_info is None or self.done:
-            return
-        tail = self.pending
-        self.pending = b""
-        if self.out_chunked:
-            tail += _LAST_CHUNK
-        if tail:
-            self.written = True
-            self.downstream.write(tail)
-        self.release_upstream(reuse=self.request_complete)
-        self.finish()
-
-    def on_upstream_eof(self) -> bool:
-        """Handle an upstream EOF after response bytes; True if it ends the body."""
-        info = self.response_info
-        if info is not None and info.body == "close":
-            if self.upstream is not None:
-                self.upstream.keep_alive = False
-            self.on_response_complete()
-            return True
-        return False
-
-    def release_upstream(self, *, reuse: bool) -> None:
-        """Return the upstream connection to its pool, or close it."""
-        conn, self.upstream = self.upstream, None
-        if conn is None:
-            return
-        assert (
-            self.pool is not None
-            and self.cluster is not None
-            and self.endpoint is not None
-        )
-        self.cluster.balancer.on_request_end(self.endpoint)
-        if not reuse or conn.exchange is not self:
-            conn.abort()
-            self.pool.forget_active()
-            return
-        self.pool.release(conn)
-
-    # failures
-
-    def on_upstream_failed(self, error: UpstreamError) -> None:
-        """Retry, reply with an error, or cut the response short."""
-        if self.endpoint is not None:
-            self.record_failure(self.endpoint, error.flag, error.flag)
-        self.release_upstream(reuse=False)
-        self.last_error = error
-        self.head_deadline = 0.0
-        if self.written or self.tunnel:
-            logger.warning("endpoint %s failed mid-response: %s", error.endpoint, error)
-            self.failure = error.flag
-            self.downstream.abort()
-            self.finish()
-            return
-        self.pending = b""
-        self.response_info = None
-        if self.route is not None and may_retry_error(
-            self.route, self.attempts, self.replayable, error
-        ):
-            logger.info("%s; retrying on another endpoint", error)
-            self.next_attempt()
-            return
-        self.fail(error)
-
-    def fail(self, error: ProxyError) -> None:
-        """Reply with the error's status, logging upstream failures."""
-        if isinstance(error, UpstreamError):
-            logger.warning("request to endpoint %s failed: %s", error.endpoint, error)
-        elif isinstance(error, NoEndpointError):
-            logger.warning("%s", error)
-        self.respond_error(
-            error.status,
-            str(error) if error.status != 503 else "no endpoint is available",
-            flag=error.flag,
-            retry_after=RETRY_AFTER_SECONDS if error.status == 503 else None,
-        )
-
-    def respond_error(
-        self,
-        status: int,
-        message: str,
-        *,
-        flag: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        """Write an error response of the proxy's own and end the exchange."""
-        if status >= 500 and flag is not None:
-            message = f"{_ERROR_TEXT.get(status, 'upstream error')} ({flag})"
-        self.status = status
-        self.failure = flag
-        close = (
-            not self.request_complete
-            or not self.client_keep_alive
-            or self.info.upgrade is not None
-        )
-        self.client_keep_alive = not close
-        self.written = True
-        self.downstream.write(
-            error_response(
-                status,
-                message,
-                close=close,
-                head_only=self.method == b"HEAD",
-                retry_after=retry_after,
-            )
-        )
-        self.finish()
-
-    def on_deadline(self, now: float) -> None:
-        """Handle a passed route deadline or response header timeout."""
-        if self.done or self.tunnel:
-            return
-        if self.deadline and now >= self.deadline:
-            flag, message = "route_timeout", "route timeout"
-        elif self.head_deadline and now >= self.head_deadline:
-            flag, message = "upstream_timeout", "response header timeout"
-            if self.endpoint is not None:
-                self.record_failure(self.endpoint, flag, flag)
-        else:
-            return
-        self.cancel_connect()
-        self.release_upstream(reuse=False)
-        logger.warning(
-            "request to endpoint %s failed: %s after %.1fs",
-            self.endpoint,
-            message,
-            time.monotonic() - self.started,
-        )
-        if self.written:
-            self.failure = flag
-            self.downstream.abort()
-            self.finish()
-            return
-        self.pending = b""
-        self.respond_error(504, message, flag=flag)
-
-    def abort_request(self, status: int, message: str) -> None:
-        """End an exchange whose request body turned out malformed or too large."""
-        self.client_keep_alive = False
-        if self.done:
-            return
-        self.cancel_connect()
-        self.release_upstream(reuse=False)
-        if self.written:
-            self.failure = "bad_request"
-            self.downstream.abort()
-            self.finish()
-            return
-        self.pending = b""
-        self.request_complete = False
-        self.respond_error(status, message, flag="bad_request")
-
-    def on_client_closed(self) -> None:
-        """Stop work for a client that went away (access log: client_closed)."""
-        if self.done:
-            return
-        self.cancel_connect()
-        self.release_upstream(reuse=False)
-        if not self.written:
-            self.status = 499
-        self.failure = self.failure or "client_closed"
-        self.finish()
-
-    def cancel_connect(self) -> None:
-        """Cancel a connect in progress."""
-        task, self.connect_task = self.connect_task, None
-        if task is not None:
-            task.cancel()
-
-    # tunnel (after 101 Switching Protocols)
-
-    def start_tunnel(self, head: bytes) -> None:
-        """Switch both connections to relaying raw bytes."""
-        conn = self.upstream
-        assert conn is not None
-        self.tunnel = True
-        self.deadline = self.head_deadline = 0.0
-        conn.tunnel = True
-        self.written = True
-        self.downstream.write(head)
-        self.downstream.start_tunnel(self)
-        if self.early_data:
-            data, self.early_data = self.early_data, b""
-            conn.send(data)
-
-    def on_upgraded(self, rest: bytes) -> None:
-        """Relay bytes that followed the 101 head in the same read."""
-        if rest:
-            self.on_tunnel_upstream_data(rest)
-
-    def on_tunnel_upstream_data(self, data: bytes) -> None:
-        """Relay tunnel bytes from the upstream to the client."""
-        self.bytes_out += len(data)
-        self.downstream.write(data)
-
-    def on_tunnel_client_data(self, data: bytes) -> None:
-        """Relay tunnel bytes from the client to the upstream."""
-        self.bytes_in += len(data)
-        if self.upstream is not None:
-            self.upstream.send(data)
-
-    def on_tunnel_closed(self) -> None:
-        """End the tunnel when the upstream closes its side."""
-        self.release_upstream(reuse=False)
-        self.downstream.close()
-        self.finish()
-
     # backpressure
 
     def pause_request_body(self) -> None:
@@ -681,18 +242,6 @@ class Exchange:
     def resume_request_body(self) -> None:
         """Read the client again."""
         self.downstream.resume_body()
-
-    def record_failure(self, endpoint: Endpoint, reason: str, flag: str) -> None:
-        """Report a failed attempt to the health table and the metrics."""
-        service = self.downstream.service
-        health = service.health
-        ejections = health.ejections_total
-        health.record_failure(endpoint, reason)
-        metrics = service.metrics
-        if metrics is not None:
-            metrics.record_upstream_failure(endpoint.cluster, endpoint.address, flag)
-            if health.ejections_total != ejections:
-                metrics.record_ejection(endpoint.cluster, endpoint.address)
 
     # log
 
@@ -747,10 +296,3 @@ class Exchange:
             if key.lower() == name:
                 return value.decode("latin-1")
         return "-"
-
-
-_ERROR_TEXT = {
-    502: "bad gateway",
-    503: "service unavailable",
-    504: "gateway timeout",
-}

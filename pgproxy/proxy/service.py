@@ -18,8 +18,8 @@ from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.observability.metrics import ListenerMetrics, Metrics
+from pgproxy.proxy.pool import EndpointPool, Pools
 from pgproxy.proxy.respond import FixedResponse
-from pgproxy.proxy.upstream import EndpointPool, Pools
 
 if TYPE_CHECKING:
     from pgproxy.proxy.downstream import DownstreamProtocol

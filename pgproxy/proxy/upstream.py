@@ -1,16 +1,9 @@
-"""Upstream connections and the per-endpoint keep-alive pools.
+"""Upstream connections: one HTTP/1.1 connection to an endpoint, parsed by llhttp.
 
 Invariants:
-- This is the one module that sees socket, ssl and llhttp errors of the
-  upstream side; each becomes an UpstreamError whose `bytes_sent` says
-  whether any byte of the request was written on that connection.
-- A connection is in exactly one place: owned by one exchange, idle in its
-  endpoint's pool, or closed. Pools are LIFO stacks, so the most recently
-  used connection (the one least likely to have been closed by the
-  upstream) is reused first and idle ones expire from the bottom.
-- A pooled connection is checked for a pending EOF or stray bytes before
-  reuse (a non-blocking MSG_PEEK), so a connection the upstream already
-  closed is replaced before any byte of a request is written to it.
+- Socket, ssl and llhttp errors of an upstream connection become an
+  UpstreamError whose `bytes_sent` records whether any byte of the request
+  was written on that connection (connect errors: pgproxy/proxy/pool.py).
 - Only a connection that delivered exactly one complete response goes back
   to its pool. The exchange is detached when its response completes, and
   the pool decision waits until the rest of that read has been parsed: any
@@ -26,10 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -39,6 +29,7 @@ from pgproxy.graph.types import Endpoint
 
 if TYPE_CHECKING:
     from pgproxy.proxy.exchange import Exchange
+    from pgproxy.proxy.pool import EndpointPool
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._head_read = 0
         self.max_head = pool.max_response_head
-        # The exchange whose response completed during the current read; it
-        # is told once the whole read has parsed (see data_received).
+        # The exchange whose response completed during the current read. Its
+        # on_response_complete runs after the whole read is parsed.
         self._finished: Exchange | None = None
         self._stray = False
 
@@ -127,7 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is None:
             return
         if self._in_head:
-            # httptools holds a header field split over reads until it ends,
+            # httptools buffers a header field split over reads until it ends,
             # so the reads ending inside the head are counted as well.
             self._head_read += len(data)
             if self._head_read > self.max_head:
@@ -329,251 +320,3 @@ class UpstreamConnection(asyncio.Protocol):
                 bytes_sent=self.bytes_sent,
             )
             exchange.on_upstream_failed(error)
-
-
-class EndpointPool:
-    """Idle keep-alive connections to one endpoint, most recently used on top.
-
-    `active` counts connections handed out and not yet returned or closed.
-    Expiry runs from one timer per pool, armed only while connections idle.
-    """
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        idle_timeout: float,
-        max_idle: int,
-        ssl_context: Callable[[str | None], ssl.SSLContext],
-    ) -> None:
-        self.endpoint = endpoint
-        self.idle_timeout = idle_timeout
-        self.max_idle = max_idle
-        self.active = 0
-        self.opened = 0
-        self.max_response_head = MAX_RESPONSE_HEAD
-        # CA file verifying https:// endpoints; None means the system store.
-        self.tls_ca_file: str | None = None
-        self._ssl_context = ssl_context
-        self._idle: list[UpstreamConnection] = []
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"<EndpointPool {self.endpoint.address} idle={len(self._idle)} "
-            f"active={self.active} opened={self.opened}>"
-        )
-
-    @property
-    def idle(self) -> int:
-        """Number of idle connections."""
-        return len(self._idle)
-
-    def acquire(self) -> UpstreamConnection | None:
-        """Pop the newest usable idle connection, closing stale ones on the way."""
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if conn.is_reusable():
-                conn.reused += 1
-                self.active += 1
-                return conn
-            logger.debug("closing stale pooled connection to %s", conn.endpoint)
-            conn.close()
-        return None
-
-    def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection after a complete exchange, or close it."""
-        self.active -= 1
-        conn.exchange = None
-        if conn.closed or not conn.keep_alive or len(self._idle) >= self.max_idle:
-            conn.close()
-            return
-        # A connection paused for a slow client must read again while idle, to
-        # see the upstream's EOF and to read the next response.
-        conn.resume_reading()
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
-        self._idle.append(conn)
-        if self._timer is None:
-            self._timer = loop.call_at(
-                conn.idle_since + self.idle_timeout, self._expire
-            )
-
-    def discard(self, conn: UpstreamConnection) -> None:
-        """Forget a connection that closed while idle."""
-        try:
-            self._idle.remove(conn)
-        except ValueError:
-            pass
-
-    def forget_active(self) -> None:
-        """Count down a connection handed out that will not come back."""
-        self.active -= 1
-
-    def close_idle(self) -> None:
-        """Close every idle connection (shutdown, or endpoint removed)."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() - self.idle_timeout
-        idle = self._idle
-        while idle and idle[0].idle_since <= deadline:
-            idle.pop(0).close()
-        if idle:
-            when = idle[0].idle_since + self.idle_timeout
-            self._timer = loop.call_at(when, self._expire)
-
-    async def connect(self, timeout: float) -> UpstreamConnection:
-        """Open a new connection within `timeout` seconds.
-
-        Raises UpstreamError with `bytes_sent=False`: 502 with flag
-        connect_failure, or 504 with flag connect_timeout.
-        """
-        endpoint = self.endpoint
-        try:
-            async with asyncio.timeout(timeout):
-                conn = await self._open()
-        except TimeoutError:
-            raise UpstreamError(
-                f"connect to {endpoint.address} timed out after {timeout:g}s",
-                endpoint=endpoint.address,
-                status=504,
-                flag="connect_timeout",
-                retryable=True,
-                bytes_sent=False,
-            ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(
-                f"connect to {endpoint.address} failed: {_describe(exc)}",
-                endpoint=endpoint.address,
-                status=502,
-                flag="connect_failure",
-                retryable=True,
-                bytes_sent=False,
-            ) from None
-        self.opened += 1
-        self.active += 1
-        return conn
-
-    async def _open(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        endpoint = self.endpoint
-        infos = await loop.getaddrinfo(
-            endpoint.host, endpoint.port, type=socket.SOCK_STREAM
-        )
-        error: OSError = OSError(f"no address found for {endpoint.host}")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, address)
-                return await self._wrap(sock)
-            except OSError as exc:
-                sock.close()
-                error = exc
-            except BaseException:
-                sock.close()
-                raise
-        raise error
-
-    async def _wrap(self, sock: socket.socket) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        endpoint = self.endpoint
-        context = self._ssl_context(self.tls_ca_file) if endpoint.tls else None
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConnection(endpoint, self),
-            sock=sock,
-            ssl=context,
-            server_hostname=endpoint.host if context is not None else None,
-        )
-        conn.sock = sock
-        return conn
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"DNS lookup failed ({exc.strerror})"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed ({exc.verify_message})"
-    return str(exc) or type(exc).__name__
-
-
-class Pools:
-    """Every endpoint's pool, keyed by endpoint address, kept across reloads."""
-
-    def __init__(self) -> None:
-        self._pools: dict[tuple[str, str], EndpointPool] = {}
-        # TLS client contexts by (CA file, its mtime in ns); (None, 0) is the
-        # system trust store.
-        self._ssl: dict[tuple[str | None, int], ssl.SSLContext] = {}
-
-    def __repr__(self) -> str:
-        idle = sum(pool.idle for pool in self._pools.values())
-        active = sum(pool.active for pool in self._pools.values())
-        return f"<Pools endpoints={len(self._pools)} idle={idle} active={active}>"
-
-    def get(
-        self, endpoint: Endpoint, idle_timeout: float, max_idle: int
-    ) -> EndpointPool:
-        """Return the endpoint's pool, creating it on first use."""
-        key = (endpoint.cluster, endpoint.address)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = EndpointPool(endpoint, idle_timeout, max_idle, self._ssl_context)
-            self._pools[key] = pool
-        return pool
-
-    def retire(self, cluster: str, address: str) -> int:
-        """Drop the pool of an endpoint that a reload removed.
-
-        Its idle connections close now; connections in use close when they
-        are released, because the pool keeps no idle connection any more.
-        Returns how many idle connections were closed.
-        """
-        pool = self._pools.pop((cluster, address), None)
-        if pool is None:
-            return 0
-        closed = pool.idle
-        pool.max_idle = 0
-        pool.close_idle()
-        return closed
-
-    def all(self) -> list[EndpointPool]:
-        """Return every pool."""
-        return list(self._pools.values())
-
-    def close_idle(self) -> int:
-        """Close every idle connection of every pool; return how many closed."""
-        count = 0
-        for pool in self._pools.values():
-            count += pool.idle
-            pool.close_idle()
-        return count
-
-    def _ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
-        """Return the context verifying upstream certificates against `ca_file`.
-
-        The file is read again when its modification time changes, so a
-        rotated CA file applies to new connections without a reload. Raises
-        OSError naming the file when it cannot be loaded.
-        """
-        try:
-            key = (ca_file, os.stat(ca_file).st_mtime_ns if ca_file else 0)
-            context = self._ssl.get(key)
-            if context is None:
-                context = ssl.create_default_context(cafile=ca_file)
-                self._ssl = {k: v for k, v in self._ssl.items() if k[0] != ca_file}
-                self._ssl[key] = context
-        except (OSError, ssl.SSLError) as exc:
-            raise OSError(f'cannot load tls_ca_file "{ca_file}": {exc}') from exc
-        return context

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import anyio
 import pytest
 
-from pgproxy.proxy.upstream import Pools
+from pgproxy.proxy.pool import Pools
 from tests.proxy.loopback import (
     ScriptedUpstream,
     exchange,
@@ -258,4 +259,24 @@ async def test_response_head_limit(value_size: int, status: bytes) -> None:
     if status == b"502":
         assert b"response_header_too_large" in answer
         assert idle == 0
+    await upstream.stop()
+
+
+async def test_missing_tls_ca_file_is_502(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    missing = tmp_path / "missing-ca.pem"
+    graph = make_graph(
+        [],
+        endpoints=[f"https://127.0.0.1:{upstream.port}"],
+        tls_ca_file=str(missing),
+    )
+    async with running_proxy(graph) as (port, _):
+        reply = await exchange(port, GET)
+    assert reply.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"connect_failure" in reply
+    assert f'cannot load tls_ca_file "{missing}"' in caplog.text
+    assert upstream.heads == []
     await upstream.stop()

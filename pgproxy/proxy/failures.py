@@ -1,0 +1,179 @@
+"""Failures of one exchange: retries, error replies, deadlines, client close.
+
+Invariants:
+- A failed attempt is retried on another endpoint only when the route's
+  retry policy allows it (pgproxy/proxy/retry.py) and the whole request body
+  is still held for replay. Otherwise the client gets the error's status.
+- Once a byte of the response has been written downstream, a failure can
+  only cut the response short (close without the final chunk, or with
+  fewer bytes than Content-Length), never complete it.
+- Every failed attempt is reported to the health table and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
+from pgproxy.graph.types import Endpoint
+from pgproxy.proxy.exchange_state import ExchangeState
+from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_response
+from pgproxy.proxy.retry import may_retry_error
+
+logger = logging.getLogger(__name__)
+
+
+class ExchangeFailures(ExchangeState):
+    """Handles failed attempts, timeouts and clients that go away."""
+
+    __slots__ = ()
+
+    # failures
+
+    def on_upstream_failed(self, error: UpstreamError) -> None:
+        """Retry, reply with an error, or cut the response short."""
+        if self.endpoint is not None:
+            self.record_failure(self.endpoint, error.flag, error.flag)
+        self.release_upstream(reuse=False)
+        self.last_error = error
+        self.head_deadline = 0.0
+        if self.written or self.tunnel:
+            logger.warning("endpoint %s failed mid-response: %s", error.endpoint, error)
+            self.failure = error.flag
+            self.downstream.abort()
+            self.finish()
+            return
+        self.pending = b""
+        self.response_info = None
+        if self.route is not None and may_retry_error(
+            self.route, self.attempts, self.replayable, error
+        ):
+            logger.info("%s; retrying on another endpoint", error)
+            self.next_attempt()
+            return
+        self.fail(error)
+
+    def fail(self, error: ProxyError) -> None:
+        """Reply with the error's status, logging upstream failures."""
+        if isinstance(error, UpstreamError):
+            logger.warning("request to endpoint %s failed: %s", error.endpoint, error)
+        elif isinstance(error, NoEndpointError):
+            logger.warning("%s", error)
+        self.respond_error(
+            error.status,
+            str(error) if error.status != 503 else "no endpoint is available",
+            flag=error.flag,
+            retry_after=RETRY_AFTER_SECONDS if error.status == 503 else None,
+        )
+
+    def respond_error(
+        self,
+        status: int,
+        message: str,
+        *,
+        flag: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        """Write an error response of the proxy's own and end the exchange."""
+        if status >= 500 and flag is not None:
+            message = f"{_ERROR_TEXT.get(status, 'upstream error')} ({flag})"
+        self.status = status
+        self.failure = flag
+        close = (
+            not self.request_complete
+            or not self.client_keep_alive
+            or self.info.upgrade is not None
+        )
+        self.client_keep_alive = not close
+        self.written = True
+        self.downstream.write(
+            error_response(
+                status,
+                message,
+                close=close,
+                head_only=self.method == b"HEAD",
+                retry_after=retry_after,
+            )
+        )
+        self.finish()
+
+    def on_deadline(self, now: float) -> None:
+        """Handle a passed route deadline or response header timeout."""
+        if self.done or self.tunnel:
+            return
+        if self.deadline and now >= self.deadline:
+            flag, message = "route_timeout", "route timeout"
+        elif self.head_deadline and now >= self.head_deadline:
+            flag, message = "upstream_timeout", "response header timeout"
+            if self.endpoint is not None:
+                self.record_failure(self.endpoint, flag, flag)
+        else:
+            return
+        self.cancel_connect()
+        self.release_upstream(reuse=False)
+        logger.warning(
+            "request to endpoint %s failed: %s after %.1fs",
+            self.endpoint,
+            message,
+            time.monotonic() - self.started,
+        )
+        if self.written:
+            self.failure = flag
+            self.downstream.abort()
+            self.finish()
+            return
+        self.pending = b""
+        self.respond_error(504, message, flag=flag)
+
+    def abort_request(self, status: int, message: str) -> None:
+        """End an exchange whose request body turned out malformed or too large."""
+        self.client_keep_alive = False
+        if self.done:
+            return
+        self.cancel_connect()
+        self.release_upstream(reuse=False)
+        if self.written:
+            self.failure = "bad_request"
+            self.downstream.abort()
+            self.finish()
+            return
+        self.pending = b""
+        self.request_complete = False
+        self.respond_error(status, message, flag="bad_request")
+
+    def on_client_closed(self) -> None:
+        """Stop work for a client that went away (access log: client_closed)."""
+        if self.done:
+            return
+        self.cancel_connect()
+        self.release_upstream(reuse=False)
+        if not self.written:
+            self.status = 499
+        self.failure = self.failure or "client_closed"
+        self.finish()
+
+    def cancel_connect(self) -> None:
+        """Cancel a connect in progress."""
+        task, self.connect_task = self.connect_task, None
+        if task is not None:
+            task.cancel()
+
+    def record_failure(self, endpoint: Endpoint, reason: str, flag: str) -> None:
+        """Report a failed attempt to the health table and the metrics."""
+        service = self.downstream.service
+        health = service.health
+        ejections = health.ejections_total
+        health.record_failure(endpoint, reason)
+        metrics = service.metrics
+        if metrics is not None:
+            metrics.record_upstream_failure(endpoint.cluster, endpoint.address, flag)
+            if health.ejections_total != ejections:
+                metrics.record_ejection(endpoint.cluster, endpoint.address)
+
+
+_ERROR_TEXT = {
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
