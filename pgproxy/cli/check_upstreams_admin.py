@@ -7,17 +7,21 @@ workers an endpoint has the least healthy status any worker has for it.
 
 The exit codes match a probing run: 0 every endpoint is up, 1 some are down
 but every cluster has a healthy endpoint, 2 a cluster has no healthy
-endpoint, 3 the status could not be read (or an unknown cluster was named).
+endpoint, 3 the status could not be read or an unknown cluster was named.
+Exit code 3 also covers a document that does not match the `StatusDocument`
+model of what pgproxy sends.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+import anyio
 import httpcore
 import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +30,10 @@ EXIT_ALL_UP = 0
 EXIT_SOME_DOWN = 1
 EXIT_CLUSTER_DOWN = 2
 EXIT_NOT_CHECKED = 3
+
+# An estimate: /status has about 400 bytes per endpoint, so 32 MiB is
+# far beyond any real config.
+MAX_STATUS_BYTES = 32 * 1024 * 1024
 
 
 class AdminStatusError(Exception):
@@ -42,29 +50,90 @@ def status_url(admin: str) -> str:
     return base.rstrip("/") + "/status"
 
 
+class EndpointState(BaseModel):
+    """One endpoint of a /status cluster (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["healthy", "unhealthy", "ejected"]
+    since: float | None = None
+    reason: str | None = None
+
+
+class ConfigState(BaseModel):
+    """The `config` object of /status: the config file in force."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str | None = None
+    hash: str | None = None
+
+
+class StatusDocument(BaseModel):
+    """The parts of the /status document that this command reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    config: ConfigState = Field(default_factory=ConfigState)
+    clusters: dict[str, dict[str, EndpointState]]
+
+
 def fetch_status(admin: str, timeout_s: float) -> dict[str, Any]:
-    """Fetch and parse the /status document; raise AdminStatusError on failure."""
+    """Fetch and check the /status document; raise AdminStatusError on failure.
+
+    `timeout_s` bounds the whole fetch (connect, request and body), not each
+    read, so a server that trickles its response cannot stretch it.
+    """
     url = status_url(admin)
-    timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s}
     try:
-        response = httpcore.request("GET", url, extensions={"timeout": timeouts})
-    except (
-        httpcore.NetworkError,
-        httpcore.TimeoutException,
-        httpcore.UnsupportedProtocol,
-    ) as exc:
+        status, body = anyio.run(_fetch, url, timeout_s)
+    except TimeoutError:
+        raise AdminStatusError(
+            f"could not read {url}: no complete response within {timeout_s:g}s"
+        ) from None
+    except (httpcore.NetworkError, httpcore.TimeoutException) as exc:
         raise AdminStatusError(
             f"could not read {url}: {exc or type(exc).__name__}"
         ) from None
-    if response.status != 200:
-        raise AdminStatusError(f"{url} returned HTTP {response.status}")
+    except (httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
+        raise AdminStatusError(
+            f"{url} did not respond as an HTTP/1.1 server: {exc or type(exc).__name__}"
+        ) from None
+    if status != 200:
+        raise AdminStatusError(f"{url} returned HTTP {status}")
+    return parse_status(url, body)
+
+
+def parse_status(url: str, body: bytes) -> dict[str, Any]:
+    """Parse and check a /status body; raise AdminStatusError naming the mismatch."""
     try:
-        document = json.loads(response.content)
-    except ValueError:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
         raise AdminStatusError(f"{url} did not return JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get("clusters"), dict):
-        raise AdminStatusError(f"{url} did not return a pgproxy /status document")
-    return document
+    try:
+        checked = StatusDocument.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the document"
+        raise AdminStatusError(
+            f"{url} did not return a pgproxy /status document: {where}: {first['msg']}"
+        ) from None
+    return checked.model_dump()
+
+
+async def _fetch(url: str, timeout_s: float) -> tuple[int, bytes]:
+    with anyio.fail_after(timeout_s):
+        async with httpcore.AsyncConnectionPool() as pool:
+            async with pool.stream("GET", url) as response:
+                body = bytearray()
+                async for chunk in response.aiter_stream():
+                    body += chunk
+                    if len(body) > MAX_STATUS_BYTES:
+                        raise AdminStatusError(
+                            f"{url} sent over {MAX_STATUS_BYTES} bytes; "
+                            "that is no pgproxy /status document"
+                        )
+                return response.status, bytes(body)
 
 
 def select_clusters(

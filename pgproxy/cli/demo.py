@@ -3,8 +3,10 @@
 Everything runs in this process on 127.0.0.1: the demo upstreams on ports
 9101-9103 and the proxy on 8080 from the shipped demo config, or free ports
 when those are taken. Interactive use shows a live table of requests per
-endpoint until Ctrl-C; `--requests N` sends N requests itself, prints the
-counts and exits 0.
+endpoint until Ctrl-C, then exits 0; `--requests N` sends N requests
+itself, prints the counts and exits 0. Ctrl-C (SIGINT) or SIGTERM stops a
+`--requests` run early: it prints the counts so far and exits 130. A second
+signal cuts the proxy's drain short.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pgproxy.server.runtime import serve
 from pgproxy.server.signals import ShutdownSignals
 
 REFRESH_PER_SECOND = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command it interrupted
 
 
 def demo_command(
@@ -41,7 +44,8 @@ def demo_command(
         typer.Option(
             "--requests",
             min=0,
-            help="Send this many requests, print the counts and exit.",
+            help="Send this many requests, print the counts and exit 0 "
+            "(130 when Ctrl-C stops it first).",
         ),
     ] = 0,
 ) -> None:
@@ -67,7 +71,7 @@ def demo_command(
         + ", ".join(upstream.address for upstream in upstreams)
     )
 
-    async def main() -> None:
+    async def main() -> int:
         signals = ShutdownSignals()
         finished = anyio.Event()
         stopped = anyio.Event()
@@ -75,15 +79,26 @@ def demo_command(
             await upstream.start()
 
         async def run_proxy() -> None:
-            await serve(graph, shutdown_trigger=finished.wait, listeners=[listener])
+            await serve(
+                graph,
+                shutdown_trigger=finished.wait,
+                force_trigger=signals.forced.wait,
+                listeners=[listener],
+            )
             stopped.set()
 
+        code = 0
         async with anyio.create_task_group() as group:
             group.start_soon(signals.receive)
             group.start_soon(run_proxy)
             if requests:
-                ok = await send_requests(host, port, requests)
-                title = f"{ok}/{requests} requests answered 200"
+                ok = await send_until_stopped(host, port, requests, signals)
+                if ok is None:
+                    code = EXIT_INTERRUPTED
+                    served = sum(upstream.served for upstream in upstreams)
+                    title = f"interrupted after {served} of {requests} requests"
+                else:
+                    title = f"{ok}/{requests} requests answered 200"
                 console.print(counts_table(upstreams, title=title))
             else:
                 console.print(
@@ -95,8 +110,31 @@ def demo_command(
             group.cancel_scope.cancel()
         for upstream in upstreams:
             upstream.close()
+        return code
 
-    anyio.run(main, backend="asyncio", backend_options=event_loop_options())
+    code = anyio.run(main, backend="asyncio", backend_options=event_loop_options())
+    raise typer.Exit(code)
+
+
+async def send_until_stopped(
+    host: str, port: int, count: int, signals: ShutdownSignals
+) -> int | None:
+    """Send `count` requests; return the 200s, or None if a signal came first."""
+    answered: int | None = None
+    async with anyio.create_task_group() as group:
+
+        async def send() -> None:
+            nonlocal answered
+            answered = await send_requests(host, port, count)
+            group.cancel_scope.cancel()
+
+        async def stop() -> None:
+            await signals.wait()
+            group.cancel_scope.cancel()
+
+        group.start_soon(send)
+        group.start_soon(stop)
+    return answered
 
 
 async def show_live(

@@ -9,6 +9,7 @@ its folder changes.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -59,6 +60,9 @@ def run_command(
 
     SIGHUP reloads the config; an invalid one keeps the running config.
     """
+    # SIGHUP's default action ends the process. It is ignored until the
+    # reload handler is installed, so an early one is lost instead of fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if log_level.upper() not in LOG_LEVELS:
         raise typer.BadParameter(
             f"expected one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
@@ -117,9 +121,15 @@ def _bind_admin(loaded: LoadedGraph) -> AdminServer | None:
 
 
 def bind_listener(listener: Listener) -> BoundListener:
-    """Bind a listener that a reload added; raises OSError or BindError."""
+    """Bind a listener that a reload added; raises BindError naming the address."""
     context = server_ssl_context(listener)
-    sock = bind_socket(listener.host, listener.port)
+    try:
+        sock = bind_socket(listener.host, listener.port)
+    except OSError as exc:
+        raise BindError(
+            f'cannot bind listener "{listener.name}" to '
+            f"{listener.config.address}: {exc.strerror or exc}"
+        ) from None
     return BoundListener(listener, sock, context)
 
 

@@ -48,6 +48,9 @@ Diagnostic codes (the problem is on the indented line under each code):
         no route sends requests to the cluster
     trusted-proxies-everyone           warning   server.trusted_proxies[M]
         0.0.0.0/0 or ::/0 lets any client forge X-Forwarded-* headers
+    admin-not-loopback                 warning   server.admin
+        the admin listener, which has no authentication, binds an address
+        other than loopback (all interfaces, or a non-loopback IP)
 """
 
 from __future__ import annotations
@@ -152,7 +155,39 @@ def _build_listeners(config: Config, found: _Collector) -> dict[str, Listener]:
         bound.append((format_key_path(("listeners", name, "address")), host, port))
     _check_addresses(bound, found)
     _check_trusted_proxies(config, found)
+    _check_admin_address(config, found)
     return listeners
+
+
+def _check_admin_address(config: Config, found: _Collector) -> None:
+    if config.server.admin is None:
+        return
+    host, port = parse_host_port(config.server.admin)
+    if not admin_beyond_loopback(host):
+        return
+    found.warning(
+        "server.admin",
+        "admin-not-loopback",
+        f"the admin listener on {_show(host, port)} has no authentication, and "
+        "this address is reachable from other hosts: anyone who can connect "
+        "reads /status and /metrics",
+        'bind it to loopback ("127.0.0.1:9901" or "[::1]:9901") and reach it '
+        "through an SSH tunnel or a local agent",
+    )
+
+
+def admin_beyond_loopback(host: str) -> bool:
+    """Return whether an admin host is all interfaces or a non-loopback IP.
+
+    A host name other than "localhost" is not resolved here, so it is not
+    reported.
+    """
+    if host in ("", "*"):
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_addresses(bound: list[tuple[str, str, int]], found: _Collector) -> None:

@@ -3,7 +3,9 @@
 Invariants:
 - Only GET and HEAD are served; other methods get 405 with `Allow`. Unknown
   paths get 404. A malformed request gets 400 and the connection closes, and
-  one that sends no complete request within `HEADER_READ_TIMEOUT` is closed.
+  one that sends no complete request within `HEADER_READ_TIMEOUT` of its
+  first byte is closed. Over `MAX_CONNECTIONS` open connections, a new one
+  gets 503 and is closed at once.
 - `/healthz` answers 503 from the moment draining starts, while the proxy
   listeners are still open, so an outer load balancer stops sending before
   connections are refused.
@@ -13,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -30,10 +33,11 @@ from pgproxy.server.listeners import bind_socket
 
 logger = logging.getLogger(__name__)
 
-HEADER_READ_TIMEOUT = 10.0  # seconds for a whole request, headers and body
+HEADER_READ_TIMEOUT = 10.0  # seconds from a request's first byte to its end
 IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 MAX_REQUEST_BYTES = 16 * 1024  # request line, headers and body together
 MAX_CONNECTIONS = 64
+REJECT_LINGER = 1.0  # seconds a rejected connection is read before it closes
 _READ_SIZE = 4096
 # Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,7 +71,8 @@ class AdminServer:
         self.address = address
         self._sources = sources
         self._socket: socket.socket | None = None
-        self._limiter = anyio.CapacityLimiter(MAX_CONNECTIONS)
+        self._connections = 0
+        self._rejected = 0  # connections rejected since the listener became full
         self.bound_address = address
 
     def __repr__(self) -> str:
@@ -102,11 +107,52 @@ class AdminServer:
             await listener.serve(self._handle)
 
     async def _handle(self, stream: anyio.abc.SocketStream) -> None:
-        async with self._limiter, stream:
+        async with stream:
+            if self._connections >= MAX_CONNECTIONS:
+                await self._reject_busy(stream)
+                return
+            self._connections += 1
             try:
                 await self._converse(stream)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass  # the client went away; nothing to answer
+            finally:
+                self._connections -= 1
+                if self._rejected and self._connections < MAX_CONNECTIONS:
+                    logger.info(
+                        "admin listener: rejected %d connections while full",
+                        self._rejected,
+                    )
+                    self._rejected = 0
+
+    async def _reject_busy(self, stream: anyio.abc.SocketStream) -> None:
+        """Answer 503 and close: waiting for a free slot could last forever.
+
+        The request is read (for up to `REJECT_LINGER` seconds) after the
+        answer, because closing with unread input would reset the connection
+        and could discard the answer before the client reads it.
+        """
+        self._rejected += 1
+        if self._rejected == 1:
+            logger.warning(
+                "admin listener: %d connections open; rejecting new ones with 503",
+                MAX_CONNECTIONS,
+            )
+        body = b"too many admin connections\n"
+        head = (
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        with (
+            anyio.move_on_after(REJECT_LINGER),
+            contextlib.suppress(OSError, anyio.BrokenResourceError),
+        ):
+            await stream.send(head + body)
+            await stream.send_eof()
+            for _ in range(MAX_REQUEST_BYTES // _READ_SIZE):
+                if not await _receive(stream):
+                    break
 
     async def _converse(self, stream: anyio.abc.SocketStream) -> None:
         connection = h11.Connection(
@@ -137,13 +183,17 @@ class AdminServer:
         """Read one whole request (the body is discarded); None on a clean close."""
         request: h11.Request | None = None
         received = 0
-        timeout = IDLE_TIMEOUT
+        # Until the first byte the idle timeout applies; from then on one
+        # deadline bounds the whole request, so a byte a second cannot hold
+        # the connection open by restarting a per-read timeout.
+        deadline = anyio.current_time() + IDLE_TIMEOUT
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                with anyio.fail_after(timeout):
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     data = await _receive(stream)
-                timeout = HEADER_READ_TIMEOUT
+                if received == 0:
+                    deadline = anyio.current_time() + HEADER_READ_TIMEOUT
                 # h11 caps only an incomplete event; a whole request that
                 # arrived at once is capped here.
                 received += len(data)

@@ -152,6 +152,10 @@ class Operations:
             last_reload_time=self.history.last_attempt_at,
             last_reload_ok=self.history.last_outcome != "failure",
         )
+        # NOTE: rendering runs on the data-plane event loop: with 300 clusters
+        # of 5 endpoints one scrape took about 45 ms and raised request p99
+        # while scraped in a loop (2-core VM). Rendering a snapshot in a thread
+        # would move the work off the loop but not off the GIL.
         return self._renderer.render(self.metrics.snapshot(), server)
 
     async def status(self) -> dict[str, Any]:

@@ -316,7 +316,11 @@ class Reloader:
         plan = plan_reload(self._state.graph, loaded.graph)
         try:
             await self._state.open_listeners(plan.added_listeners)
-        except (OSError, BindError) as error:
+        except BindError as error:
+            message = str(error)  # it names the listener and its address
+            self._log_failure(message)
+            return ReloadOutcome(False, None, message, plan)
+        except OSError as error:
             names = ", ".join(f'"{item.name}"' for item in plan.added_listeners)
             message = f"could not bind listener {names}: {error}"
             self._log_failure(message)

@@ -21,7 +21,7 @@ from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import EndpointReading, Metrics
 from pgproxy.proxy.exchange import Exchange
 from pgproxy.proxy.service import ProxyService
-from pgproxy.server.listeners import BoundListener, server_ssl_context
+from pgproxy.server.listeners import BindError, BoundListener, server_ssl_context
 from pgproxy.server.reload import ReloadPlan
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ServiceState:
     def _bind_or_reuse(self, listener: Listener) -> BoundListener:
         try:
             return self.bind(listener)
-        except OSError:
+        except (OSError, BindError):
             reused = self._reuse(listener)
             if reused is None:
                 raise

@@ -3,11 +3,20 @@
 The supervisor starts it with `PGPROXY_WORKER` set (see
 `pgproxy.server.worker`). The worker builds the config bytes from its
 `start` message, serves them on the inherited listening sockets, and replies
-to requests on the control channel. SIGTERM drains it like a single-process pgproxy; so
-does the channel closing, which means the supervisor is gone.
+to requests on the control channel. SIGTERM drains it like a single-process
+pgproxy; so does the channel closing, which means the supervisor is gone.
+SIGHUP is ignored.
 """
 
 from __future__ import annotations
+
+import signal
+
+# `pkill -HUP pgproxy` and `systemctl kill -s HUP` reach the workers too, and
+# SIGHUP's default action would end them: the supervisor runs reloads, so a
+# worker ignores SIGHUP, from before the slow imports below.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# ruff: noqa: E402 (the imports below come after that call on purpose)
 
 import logging
 import socket

@@ -385,3 +385,22 @@ def test_shadow_check_scales() -> None:
     _, diagnostics = check(BASE + routes_toml(routes))
     shadowed = [d for d in diagnostics if d.code == "shadowed-route"]
     assert [d.key for d in shadowed] == ["routes[2000]"]
+
+
+@pytest.mark.parametrize(
+    ("admin", "warned"),
+    [
+        ("0.0.0.0:9901", True),
+        ("[::]:9901", True),
+        ("10.1.2.3:9901", True),
+        ("127.0.0.1:9901", False),
+        ("127.0.0.2:9901", False),
+        ("[::1]:9901", False),
+        ("localhost:9901", False),
+    ],
+)
+def test_admin_not_loopback_warning(admin: str, warned: bool) -> None:
+    text = f'[server]\nadmin = "{admin}"\n' + LISTENER + ROUTE + CLUSTER
+    expected = ("admin-not-loopback", "server.admin", Severity.WARNING)
+
+    assert (expected in _codes(text)) is warned

@@ -10,7 +10,7 @@ import anyio
 import h11
 import pytest
 
-from pgproxy.server.admin import AdminServer, AdminSources
+from pgproxy.server.admin import MAX_CONNECTIONS, AdminServer, AdminSources
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +156,18 @@ async def test_bind_busy_port_raises(admin: tuple[str, _State]) -> None:
 
     with pytest.raises(OSError):
         busy.bind()
+
+
+async def test_connection_over_limit_gets_503(admin: tuple[str, _State]) -> None:
+    address, _ = admin
+    host, _, port = address.rpartition(":")
+    idle = [await anyio.connect_tcp(host, int(port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        await anyio.sleep(0.2)  # let the server accept every one of them
+        reply = await _exchange(address, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        for stream in idle:
+            await stream.aclose()
+
+    assert reply.startswith(b"HTTP/1.1 503 ")
+    assert await _get(address, "/healthz") == (200, b"ok\n")

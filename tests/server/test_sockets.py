@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 from collections.abc import Iterator
@@ -54,6 +55,19 @@ def test_bind_failure_names_listener(sockets: list[socket.socket]) -> None:
 
     with pytest.raises(OSError, match=r'listener "main" on 127\.0\.0\.1:'):
         bind_listener(_listener(address), 2)
+
+
+@pytest.mark.skipif(not HAS_REUSEPORT, reason="needs SO_REUSEPORT")
+def test_reuseport_group_in_use_rejected(sockets: list[socket.socket]) -> None:
+    # Another process's SO_REUSEPORT sockets would accept ours into their
+    # group, splitting connections between two instances.
+    sockets.extend(bind_listener(_listener(), 2))
+    address = bound_address(sockets[0])
+
+    with pytest.raises(OSError, match="in use") as raised:
+        bind_listener(_listener(address), 2)
+
+    assert raised.value.errno == errno.EADDRINUSE
 
 
 @pytest.mark.skipif(not HAS_REUSEPORT, reason="needs SO_REUSEPORT")

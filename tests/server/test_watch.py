@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -28,23 +29,13 @@ def test_fingerprint_sees_content_change(tmp_path: Path) -> None:
     assert fingerprint(config) != before
 
 
-def test_fingerprint_sees_new_file_in_folder(tmp_path: Path) -> None:
+def test_fingerprint_ignores_other_files(tmp_path: Path) -> None:
     config = tmp_path / "pgproxy.toml"
     config.write_text("a")
     before = fingerprint(config)
 
     (tmp_path / "cert.pem").write_text("x")
-
-    assert fingerprint(config) != before
-
-
-def test_fingerprint_ignores_scratch_files(tmp_path: Path) -> None:
-    config = tmp_path / "pgproxy.toml"
-    config.write_text("a")
-    before = fingerprint(config)
-
-    (tmp_path / ".pgproxy.toml.swp").write_text("x")
-    (tmp_path / "pgproxy.toml~").write_text("x")
+    (tmp_path / "pgproxy.log").write_text("access line\n")
 
     assert fingerprint(config) == before
 
@@ -103,3 +94,65 @@ async def test_no_change_no_call(tmp_path: Path) -> None:
         await watch_config(config, on_change, interval=0.05, debounce=0.05)
 
     assert calls == []
+
+
+async def _count_calls(
+    config: Path, change: Callable[[], Awaitable[None]], wait: float
+) -> int:
+    """Run the watcher while `change` runs, then `wait` more seconds; count calls."""
+    calls: list[int] = []
+
+    async def on_change() -> None:
+        calls.append(1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(
+            lambda: watch_config(config, on_change, interval=0.05, debounce=0.2)
+        )
+        await anyio.sleep(0.1)
+        await change()
+        await anyio.sleep(wait)
+        group.cancel_scope.cancel()
+    return len(calls)
+
+
+async def test_busy_folder_does_not_delay_reload(tmp_path: Path) -> None:
+    # The log file changes every 0.05 s, four times per debounce interval.
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("a")
+    log = tmp_path / "pgproxy.log"
+
+    async def change() -> None:
+        config.write_text("ab")
+        for index in range(40):
+            log.write_text(f"line {index}\n")
+            await anyio.sleep(0.05)
+
+    assert await _count_calls(config, change, wait=0.1) == 1
+
+
+async def test_unchanged_bytes_no_call(tmp_path: Path) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("a")
+
+    async def change() -> None:
+        # Same bytes in a new file renamed over the config: a new inode.
+        replacement = tmp_path / "pgproxy.toml.new"
+        replacement.write_text("a")
+        os.replace(replacement, config)
+
+    assert await _count_calls(config, change, wait=1.0) == 0
+
+
+async def test_same_bytes_again_no_second_call(tmp_path: Path) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("a")
+
+    async def change() -> None:
+        config.write_text("ab")
+        await anyio.sleep(1.0)
+        os.utime(config, ns=(1, 1))  # new mtime, same bytes: no second call
+        await anyio.sleep(1.0)
+        config.write_text("abc")
+
+    assert await _count_calls(config, change, wait=1.0) == 2
