@@ -3,8 +3,10 @@
 One probe is one fresh connection: DNS lookup, TCP connect, TLS handshake for
 `https://` endpoints (certificate and hostname verified), then for HTTP checks
 one request with `Connection: close` whose status must fall in the expected
-ranges. The probe's timeout bounds all of these together. `probe_endpoint`
-is the only place that translates socket, ssl, anyio and httpcore errors of a
+ranges. The probe's timeout bounds all of these together. Certificates are
+verified as the data plane verifies them: against the cluster's
+`tls_ca_file` when it has one, else the system store. `probe_endpoint` is
+the only place that translates socket, ssl, anyio and httpcore errors of a
 probe into the stage that failed. `pgproxy check-upstreams` uses it too.
 
 `run_active_checks` runs one probe loop per endpoint, so a hanging endpoint
@@ -89,6 +91,23 @@ def default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def ca_file_ssl_context(ca_file: str) -> ssl.SSLContext:
+    """Return a context verifying against the CA bundle `ca_file`.
+
+    Contexts are kept per (file, modification time), so a probe every few
+    seconds does not parse the bundle again, and a rotated file applies to
+    the next probe. Raises OSError or ssl.SSLError when the file cannot be
+    loaded.
+    """
+    return _ca_file_context(ca_file, os.stat(ca_file).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _ca_file_context(ca_file: str, mtime_ns: int) -> ssl.SSLContext:
+    del mtime_ns  # part of the cache key only
+    return ssl.create_default_context(cafile=ca_file)
+
+
 class _Probe:
     """The steps of one probe; `step` names the step in progress."""
 
@@ -97,10 +116,12 @@ class _Probe:
         endpoint: Endpoint,
         check: HealthCheckConfig | None,
         ssl_context: ssl.SSLContext | None,
+        ca_file: str | None,
     ) -> None:
         self.endpoint = endpoint
         self.check = check
-        self.ssl_context = ssl_context or default_ssl_context()
+        self.ssl_context = ssl_context
+        self.ca_file = ca_file
         self.step = "dns"
         self.stream: httpcore.AsyncNetworkStream | None = None
 
@@ -111,12 +132,24 @@ class _Probe:
         if self.endpoint.tls:
             self.step = "tls"
             self.stream = await self.stream.start_tls(
-                self.ssl_context, server_hostname=self.endpoint.host
+                self._tls_context(), server_hostname=self.endpoint.host
             )
         if self.check is None or self.check.type == "tcp":
             return Stage.OK, None, "connected"
         self.step = "http"
         return await self._request(self.stream, self.check)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if self.ca_file is None:
+            return default_ssl_context()
+        try:
+            return ca_file_ssl_context(self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ssl.SSLError(
+                f'cannot load tls_ca_file "{self.ca_file}": {exc}'
+            ) from None
 
     async def aclose(self) -> None:
         if self.stream is not None:
@@ -216,14 +249,18 @@ async def probe_endpoint(
     timeout: float,  # noqa: ASYNC109 - one bound shared by every probe step
     *,
     ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | None = None,
 ) -> ProbeResult:
     """Probe `endpoint` once on a fresh connection, within `timeout` seconds.
 
     Without a check, or with a TCP check, a completed connect (and TLS
     handshake for https endpoints) is a success. Network, TLS and HTTP
     failures are returned as the stage that failed instead of raised.
+    https endpoints are verified with `ssl_context` when given, else against
+    the CA bundle `ca_file` (the cluster's tls_ca_file), else the system
+    store. A CA file that cannot be loaded fails the probe at the tls stage.
     """
-    probe = _Probe(endpoint, check, ssl_context)
+    probe = _Probe(endpoint, check, ssl_context, ca_file)
     started = time.monotonic()
     stage, status, detail = Stage.OK, None, ""
     try:
@@ -247,10 +284,13 @@ def jittered(interval: float, rng: random.Random) -> float:
 
 
 async def _probe_once(
-    endpoint: Endpoint, check: HealthCheckConfig, table: HealthTable
+    endpoint: Endpoint,
+    check: HealthCheckConfig,
+    table: HealthTable,
+    ca_file: str | None,
 ) -> None:
     try:
-        result = await probe_endpoint(endpoint, check, check.timeout)
+        result = await probe_endpoint(endpoint, check, check.timeout, ca_file=ca_file)
         reason = (
             result.detail if result.ok else f"{result.stage.value}: {result.detail}"
         )
@@ -269,10 +309,11 @@ async def _probe_loop(
     check: HealthCheckConfig,
     table: HealthTable,
     rng: random.Random,
+    ca_file: str | None,
 ) -> None:
     while True:
         started = anyio.current_time()
-        await _probe_once(endpoint, check, table)
+        await _probe_once(endpoint, check, table, ca_file)
         wait = jittered(check.interval, rng) - (anyio.current_time() - started)
         await anyio.sleep(max(wait, 0.0))
 
@@ -292,7 +333,7 @@ async def run_active_checks(
     """
     rng = rng or random.Random()
     loops = [
-        (endpoint, cluster.config.health_check)
+        (endpoint, cluster.config.health_check, cluster.config.tls_ca_file)
         for cluster in graph.clusters.values()
         if cluster.config.health_check is not None
         for endpoint in cluster.endpoints
@@ -300,8 +341,8 @@ async def run_active_checks(
     logger.debug("starting health probes of %d endpoints", len(loops))
     async with anyio.create_task_group() as group:
         group.start_soon(run_transition_sweeper, table)
-        for endpoint, check in loops:
-            group.start_soon(_probe_loop, endpoint, check, table, rng)
+        for endpoint, check, ca_file in loops:
+            group.start_soon(_probe_loop, endpoint, check, table, rng, ca_file)
         if stop is not None:
             await stop.wait()
             group.cancel_scope.cancel()

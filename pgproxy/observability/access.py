@@ -1,18 +1,26 @@
 """Access records: one line per request on the `pgproxy.access` logger.
 
-Formats: "json" (one object per line with the keys of `AccessRecord`),
-"combined" (the Apache/nginx combined format followed by the proxy's own
-fields), or "off". `bytes_in` and `bytes_out` count body bytes, received from
-the client and sent to it. `endpoint` is the last endpoint tried, and
-`failure` a short flag such as connect_failure or route_timeout, or null.
+Formats: "json" (one object per line with the keys of `AccessRecord` except
+the combined-only ones), "combined" (the Apache/nginx combined format
+followed by the proxy's own fields), or "off". `bytes_in` and `bytes_out`
+count body bytes, received from the client and sent to it. `endpoint` is the
+last endpoint tried, and `failure` a short flag such as connect_failure or
+route_timeout, or null.
+
+Invariant: every string in a JSON line goes through the JSON string encoder
+(RFC 8259 section 7), so a client-controlled path or method can neither
+break the object nor forge keys. The line is formatted directly, without
+copying the record into a dict, because it is written once per request.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
+
+from pgproxy.observability.logging import AccessLineHandler
 
 logger = logging.getLogger("pgproxy.access")
 
@@ -42,23 +50,55 @@ class AccessRecord:
     version: str = "1.1"
 
 
-_COMBINED_ONLY = ("referer", "user_agent", "version")
+class _SecondCache:
+    """The formatted whole second of the last timestamp, reused within it."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+
+_rfc3339_second = _SecondCache()
 
 
 def rfc3339(timestamp: float) -> str:
     """Format a Unix time as RFC 3339 UTC with milliseconds."""
     seconds = int(timestamp)
     millis = int((timestamp - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cache = _rfc3339_second
+    if cache.second != seconds:
+        cache.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        cache.second = seconds
+    return f"{cache.text}.{millis:03d}Z"
+
+
+def _string(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 def format_json(record: AccessRecord) -> str:
-    """Render a record as one JSON object."""
-    fields = asdict(record)
-    for name in _COMBINED_ONLY:
-        del fields[name]
-    fields["time"] = rfc3339(record.time)
-    return json.dumps(fields, separators=(",", ":"))
+    """Render a record as one JSON object (keys in declaration order)."""
+    upstream_status = record.upstream_status
+    return (
+        f'{{"time":"{rfc3339(record.time)}"'
+        f',"client":{encode_basestring_ascii(record.client)}'
+        f',"listener":{encode_basestring_ascii(record.listener)}'
+        f',"method":{encode_basestring_ascii(record.method)}'
+        f',"path":{encode_basestring_ascii(record.path)}'
+        f',"status":{int(record.status)}'
+        f',"bytes_in":{int(record.bytes_in)}'
+        f',"bytes_out":{int(record.bytes_out)}'
+        f',"duration_ms":{float(record.duration_ms)!r}'
+        f',"route":{_string(record.route)}'
+        f',"cluster":{_string(record.cluster)}'
+        f',"endpoint":{_string(record.endpoint)}'
+        f',"attempts":{int(record.attempts)}'
+        f',"failure":{_string(record.failure)}'
+        ',"upstream_status":'
+        f"{'null' if upstream_status is None else int(upstream_status)}}}"
+    )
 
 
 def format_combined(record: AccessRecord) -> str:
@@ -84,7 +124,8 @@ class AccessLog:
 
     def __init__(self, fmt: str) -> None:
         self.format = fmt
-        self._render = format_combined if fmt == "combined" else format_json
+        self.combined = fmt == "combined"
+        self._render = format_combined if self.combined else format_json
 
     @property
     def enabled(self) -> bool:
@@ -92,5 +133,17 @@ class AccessLog:
         return self.format != "off" and logger.isEnabledFor(logging.INFO)
 
     def write(self, record: AccessRecord) -> None:
-        """Log one record on the pgproxy.access logger."""
-        logger.info("%s", self._render(record))
+        """Log one record on the pgproxy.access logger.
+
+        With the handler that setup_logging installs (and nothing else on the
+        logger), the line goes straight into its buffer: building a
+        LogRecord per request would cost more than formatting the line.
+        """
+        line = self._render(record)
+        handlers = logger.handlers
+        if len(handlers) == 1 and not logger.filters:
+            handler = handlers[0]
+            if type(handler) is AccessLineHandler:
+                handler.write_line(line)
+                return
+        logger.info("%s", line)

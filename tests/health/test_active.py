@@ -7,6 +7,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -427,3 +428,67 @@ async def test_run_active_checks_stops_on_event() -> None:
     stop.set()
     with anyio.fail_after(5):
         await run_active_checks(graph, table, stop=stop)
+
+
+# The cluster's tls_ca_file.
+
+
+async def test_https_probe_with_ca_file(
+    farm: ServerFarm, ca: trustme.CA, tmp_path: Path
+) -> None:
+    server = farm.add("ok", tls=server_context(ca, "127.0.0.1"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    result = await probe_endpoint(
+        endpoint(f"https://{server.address}"), HTTP_CHECK, 2.0, ca_file=str(ca_file)
+    )
+    assert result.ok, result.detail
+    assert result.status == 200
+
+
+async def test_https_probe_with_other_ca_file(
+    farm: ServerFarm, ca: trustme.CA, tmp_path: Path
+) -> None:
+    server = farm.add("ok", tls=server_context(ca, "127.0.0.1"))
+    ca_file = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    result = await probe_endpoint(
+        endpoint(f"https://{server.address}"), HTTP_CHECK, 2.0, ca_file=str(ca_file)
+    )
+    assert not result.ok
+    assert result.stage is Stage.TLS
+    assert "certificate" in result.detail
+    assert sum(server.requests.values()) == 0
+
+
+async def test_https_probe_with_missing_ca_file(
+    farm: ServerFarm, ca: trustme.CA, tmp_path: Path
+) -> None:
+    server = farm.add("ok", tls=server_context(ca, "127.0.0.1"))
+    missing = tmp_path / "missing.pem"
+    result = await probe_endpoint(
+        endpoint(f"https://{server.address}"), HTTP_CHECK, 2.0, ca_file=str(missing)
+    )
+    assert result.stage is Stage.TLS
+    assert f'cannot load tls_ca_file "{missing}"' in result.detail
+
+
+async def test_loop_verifies_with_cluster_ca_file(
+    farm: ServerFarm, ca: trustme.CA, tmp_path: Path
+) -> None:
+    server = farm.add("ok", tls=server_context(ca, "127.0.0.1"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cluster = ClusterConfig(
+        endpoints=[f"https://{server.address}"],
+        health_check=check_config(interval="1s", timeout="900ms"),
+        tls_ca_file=str(ca_file),
+    )
+    graph = make_graph({"api": cluster})
+    table = HealthTable(graph.clusters, time.monotonic)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: run_active_checks(graph, table, stop=stop))
+        # A request reaches the server only after the handshake verified.
+        await wait_until(lambda: sum(server.requests.values()) >= 1)
+        stop.set()
