@@ -98,12 +98,17 @@ class UpstreamError(ProxyError):
         retryable: bool = False,
         flag: str | None = None,
         bytes_sent: bool = True,
+        pooled_before_response: bool = False,
     ) -> None:
         super().__init__(message, status=status, retryable=retryable, flag=flag)
         self.endpoint = endpoint
         # False when no byte of the request was written to the upstream, which
         # makes a retry safe for any method.
         self.bytes_sent = bytes_sent
+        # True when a connection taken from the pool closed before any byte of
+        # the response: most likely the upstream's keep-alive timeout raced
+        # the request, not a fault of the endpoint.
+        self.pooled_before_response = pooled_before_response
 
 
 class NoEndpointError(ProxyError):

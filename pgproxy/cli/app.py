@@ -8,7 +8,8 @@ from pgproxy.cli import check_upstreams, demo, explain, run, schema, validate
 
 app = typer.Typer(
     name="pgproxy",
-    help="Declarative HTTP/1.1 load balancer and reverse proxy driven by one TOML file.",
+    help="Declarative HTTP/1.1 load balancer and reverse proxy, configured by one TOML "
+    "file.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

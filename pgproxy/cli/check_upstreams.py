@@ -141,7 +141,9 @@ async def check_clusters(
                 return
             timeout = min(probe_timeout(cluster), remaining)
             check = cluster.config.health_check
-            result = await probe_endpoint(endpoint, check, timeout)
+            result = await probe_endpoint(
+                endpoint, check, timeout, ca_file=cluster.config.tls_ca_file
+            )
             results[(cluster.name, endpoint.address)] = result
 
     async with anyio.create_task_group() as group:

@@ -145,15 +145,19 @@ class Exchange(ResponseRelay, ExchangeFailures):
         self.cluster.balancer.on_request_start(self.endpoint)
         if not self.upstream_head:
             self.upstream_head = self.build_upstream_head()
-        parts = [self.upstream_head]
-        if self.info.chunked:
-            for chunk in self.body_chunks:
-                parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-            if self.request_complete:
-                parts.append(LAST_CHUNK)
+        if not self.body_chunks and not (self.info.chunked and self.request_complete):
+            conn.send(self.upstream_head)
         else:
-            parts += self.body_chunks
-        conn.send(b"".join(parts))
+            # Written as separate buffers: joining them would copy the body.
+            parts = [self.upstream_head]
+            if self.info.chunked:
+                for chunk in self.body_chunks:
+                    parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                if self.request_complete:
+                    parts.append(LAST_CHUNK)
+            else:
+                parts += self.body_chunks
+            conn.send_parts(parts)
         if self.request_complete:
             self.arm_head_timeout()
         else:
@@ -194,7 +198,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         conn = self.upstream
         if conn is not None:
             if self.info.chunked:
-                conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                conn.send_parts((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 conn.send(chunk)
         elif self.body_held > REPLAY_LIMIT:
@@ -263,13 +267,17 @@ class Exchange(ResponseRelay, ExchangeFailures):
             stats.observe(self.status, time.monotonic() - self.started, self.attempts)
         access = self.downstream.service.access
         if access.enabled:
-            access.write(self.access_record())
+            access.write(self.access_record(combined=access.combined))
         self.downstream.exchange_done(self)
 
-    def access_record(self) -> AccessRecord:
-        """Build the access record of this exchange."""
+    def access_record(self, *, combined: bool = True) -> AccessRecord:
+        """Build the access record of this exchange.
+
+        Referer and User-Agent are looked up only for the combined format,
+        the only one that writes them.
+        """
         route = self.route
-        return AccessRecord(
+        record = AccessRecord(
             time=self.wall_started,
             client=self.downstream.client,
             listener=self.downstream.listener_name,
@@ -285,10 +293,12 @@ class Exchange(ResponseRelay, ExchangeFailures):
             attempts=self.attempts,
             failure=self.failure,
             upstream_status=self.upstream_status,
-            referer=self.header_text(b"referer"),
-            user_agent=self.header_text(b"user-agent"),
             version="1.0" if self.http10 else "1.1",
         )
+        if combined:
+            record.referer = self.header_text(b"referer")
+            record.user_agent = self.header_text(b"user-agent")
+        return record
 
     def header_text(self, name: bytes) -> str:
         """Return the first value of a request header as text, or "-"."""

@@ -59,6 +59,7 @@ class ExchangeState:
         "route",
         "runtime",
         "sent_continue",
+        "stale_retried",
         "started",
         "status",
         "tried",
@@ -105,6 +106,7 @@ class ExchangeState:
         self.upstream_head = b""
         self.connect_task: asyncio.Task[None] | None = None
         self.attempts = 0
+        self.stale_retried = False
         self.last_error: ProxyError | None = None
         self.deadline = 0.0
         self.head_deadline = 0.0
@@ -132,6 +134,8 @@ class ExchangeState:
     if TYPE_CHECKING:
 
         def next_attempt(self) -> None: ...
+
+        async def connect(self, pool: EndpointPool) -> None: ...
 
         def finish(self) -> None: ...
 

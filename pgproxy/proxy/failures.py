@@ -19,7 +19,7 @@ from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
 from pgproxy.graph.types import Endpoint
 from pgproxy.proxy.exchange_state import ExchangeState
 from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_response
-from pgproxy.proxy.retry import may_retry_error
+from pgproxy.proxy.retry import may_retry_error, may_retry_fresh_connection
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,23 @@ class ExchangeFailures(ExchangeState):
 
     def on_upstream_failed(self, error: UpstreamError) -> None:
         """Retry, reply with an error, or cut the response short."""
+        if self.pool is not None and may_retry_fresh_connection(
+            error,
+            self.stale_retried,
+            self.method,
+            self.info.has_idempotency_key,
+            self.replayable,
+        ):
+            logger.debug("%s; repeating on a fresh connection", error)
+            self.stale_retried = True
+            self.release_upstream(reuse=False)
+            self.head_deadline = 0.0
+            self.pending = b""
+            self.response_info = None
+            self.connect_task = self.downstream.loop.create_task(
+                self.connect(self.pool)
+            )
+            return
         if self.endpoint is not None:
             self.record_failure(self.endpoint, error.flag, error.flag)
         self.release_upstream(reuse=False)

@@ -6,8 +6,10 @@ Invariants:
   used connection (the one least likely to have been closed by the
   upstream) is reused first and idle ones expire from the bottom.
 - A pooled connection is checked for a pending EOF or stray bytes before
-  reuse (a non-blocking MSG_PEEK), so a connection the upstream already
-  closed is replaced before any byte of a request is written to it.
+  reuse, so a connection the upstream already closed is replaced before any
+  byte of a request is written to it. EOF and bytes the loop has read mark
+  the connection at once. A connection idle for a while is also peeked at
+  (MSG_PEEK) for what arrived since the loop last polled.
 - Connect, DNS and TLS handshake errors become an UpstreamError with
   `bytes_sent=False`, which tells the retry policy that no byte of the
   request reached the upstream.
@@ -54,6 +56,9 @@ class EndpointPool:
         self._ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
         self._timer: asyncio.TimerHandle | None = None
+        # The loop the pool's connections live on, taken at the first release
+        # (asyncio.get_running_loop costs a getpid(2) per call on Linux).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return (
@@ -69,15 +74,24 @@ class EndpointPool:
     def acquire(self) -> UpstreamConnection | None:
         """Pop the newest usable idle connection, closing stale ones on the way."""
         idle = self._idle
+        if not idle:
+            return None
+        now = self._loop_time()
         while idle:
             conn = idle.pop()
-            if conn.is_reusable():
+            if conn.is_reusable(now - conn.idle_since):
                 conn.reused += 1
                 self.active += 1
                 return conn
             logger.debug("closing stale pooled connection to %s", conn.endpoint)
             conn.close()
         return None
+
+    def _loop_time(self) -> float:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after a complete exchange, or close it."""
@@ -89,7 +103,9 @@ class EndpointPool:
         # A connection paused for a slow client must read again while idle, to
         # see the upstream's EOF and to read the next response.
         conn.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._timer is None:

@@ -6,6 +6,8 @@ failure). A reset before any response byte, and upstream 502/503/504
 responses, are retried only when the route lists them; status retries also
 need an idempotent method (RFC 9110 section 9.2.2) or an Idempotency-Key
 header. Every retry needs the whole request body still held for replay.
+Separately, an idempotent request whose pooled connection closed before any
+response byte is repeated once on a fresh connection to the same endpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ def may_retry_error(
     if not error.bytes_sent:
         return "connect-failure" in route.retry_on
     return error.flag == "upstream_reset" and "reset-before-response" in route.retry_on
+
+
+def may_retry_fresh_connection(
+    error: UpstreamError,
+    already_retried: bool,
+    method: bytes,
+    has_idempotency_key: bool,
+    replayable: bool,
+) -> bool:
+    """Return whether to repeat an attempt on a fresh connection to the same endpoint.
+
+    A pooled connection that closes before any response byte most likely lost
+    the race with the upstream's keep-alive timeout, so the request is sent
+    once more on a new connection, as Go's net/http and Pingora do. The
+    upstream may have read the request before closing, so only idempotent
+    requests (or ones with an Idempotency-Key) are repeated, once per
+    request. This repeat is not a retry of the route's policy.
+    """
+    return (
+        error.pooled_before_response
+        and not already_retried
+        and replayable
+        and (method in IDEMPOTENT_METHODS or has_idempotency_key)
+    )
 
 
 def may_retry_status(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -40,6 +41,8 @@ WRITE_BUFFER_LOW = 64 * 1024
 # same as the listeners' default request head limit (max_header_bytes).
 MAX_RESPONSE_HEAD = 64 * 1024
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# Idle time from which a pooled connection is peeked at before reuse.
+PEEK_AFTER_IDLE = 0.25
 
 
 class _ResponseHeadTooLarge(Exception):
@@ -53,6 +56,32 @@ class UpstreamConnection(asyncio.Protocol):
     requests sent before the current one; `bytes_sent` and
     `response_started` tell a failure before the response from one after it.
     """
+
+    __slots__ = (
+        "_finished",
+        "_head_bytes",
+        "_head_read",
+        "_headers",
+        "_in_head",
+        "_parser",
+        "_reason",
+        "_stray",
+        "bytes_sent",
+        "closed",
+        "endpoint",
+        "exchange",
+        "head_only",
+        "idle_since",
+        "keep_alive",
+        "max_head",
+        "pool",
+        "reading_paused",
+        "response_started",
+        "reused",
+        "sock",
+        "transport",
+        "tunnel",
+    )
 
     def __init__(self, endpoint: Endpoint, pool: EndpointPool) -> None:
         self.endpoint = endpoint
@@ -159,6 +188,9 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def eof_received(self) -> bool | None:
+        # connection_lost follows in a later callback; until then the pool
+        # must already see that this connection cannot carry another request.
+        self.keep_alive = False
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -255,6 +287,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.bytes_sent = True
             self.transport.write(data)
 
+    def send_parts(self, parts: Sequence[bytes]) -> None:
+        """Write several request buffers in order without joining them."""
+        if self.transport is not None and not self.closed:
+            self.bytes_sent = True
+            self.transport.writelines(parts)
+
     def start(self, exchange: Exchange, head_only: bool) -> None:
         """Attach the connection to an exchange for one request."""
         self.exchange = exchange
@@ -276,10 +314,25 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def is_reusable(self) -> bool:
-        """Return whether no EOF, error or unread byte is waiting on the socket."""
+    def is_reusable(self, idle_for: float) -> bool:
+        """Return whether the connection can carry another request.
+
+        EOF, errors and stray bytes that the loop has already read mark the
+        connection (eof_received, connection_lost, data_received). What
+        arrived since the loop's last poll is found only by a MSG_PEEK. That
+        costs a syscall, so it is made only for a connection idle for
+        PEEK_AFTER_IDLE or longer. Upstreams close idle connections after
+        their keep-alive timeout (nginx 75 s, Apache httpd 5 s by default),
+        and a close announced in a response has already cleared
+        `keep_alive`.
+        """
         if self.closed or self.sock is None or not self.keep_alive:
             return False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if idle_for < PEEK_AFTER_IDLE:
+            return True
         try:
             waiting = self.sock.recv(1, _PEEK_FLAGS)
         except (BlockingIOError, InterruptedError):
@@ -318,5 +371,6 @@ class UpstreamConnection(asyncio.Protocol):
                 status=502,
                 flag=flag,
                 bytes_sent=self.bytes_sent,
+                pooled_before_response=self.reused > 0 and not self.response_started,
             )
             exchange.on_upstream_failed(error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trustme
 from typer.testing import CliRunner, Result
 
 from pgproxy.cli.app import app
@@ -339,3 +341,31 @@ def test_probes_past_bound_are_skipped(farm: ServerFarm, tmp_path: Path) -> None
     verdicts = [ep.verdict for ep in reports[0].endpoints]
     assert verdicts == ["DOWN", "SKIPPED", "SKIPPED"]
     assert exit_code(reports) == 3
+
+
+# Private CA.
+
+
+def test_https_endpoint_verified_with_tls_ca_file(
+    farm: ServerFarm, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = farm.add("ok", tls=context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    endpoint = f"https://{server.address}"
+    without_ca = write_config(tmp_path, cluster_toml("api", [endpoint]))
+    code, document = run_json(str(without_ca))
+    assert code == 2, "the system store does not trust the private CA"
+    assert endpoints_by_address(document)[endpoint]["stage"] == "tls"
+
+    with_ca = cluster_toml("api", [endpoint]).replace(
+        "[clusters.api.health_check]",
+        f'tls_ca_file = "{ca_file}"\n\n[clusters.api.health_check]',
+    )
+    config = write_config(tmp_path, with_ca)
+    code, document = run_json(str(config))
+    assert code == 0, document
+    assert endpoints_by_address(document)[endpoint]["verdict"] == "UP"

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from pgproxy.proxy.pool import Pools
+from pgproxy.proxy.upstream import PEEK_AFTER_IDLE
 from tests.proxy.loopback import (
     ScriptedUpstream,
     exchange,
@@ -67,6 +68,45 @@ async def test_stale_pooled_connection_replaced() -> None:
     assert second.startswith(b"HTTP/1.1 200 OK")
     assert closing.connections == 2
     await closing.stop()
+
+
+async def test_unread_eof_found_by_peek_after_idle() -> None:
+    """A FIN the loop has not read yet is found by the peek before reuse."""
+    closing = ScriptedUpstream()
+    await closing.start()
+    async with running_proxy(make_graph([closing.port])) as (port, service):
+        first = await exchange(port, GET)
+        pool = service.pools.all()[0]
+        conn = pool._idle[-1]
+        assert conn.transport is not None
+        # Keep the loop from reading the FIN, so only the peek can see it.
+        conn.transport.pause_reading()
+        closing.writers[-1].close()
+        await anyio.sleep(PEEK_AFTER_IDLE + 0.2)
+        assert not conn.closed
+        second = await exchange(port, GET)
+        assert conn.closed
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert second.startswith(b"HTTP/1.1 200 OK")
+    assert closing.connections == 2
+    await closing.stop()
+
+
+async def test_eof_seen_by_loop_is_never_reused() -> None:
+    """Between eof_received and connection_lost the pool must not hand it out."""
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        await exchange(port, GET)
+        pool = service.pools.all()[0]
+        conn = pool._idle[-1]
+        conn.eof_received()
+        assert pool.acquire() is None
+        assert conn.closed
+        reply = await exchange(port, GET)
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+    assert upstream.connections == 2
+    await upstream.stop()
 
 
 async def test_idle_connection_expires() -> None:
@@ -129,6 +169,71 @@ async def test_upstream_reset_before_response_is_502() -> None:
     assert upstream.connections == 1, (
         "a request that reached the upstream is not retried"
     )
+    await upstream.stop()
+
+
+def close_on_second_request(upstream: ScriptedUpstream) -> None:
+    """Answer the first request of each connection; drop the second unanswered.
+
+    This is the keep-alive race: the upstream closes an idle connection just
+    as the proxy sends the next request on it, so the close reaches the proxy
+    only after the request was written.
+    """
+    served: dict[int, int] = {}
+
+    async def reply(head: bytes) -> bytes | None:
+        key = len(upstream.writers)
+        served[key] = served.get(key, 0) + 1
+        if served[key] > 1:
+            return None
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    upstream.reply = reply
+
+
+async def test_keepalive_race_repeated_on_fresh_connection() -> None:
+    upstream = ScriptedUpstream()
+    close_on_second_request(upstream)
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        first = await exchange(port, GET)
+        second = await exchange(port, GET)
+        pool = service.pools.all()[0]
+        opened = pool.opened
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert second.startswith(b"HTTP/1.1 200 OK"), second[:200]
+    assert upstream.connections == 2
+    assert opened == 2
+    await upstream.stop()
+
+
+async def test_keepalive_race_post_not_repeated() -> None:
+    upstream = ScriptedUpstream()
+    close_on_second_request(upstream)
+    await upstream.start()
+    post = b"POST /x HTTP/1.1\r\nHost: test.local\r\nContent-Length: 2\r\n\r\nhi"
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        first = await exchange(port, GET)
+        second = await exchange(port, post)
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert second.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert upstream.connections == 1, "a POST the upstream may have read is not re-sent"
+    await upstream.stop()
+
+
+async def test_keepalive_race_post_with_idempotency_key_repeated() -> None:
+    upstream = ScriptedUpstream()
+    close_on_second_request(upstream)
+    await upstream.start()
+    post = (
+        b"POST /x HTTP/1.1\r\nHost: test.local\r\nIdempotency-Key: k1\r\n"
+        b"Content-Length: 2\r\n\r\nhi"
+    )
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        await exchange(port, GET)
+        second = await exchange(port, post)
+    assert second.startswith(b"HTTP/1.1 200 OK"), second[:200]
+    assert upstream.connections == 2
     await upstream.stop()
 
 
