@@ -1,0 +1,88 @@
+"""/metrics and /status of the supervisor, merged from every worker.
+
+Invariant: each scrape asks every worker for a snapshot over its control
+channel and waits up to `REQUEST_TIMEOUT` seconds for the replies. A worker
+that does not reply counts with its last snapshot. /metrics adds the
+counters of workers that exited, so totals do not go back when a worker is
+replaced.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from pgproxy.observability.metrics import Snapshot, merge_snapshots
+from pgproxy.server.control import Message
+from pgproxy.server.reload import ReloadHistory
+from pgproxy.server.slots import WorkerSlot
+from pgproxy.server.status import merge_health, status_document
+
+if TYPE_CHECKING:
+    from pgproxy.observability.exposition import MetricsRenderer
+
+REQUEST_TIMEOUT = 5.0  # seconds a worker has to reply to a snapshot request
+
+
+class SupervisorMetrics:
+    """The admin sources of `Supervisor`: merged /metrics and /status."""
+
+    # Set by `Supervisor.__init__`.
+    count: int
+    slots: list[WorkerSlot]
+    history: ReloadHistory
+    draining: bool
+    retired: Snapshot
+    _renderer: MetricsRenderer | None
+
+    async def _gather(self) -> dict[int, Message]:
+        replies: dict[int, Message] = {}
+
+        async def ask(slot: WorkerSlot) -> None:
+            reply = await slot.request({"op": "snapshot"}, REQUEST_TIMEOUT)
+            if reply is not None:
+                replies[slot.index] = reply
+                slot.last_snapshot = Snapshot.from_wire(reply["metrics"])
+
+        async with anyio.create_task_group() as group:
+            for slot in self.slots:
+                group.start_soon(ask, slot)
+        return replies
+
+    async def metrics(self) -> bytes:
+        """Return the Prometheus text of every worker, merged."""
+        # Imported here, as in Operations, so `pgproxy run` without an admin
+        # listener does not load prometheus-client.
+        from pgproxy.observability.exposition import MetricsRenderer, ServerState
+
+        if self._renderer is None:
+            self._renderer = MetricsRenderer()
+        await self._gather()
+        live = [slot.last_snapshot for slot in self.slots if slot.last_snapshot]
+        merged = merge_snapshots([self.retired, *live])
+        server = ServerState(
+            config_hash=self.history.config_hash,
+            reloads=self.history.counts,
+            last_reload_time=self.history.last_attempt_at,
+            last_reload_ok=self.history.last_outcome != "failure",
+            workers=self.count,
+            worker_restarts=sum(slot.restarts for slot in self.slots),
+            worker_pids={
+                str(slot.index): slot.process.pid
+                for slot in self.slots
+                if slot.process is not None
+            },
+        )
+        return self._renderer.render(merged, server)
+
+    async def status(self) -> dict[str, Any]:
+        """Return the /status document with every worker's endpoint health."""
+        replies = await self._gather()
+        health = {str(index): reply["health"] for index, reply in replies.items()}
+        return status_document(
+            self.history.as_dict(),
+            merge_health(health),
+            [slot.describe() for slot in self.slots],
+            draining=self.draining,
+        )
