@@ -19,121 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-import httptools
-
-from pgproxy.graph.types import Listener
-from pgproxy.observability.metrics import ConnectionStats
+from pgproxy.proxy.downstream_parsing import RequestParsing
+from pgproxy.proxy.downstream_state import (
+    _HEADER,
+    _IDLE,
+    _PAUSE_BODY,
+    _PAUSE_PIPELINE,
+)
 from pgproxy.proxy.exchange import Exchange
-from pgproxy.proxy.framing import FramingError, check_request_head
 from pgproxy.proxy.headers import Forwarding, HeaderMap, is_trusted
 from pgproxy.proxy.respond import error_response
 from pgproxy.proxy.upstream import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 
-if TYPE_CHECKING:
-    from pgproxy.proxy.service import ProxyService
-
 logger = logging.getLogger(__name__)
 
-_TOKEN_AND_SPACE_RE = re.compile(rb"^(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
-_PAUSE_BODY = 1
-_PAUSE_PIPELINE = 2
-_IDLE = 1
-_HEADER = 2
-# Shared and never appended to: on_header appends only inside a head, and
-# on_message_begin gives each head a list of its own.
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
 
-
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(RequestParsing):
     """Parses requests from one client and runs them as Exchanges, in order."""
 
-    # With this many attributes CPython 3.11 stops sharing dict keys, so each
-    # connection would carry a dict of its own (1.6 KiB measured, 3.11.7).
-    __slots__ = (
-        "_carry",
-        "_chunk",
-        "_close_when_done",
-        "_closed",
-        "_conn_deadline",
-        "_conn_deadline_kind",
-        "_connection_stats",
-        "_eof",
-        "_error",
-        "_feeding",
-        "_front_started",
-        "_head_bytes",
-        "_header_bytes",
-        "_headers",
-        "_in_head",
-        "_parser",
-        "_paused",
-        "_queue",
-        "_receiving",
-        "_scan_from",
-        "_starting",
-        "_timer",
-        "_timer_at",
-        "_tls",
-        "_tunnel",
-        "_url",
-        "client",
-        "client_ip",
-        "forwarding",
-        "limits",
-        "listener_name",
-        "loop",
-        "service",
-        "transport",
-    )
-
-    def __init__(self, service: ProxyService, listener: Listener) -> None:
-        self.service = service
-        self.listener_name = listener.name
-        self.limits = listener.config
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.client = ""
-        self.client_ip = ""
-        self.forwarding = Forwarding("", b"http", False)
-        self._parser = httptools.HttpRequestParser(self)
-        # A list, not a deque: a deque allocates a 64-slot block per
-        # connection, and the queue holds at most a few pipelined requests.
-        self._queue: list[Exchange] = []
-        self._receiving: Exchange | None = None
-        self._front_started = False
-        self._starting = False
-        self._feeding = False
-        self._tunnel: Exchange | None = None
-        self._connection_stats: ConnectionStats | None = None
-        self._closed = False
-        self._close_when_done = False
-        self._eof = False
-        self._tls = False
-        self._paused = 0
-        self._in_head = False
-        self._head_bytes = 0
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS
-        self._header_bytes = 0
-        self._error: tuple[int, str] | None = None
-        # Raw bytes of the read being parsed, and of a head split over reads,
-        # to check the request line llhttp parses leniently.
-        self._chunk = b""
-        self._scan_from = 0
-        self._carry = bytearray()
-        self._conn_deadline = 0.0
-        self._conn_deadline_kind = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-
-    def __repr__(self) -> str:
-        return (
-            f"<DownstreamProtocol {self.client} listener={self.listener_name} "
-            f"queued={len(self._queue)} closed={self._closed}>"
-        )
+    __slots__ = ()
 
     # connection lifecycle
 
@@ -225,129 +131,6 @@ class DownstreamProtocol(asyncio.Protocol):
             upstream = self._queue[0].upstream
             if upstream is not None:
                 upstream.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self._tunnel is not None:
-            self._tunnel.on_tunnel_client_data(data)
-            return
-        was_in_head = self._in_head
-        self._feeding = True
-        self._chunk = data
-        self._scan_from = 0
-        try:
-            error = self._feed(data)
-        finally:
-            self._feeding = False
-            self._chunk = b""
-        if error is not None:
-            self._reject(*error)
-        elif self._in_head:
-            if was_in_head:
-                self._head_bytes += len(data)
-            if not was_in_head:
-                self._carry = bytearray(data[self._scan_from :])
-            else:
-                self._carry += data
-            if max(self._head_bytes, self._header_bytes) > self.limits.max_header_bytes:
-                self._reject(431, "request header fields too large")
-        self._run_queue()
-
-    def _feed(self, data: bytes) -> tuple[int, str] | None:
-        """Parse bytes; return the status and reason of a malformed request."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._on_upgrade_request(data[upgrade.args[0] :])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, FramingError):
-                return cause.status, str(cause)
-            logger.error(
-                "error handling a request from %s", self.client, exc_info=cause
-            )
-            return 500, "internal error"
-        except httptools.HttpParserInvalidMethodError:
-            # RFC 9110 section 9.1: a well-formed but unknown method is 501.
-            if _TOKEN_AND_SPACE_RE.match(data):
-                return 501, "method not implemented"
-            return 400, "malformed request: invalid method"
-        except httptools.HttpParserError as exc:
-            return _parser_error_status(exc), f"malformed request: {exc}"
-        return None
-
-    # llhttp callbacks
-
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
-        self._url = b""
-        self._headers = []
-        self._header_bytes = 0
-        if self._conn_deadline_kind == _IDLE:
-            self._set_conn_deadline(_HEADER, self.limits.header_read_timeout)
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._header_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer field of a chunked body: not forwarded
-        self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._conn_deadline = 0.0
-        self._conn_deadline_kind = 0
-        if self._header_bytes > self.limits.max_header_bytes:
-            raise FramingError("request header fields too large", status=431)
-        parser = self._parser
-        method = parser.get_method()
-        self._check_request_line(method)
-        version = parser.get_http_version()
-        info = check_request_head(method, self._url, version, self._headers)
-        limit = self.limits.max_body_bytes
-        if limit and info.content_length is not None and info.content_length > limit:
-            raise FramingError("request body too large", status=413)
-        exchange = Exchange(self, method, self._headers, info, version == "1.0")
-        # The exchange owns the head now; an idle connection keeps none of it.
-        self._headers = _NO_HEADERS
-        self._url = b""
-        if self._queue:
-            self._pause(_PAUSE_PIPELINE)
-        self._queue.append(exchange)
-        self._receiving = exchange
-
-    def _check_request_line(self, method: bytes) -> None:
-        # RFC 9112 section 3 puts exactly one SP between the parts of the
-        # request line. llhttp accepts several, and a proxy must not be more
-        # lenient than the servers behind it.
-        line = b"%b %b HTTP/" % (method, self._url)
-        if self._carry:
-            found = (self._carry + self._chunk).find(line) >= 0
-            self._carry = bytearray()
-        else:
-            index = self._chunk.find(line, self._scan_from)
-            found = index >= 0
-            if found:
-                self._scan_from = index + len(line)
-        if not found:
-            raise FramingError("invalid request line")
-
-    def on_body(self, body: bytes) -> None:
-        exchange = self._receiving
-        if exchange is None:
-            return
-        limit = self.limits.max_body_bytes
-        if limit and exchange.bytes_in + len(body) > limit:
-            raise FramingError("request body too large", status=413)
-        exchange.on_request_body(body)
-
-    def on_message_complete(self) -> None:
-        exchange, self._receiving = self._receiving, None
-        if exchange is not None:
-            exchange.on_request_complete()
 
     # exchange queue
 
@@ -460,14 +243,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self._conn_deadline = 0.0
         self._resume(_PAUSE_BODY | _PAUSE_PIPELINE)
 
-    def _on_upgrade_request(self, rest: bytes) -> None:
-        exchange = self._queue[-1] if self._queue else None
-        if exchange is not None and rest:
-            exchange.early_data += rest
-        # Bytes after an upgrade request belong to the new protocol, or to
-        # nothing if the upstream refuses: stop parsing HTTP on this connection.
-        self._pause(_PAUSE_PIPELINE)
-
     def drain(self) -> None:
         """Close now if idle, otherwise after the response in progress."""
         self._close_when_done = True
@@ -537,9 +312,3 @@ class DownstreamProtocol(asyncio.Protocol):
             self._write_error(408, "request header read timed out")
         else:
             self.close()
-
-
-def _parser_error_status(exc: httptools.HttpParserError) -> int:
-    if "Invalid HTTP version" in str(exc):
-        return 505
-    return 400

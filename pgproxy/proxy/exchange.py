@@ -186,7 +186,13 @@ class Exchange(ResponseRelay, ExchangeFailures):
 
             target = strip_path_prefix(target, prefix)
         return build_request_head(
-            self.method, target, self.headers, info, host, self.downstream.forwarding
+            self.method,
+            target,
+            self.headers,
+            info,
+            host,
+            self.downstream.forwarding,
+            self.header_names,
         )
 
     def on_request_body(self, chunk: bytes) -> None:
@@ -302,7 +308,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
 
     def header_text(self, name: bytes) -> str:
         """Return the first value of a request header as text, or "-"."""
-        for key, value in self.headers:
-            if key.lower() == name:
+        for (_, value), key in zip(self.headers, self.header_names, strict=True):
+            if key == name:
                 return value.decode("latin-1")
         return "-"

@@ -45,6 +45,7 @@ class ExchangeState:
         "endpoint",
         "failure",
         "head_deadline",
+        "header_names",
         "headers",
         "http10",
         "info",
@@ -76,12 +77,14 @@ class ExchangeState:
         downstream: DownstreamProtocol,
         method: bytes,
         headers: list[tuple[bytes, bytes]],
+        header_names: list[bytes],
         info: RequestInfo,
         http10: bool,
     ) -> None:
         self.downstream = downstream
         self.method = method
         self.headers = headers
+        self.header_names = header_names
         self.info = info
         self.http10 = http10
         self.runtime: RuntimeGraph = downstream.service.current

@@ -163,10 +163,22 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
     )
 
 
+def lower_names(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """Return the lower-case name of each header, in order."""
+    return [name.lower() for name, _ in headers]
+
+
 def check_request_head(
-    method: bytes, target: bytes, version: str, headers: Sequence[tuple[bytes, bytes]]
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    names: Sequence[bytes] | None = None,
 ) -> RequestInfo:
     """Check one parsed request head and return its framing.
+
+    `names` are the lower-case header names, parallel to `headers`; the
+    parser callbacks collect them so that no later step lower-cases again.
 
     Raises FramingError with 400 for smuggling-shaped or malformed heads,
     501 for an unsupported transfer coding or CONNECT, and 505 for an HTTP
@@ -179,9 +191,10 @@ def check_request_head(
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    for name, value in headers:
+    if names is None:
+        names = lower_names(headers)
+    for (name, value), lower in zip(headers, names, strict=True):
         check_field(name, value)
-        lower = name.lower()
         if lower == b"host":
             hosts.append(value)
         elif lower == b"content-length":
@@ -286,9 +299,15 @@ class BadResponseError(ValueError):
 
 
 def check_response_head(
-    status: int, version: str, headers: Sequence[tuple[bytes, bytes]], head: bool
+    status: int,
+    version: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    head: bool,
+    names: Sequence[bytes] | None = None,
 ) -> ResponseInfo:
     """Decide how the body of a response to `head` (a HEAD request) is framed.
+
+    `names` are the lower-case header names, parallel to `headers`.
 
     Raises BadResponseError for conflicting framing, which the proxy turns
     into a 502 instead of guessing where the body ends.
@@ -297,8 +316,9 @@ def check_response_head(
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    for name, value in headers:
-        lower = name.lower()
+    if names is None:
+        names = lower_names(headers)
+    for (_, value), lower in zip(headers, names, strict=True):
         if lower == b"content-length":
             lengths.append(value)
         elif lower == b"transfer-encoding":

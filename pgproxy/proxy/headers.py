@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
 
-from pgproxy.proxy.framing import RequestInfo, ResponseInfo
+from pgproxy.proxy.framing import RequestInfo, ResponseInfo, lower_names
 
 Headers = Sequence[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -90,10 +90,13 @@ def build_request_head(
     info: RequestInfo,
     host: bytes,
     forwarding: Forwarding,
+    names: Sequence[bytes] | None = None,
 ) -> bytes:
     """Build the request head sent upstream, as one bytes object.
 
     `host` is the Host value chosen by the cluster's host_header policy.
+    `names` are the lower-case header names, parallel to `headers`; each
+    header is forwarded with its name as received.
     A body is re-framed from `info`: chunked stays chunked, a length is
     sent as one Content-Length.
     """
@@ -102,8 +105,9 @@ def build_request_head(
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = b""
     via: list[bytes] = []
-    for name, value in headers:
-        lower = name.lower()
+    if names is None:
+        names = lower_names(headers)
+    for (name, value), lower in zip(headers, names, strict=True):
         if lower in _REWRITTEN_REQUEST or lower in dropped:
             if lower == b"x-forwarded-for":
                 forwarded_for.append(value)
@@ -150,6 +154,7 @@ def build_response_head(
     chunked: bool,
     keep_alive: bool,
     client_http10: bool,
+    names: Sequence[bytes] | None = None,
 ) -> bytes:
     """Build the response head sent downstream, as one bytes object.
 
@@ -157,13 +162,15 @@ def build_response_head(
     close-delimited upstream body to an HTTP/1.1 client). `keep_alive`
     false adds `Connection: close`; an HTTP/1.0 client that keeps the
     connection gets `Connection: keep-alive` (RFC 9112 section 9.3).
+    `names` are the lower-case header names, parallel to `headers`.
     """
     dropped = info.connection_tokens
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
     via: list[bytes] = []
     upgrade = b""
-    for name, value in headers:
-        lower = name.lower()
+    if names is None:
+        names = lower_names(headers)
+    for (name, value), lower in zip(headers, names, strict=True):
         if lower in _REWRITTEN_RESPONSE or lower in dropped:
             if lower == b"via":
                 via.append(value)

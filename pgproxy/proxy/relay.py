@@ -41,9 +41,13 @@ class ResponseRelay(ExchangeState):
         status: int,
         reason: bytes,
         headers: list[tuple[bytes, bytes]],
+        names: list[bytes],
         version: str,
     ) -> None:
-        """Check the upstream response head and relay it, or retry."""
+        """Check the upstream response head and relay it, or retry.
+
+        `names` are the lower-case header names, parallel to `headers`.
+        """
         conn = self.upstream
         route = self.route
         assert conn is not None and self.endpoint is not None and route is not None
@@ -54,7 +58,8 @@ class ResponseRelay(ExchangeState):
         self.head_deadline = 0.0
         self.upstream_status = status
         try:
-            info = check_response_head(status, version, headers, self.method == b"HEAD")
+            head_request = self.method == b"HEAD"
+            info = check_response_head(status, version, headers, head_request, names)
             if status == 101 and self.info.upgrade is None:
                 raise BadResponseError(
                     "101 Switching Protocols without an upgrade request"
@@ -85,13 +90,14 @@ class ResponseRelay(ExchangeState):
         self.response_info = info
         if not info.keep_alive:
             conn.keep_alive = False
-        self.relay_head(status, reason, headers, info)
+        self.relay_head(status, reason, headers, names, info)
 
     def relay_head(
         self,
         status: int,
         reason: bytes,
         headers: list[tuple[bytes, bytes]],
+        names: list[bytes],
         info: ResponseInfo,
     ) -> None:
         """Write the response head downstream with the framing the client needs."""
@@ -115,6 +121,7 @@ class ResponseRelay(ExchangeState):
             chunked=self.out_chunked,
             keep_alive=keep_alive,
             client_http10=self.http10,
+            names=names,
         )
         if status == 101:
             self.start_tunnel(head)

@@ -61,6 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_finished",
         "_head_bytes",
         "_head_read",
+        "_header_names",
         "_headers",
         "_in_head",
         "_parser",
@@ -101,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._header_names: list[bytes] = []
         self._in_head = False
         self._head_bytes = 0
         self._head_read = 0
@@ -225,6 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._stray = True
             self.keep_alive = False
         self._headers = []
+        self._header_names = []
         self._reason = b""
         self._in_head = True
         self._head_bytes = 0
@@ -237,6 +240,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
             self._headers.append((name, value))
+            self._header_names.append(name.lower())
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > self.max_head:
                 raise _ResponseHeadTooLarge
@@ -249,7 +253,11 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         status = parser.get_status_code()
         exchange.on_response_head(
-            status, self._reason, self._headers, parser.get_http_version()
+            status,
+            self._reason,
+            self._headers,
+            self._header_names,
+            parser.get_http_version(),
         )
         if self.head_only and status >= 200 and self.exchange is exchange:
             # llhttp cannot be told that a HEAD response has no body; finish

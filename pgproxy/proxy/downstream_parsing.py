@@ -1,0 +1,188 @@
+"""Request parsing of a client connection: llhttp callbacks and head checks.
+
+Invariants:
+- An exchange starts (route, pick, connect) only after the read that
+  completed its head has been parsed without error, so a request whose
+  head or first body bytes are malformed is answered with 4xx and never
+  reaches an upstream.
+- The request line has exactly one SP between its parts, and the head and
+  body stay within the listener's size limits; anything else is rejected
+  before an exchange exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from pgproxy.proxy.downstream_state import (
+    _HEADER,
+    _IDLE,
+    _NO_HEADERS,
+    _NO_NAMES,
+    _PAUSE_PIPELINE,
+    DownstreamState,
+)
+from pgproxy.proxy.exchange import Exchange
+from pgproxy.proxy.framing import FramingError, check_request_head
+
+if TYPE_CHECKING:
+    from pgproxy.proxy.downstream import DownstreamProtocol
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_AND_SPACE_RE = re.compile(rb"^(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
+
+
+class RequestParsing(DownstreamState):
+    """Feeds client bytes to llhttp and queues each checked request head."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.on_tunnel_client_data(data)
+            return
+        was_in_head = self._in_head
+        self._feeding = True
+        self._chunk = data
+        self._scan_from = 0
+        try:
+            error = self._feed(data)
+        finally:
+            self._feeding = False
+            self._chunk = b""
+        if error is not None:
+            self._reject(*error)
+        elif self._in_head:
+            if was_in_head:
+                self._head_bytes += len(data)
+            if not was_in_head:
+                self._carry = bytearray(data[self._scan_from :])
+            else:
+                self._carry += data
+            if max(self._head_bytes, self._header_bytes) > self.limits.max_header_bytes:
+                self._reject(431, "request header fields too large")
+        self._run_queue()
+
+    def _feed(self, data: bytes) -> tuple[int, str] | None:
+        """Parse bytes; return the status and reason of a malformed request."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._on_upgrade_request(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, FramingError):
+                return cause.status, str(cause)
+            logger.error(
+                "error handling a request from %s", self.client, exc_info=cause
+            )
+            return 500, "internal error"
+        except httptools.HttpParserInvalidMethodError:
+            # RFC 9110 section 9.1: a well-formed but unknown method is 501.
+            if _TOKEN_AND_SPACE_RE.match(data):
+                return 501, "method not implemented"
+            return 400, "malformed request: invalid method"
+        except httptools.HttpParserError as exc:
+            return _parser_error_status(exc), f"malformed request: {exc}"
+        return None
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._header_names = []
+        self._header_bytes = 0
+        if self._conn_deadline_kind == _IDLE:
+            self._set_conn_deadline(_HEADER, self.limits.header_read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field of a chunked body: not forwarded
+        self._headers.append((name, value))
+        self._header_names.append(name.lower())
+        self._header_bytes += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._conn_deadline = 0.0
+        self._conn_deadline_kind = 0
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise FramingError("request header fields too large", status=431)
+        parser = self._parser
+        method = parser.get_method()
+        self._check_request_line(method)
+        version = parser.get_http_version()
+        names = self._header_names
+        info = check_request_head(method, self._url, version, self._headers, names)
+        limit = self.limits.max_body_bytes
+        if limit and info.content_length is not None and info.content_length > limit:
+            raise FramingError("request body too large", status=413)
+        # Only DownstreamProtocol, which adds no state, derives from this class.
+        downstream = cast("DownstreamProtocol", self)
+        exchange = Exchange(
+            downstream, method, self._headers, names, info, version == "1.0"
+        )
+        # The exchange owns the head now; an idle connection keeps none of it.
+        self._headers = _NO_HEADERS
+        self._header_names = _NO_NAMES
+        self._url = b""
+        if self._queue:
+            self._pause(_PAUSE_PIPELINE)
+        self._queue.append(exchange)
+        self._receiving = exchange
+
+    def _check_request_line(self, method: bytes) -> None:
+        # RFC 9112 section 3 puts exactly one SP between the parts of the
+        # request line. llhttp accepts several, and a proxy must not be more
+        # lenient than the servers behind it.
+        line = b"%b %b HTTP/" % (method, self._url)
+        if self._carry:
+            found = (self._carry + self._chunk).find(line) >= 0
+            self._carry = bytearray()
+        else:
+            index = self._chunk.find(line, self._scan_from)
+            found = index >= 0
+            if found:
+                self._scan_from = index + len(line)
+        if not found:
+            raise FramingError("invalid request line")
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._receiving
+        if exchange is None:
+            return
+        limit = self.limits.max_body_bytes
+        if limit and exchange.bytes_in + len(body) > limit:
+            raise FramingError("request body too large", status=413)
+        exchange.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._receiving = self._receiving, None
+        if exchange is not None:
+            exchange.on_request_complete()
+
+    def _on_upgrade_request(self, rest: bytes) -> None:
+        exchange = self._queue[-1] if self._queue else None
+        if exchange is not None and rest:
+            exchange.early_data += rest
+        # Bytes after an upgrade request belong to the new protocol, or to
+        # nothing if the upstream refuses: stop parsing HTTP on this connection.
+        self._pause(_PAUSE_PIPELINE)
+
+
+def _parser_error_status(exc: httptools.HttpParserError) -> int:
+    if "Invalid HTTP version" in str(exc):
+        return 505
+    return 400
