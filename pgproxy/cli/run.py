@@ -21,6 +21,7 @@ from pgproxy.graph.load import LoadedGraph
 from pgproxy.graph.types import Listener
 from pgproxy.observability.logging import setup_logging
 from pgproxy.server.admin import AdminServer
+from pgproxy.server.allocator import tune_allocator
 from pgproxy.server.listeners import (
     BindError,
     BoundListener,
@@ -63,6 +64,7 @@ def run_command(
     # SIGHUP's default action ends the process. It is ignored until the
     # reload handler is installed, so an early one is lost instead of fatal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    tune_allocator()
     if log_level.upper() not in LOG_LEVELS:
         raise typer.BadParameter(
             f"expected one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"

@@ -31,6 +31,7 @@ from pgproxy.errors import ConfigError
 from pgproxy.graph.types import Listener
 from pgproxy.observability.logging import setup_logging
 from pgproxy.observability.metrics import Snapshot
+from pgproxy.server.allocator import tune_allocator
 from pgproxy.server.control import Channel, ChannelClosedError
 from pgproxy.server.listeners import BindError, BoundListener, server_ssl_context
 from pgproxy.server.operations import Operations, OperationsSettings
@@ -162,6 +163,7 @@ def main() -> None:
         sys.stderr.write("pgproxy worker: started without PGPROXY_WORKER settings\n")
         sys.exit(2)
     setup_logging(settings.log_level)
+    tune_allocator()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerPrefix())
     started = time.monotonic()
