@@ -37,7 +37,7 @@ class ConfigError(PgproxyError):
 
 
 class Side(enum.Enum):
-    """Which peer caused a proxy error."""
+    """The peer that caused a proxy error."""
 
     DOWNSTREAM = "downstream"
     UPSTREAM = "upstream"
@@ -47,8 +47,8 @@ class Side(enum.Enum):
 class ProxyError(PgproxyError):
     """One request failed.
 
-    `status` is the HTTP status sent to the client, `side` says who caused it,
-    `retryable` says whether another endpoint may be tried with the same request
+    `status` is the HTTP status sent to the client, `side` names who caused it,
+    `retryable` tells whether another endpoint may be tried with the same request
     (true only when the request provably never reached the upstream, or the
     route's retry policy allows it), and `flag` is the short failure name
     written to the access log.

@@ -301,7 +301,7 @@ class OutlierDetectionConfig(_Model):
         default=5,
         ge=1,
         le=1000,
-        description="Connect failures or 502-504 answers in a row that eject an "
+        description="Connect failures or 502-504 responses in a row that eject an "
         "endpoint.",
     )
     base_ejection_time: PositiveDurationSeconds = Field(
@@ -368,7 +368,7 @@ class ClusterConfig(_Model):
     )
     when_all_unhealthy: Literal["fail", "route_to_all"] = Field(
         default="fail",
-        description='With no healthy endpoint: "fail" answers 503 with Retry-After; '
+        description='With no healthy endpoint: "fail" responds 503 with Retry-After; '
         '"route_to_all" ignores health.',
     )
     health_check: HealthCheckConfig | None = Field(

@@ -63,7 +63,7 @@ class Route:
     """One routing rule with its conditions normalised for fast matching.
 
     `host` is lower-case without a port; a wildcard host keeps its `*.` form.
-    `headers` holds (lower-case name, exact value) pairs. `index` is the
+    `headers` contains (lower-case name, exact value) pairs. `index` is the
     route's position in the file, used for tie-breaks and the default name.
     """
 
@@ -96,7 +96,7 @@ class Router(Protocol):
         path: str,
         headers: Mapping[str, str],
     ) -> Route | None:
-        """Return the winning route, or None (the proxy answers 404).
+        """Return the winning route, or None (the proxy responds with 404).
 
         `host` is the request's Host without port, lower-case; `headers` maps
         lower-case header names to values.

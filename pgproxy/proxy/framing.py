@@ -37,7 +37,7 @@ class FramingError(DownstreamError):
 
 
 class RequestInfo:
-    """What the head of one request states about its framing and connection.
+    """Framing and connection facts from the head of one request.
 
     `content_length` is None unless the body is length-delimited; `chunked`
     is true for a chunked body; with neither, the request has no body (RFC
@@ -279,7 +279,7 @@ def _keep_alive(tokens: frozenset[bytes], version: str) -> bool:
 
 
 class ResponseInfo:
-    """What the head of one upstream response states about its body.
+    """Body framing of one upstream response, from its head.
 
     `body` is "none", "length", "chunked" or "close" (read until the
     connection closes, RFC 9112 section 6.3 rule 8).

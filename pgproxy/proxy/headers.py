@@ -73,7 +73,7 @@ def strip_path_prefix(target: bytes, prefix: bytes) -> bytes:
 
 
 class Forwarding:
-    """What the proxy knows about the downstream peer, per connection."""
+    """Facts about the downstream peer, recorded once per connection."""
 
     __slots__ = ("client_ip", "proto", "trusted")
 
@@ -158,7 +158,7 @@ def build_response_head(
 ) -> bytes:
     """Build the response head sent downstream, as one bytes object.
 
-    `chunked` says the proxy re-frames the body as chunked (a chunked or
+    `chunked` means the proxy re-frames the body as chunked (a chunked or
     close-delimited upstream body to an HTTP/1.1 client). `keep_alive`
     false adds `Connection: close`; an HTTP/1.0 client that keeps the
     connection gets `Connection: keep-alive` (RFC 9112 section 9.3).

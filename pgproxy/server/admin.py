@@ -45,7 +45,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 @dataclass(frozen=True)
 class AdminSources:
-    """Where the admin endpoints read from.
+    """Data source of the admin endpoints.
 
     `metrics` returns Prometheus text, `status` returns a JSON-serialisable
     mapping, and `draining` returns whether the process is shutting down.
