@@ -59,7 +59,7 @@ def build_balancer(cluster: Cluster, rng: random.Random | None = None) -> Balanc
     endpoints.
     """
     endpoints = cluster.endpoints
-    kind = cluster.config.balancer
+    kind = cluster.settings.balancer
     if kind == "consistent_hash":
         return ConsistentHashBalancer(endpoints)
     if kind == "least_request":

@@ -32,10 +32,10 @@ from rich.text import Text
 from typer.core import TyperCommand
 
 from pgproxy.cli.check_upstreams_admin import check_admin
-from pgproxy.config.models import HealthCheckConfig
 from pgproxy.config.units import parse_duration
 from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
+from pgproxy.graph.settings import HealthCheckSettings
 from pgproxy.graph.types import Cluster, Endpoint
 from pgproxy.health.active import ProbeResult, Stage, probe_endpoint
 
@@ -120,8 +120,8 @@ class ClusterReport:
 
 def probe_timeout(cluster: Cluster) -> float:
     """Return the per-probe timeout: the check's, or the connect_timeout for TCP."""
-    check = cluster.config.health_check
-    return check.timeout if check is not None else cluster.config.connect_timeout
+    check = cluster.settings.health_check
+    return check.timeout if check is not None else cluster.settings.connect_timeout
 
 
 async def check_clusters(
@@ -140,9 +140,9 @@ async def check_clusters(
             if remaining <= 0:
                 return
             timeout = min(probe_timeout(cluster), remaining)
-            check = cluster.config.health_check
+            check = cluster.settings.health_check
             result = await probe_endpoint(
-                endpoint, check, timeout, ca_file=cluster.config.tls_ca_file
+                endpoint, check, timeout, ca_file=cluster.settings.tls_ca_file
             )
             results[(cluster.name, endpoint.address)] = result
 
@@ -177,7 +177,7 @@ def exit_code(reports: Sequence[ClusterReport]) -> int:
 
 def describe_check(cluster: Cluster) -> dict[str, Any]:
     """Return the check used for `cluster`, as written in the JSON output."""
-    check: HealthCheckConfig | None = cluster.config.health_check
+    check: HealthCheckSettings | None = cluster.settings.health_check
     if check is None or check.type == "tcp":
         return {"type": "tcp", "timeout_s": probe_timeout(cluster)}
     return {

@@ -255,7 +255,7 @@ def _print_target(
     cluster = graph.clusters[route.cluster]
     balancer = build_balancer(cluster, random.Random(0))
 
-    config = cluster.config
+    config = cluster.settings
     key = None
     pick_reason = f"{config.balancer}, first pick of a fresh balancer"
     if config.balancer == "consistent_hash" and config.hash_key is not None:

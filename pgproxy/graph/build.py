@@ -72,6 +72,13 @@ from pgproxy.config.models import (
 from pgproxy.config.sourcemap import format_key_path
 from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
 from pgproxy.graph.routing import RouteTable
+from pgproxy.graph.settings import (
+    ClusterSettings,
+    ListenerSettings,
+    RespondSettings,
+    ServerSettings,
+    settings_from_config,
+)
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
 
@@ -126,7 +133,7 @@ def build_graph(config: Config, source: str) -> tuple[Graph | None, list[Diagnos
     if found.has_errors:
         return None, found.items
     graph = Graph(
-        config=config,
+        server=settings_from_config(ServerSettings, config.server),
         source=source,
         listeners=MappingProxyType(listeners),
         clusters=MappingProxyType(clusters),
@@ -151,7 +158,9 @@ def _build_listeners(config: Config, found: _Collector) -> dict[str, Listener]:
         bound.append(("server.admin", host, port))
     for name, listener_config in config.listeners.items():
         host, port = parse_host_port(listener_config.address)
-        listeners[name] = Listener(name, host, port, listener_config)
+        listeners[name] = Listener(
+            name, host, port, settings_from_config(ListenerSettings, listener_config)
+        )
         bound.append((format_key_path(("listeners", name, "address")), host, port))
     _check_addresses(bound, found)
     _check_trusted_proxies(config, found)
@@ -238,7 +247,8 @@ def _build_clusters(config: Config, found: _Collector) -> dict[str, Cluster]:
     for name, cluster_config in config.clusters.items():
         endpoints = _build_endpoints(name, cluster_config, found)
         _check_cluster(name, cluster_config, found)
-        clusters[name] = Cluster(name, tuple(endpoints), cluster_config)
+        settings = settings_from_config(ClusterSettings, cluster_config)
+        clusters[name] = Cluster(name, tuple(endpoints), settings)
     return clusters
 
 
@@ -336,7 +346,11 @@ def _build_route(
             for name, value in (route_config.headers or {}).items()
         ),
         cluster=route_config.cluster,
-        respond=route_config.respond,
+        respond=(
+            None
+            if route_config.respond is None
+            else settings_from_config(RespondSettings, route_config.respond)
+        ),
         strip_prefix=route_config.strip_prefix,
         timeout=route_config.timeout,
         retries=route_config.retries,

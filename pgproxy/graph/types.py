@@ -2,8 +2,10 @@
 
 A Graph is built once from a validated Config (see `pgproxy.graph.build`) and
 never changes afterwards; a reload builds a new Graph and swaps it whole.
-These types hold data only. Matching lives in `pgproxy.graph.routing` and
-selection in `pgproxy.balancing`, both sans-IO.
+These types hold data only, and plain data: settings come from
+`pgproxy.graph.settings`, not from the pydantic models, so a graph pickles
+into a worker process that never imports pydantic. Matching lives in
+`pgproxy.graph.routing` and selection in `pgproxy.balancing`, both sans-IO.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
-from pgproxy.config.models import (
-    ClusterConfig,
-    Config,
-    ListenerConfig,
-    RespondConfig,
+from pgproxy.config.diagnostics import Diagnostic
+from pgproxy.graph.settings import (
+    ClusterSettings,
+    ListenerSettings,
+    RespondSettings,
+    ServerSettings,
 )
 
 
@@ -42,7 +46,7 @@ class Cluster:
 
     name: str
     endpoints: tuple[Endpoint, ...]
-    config: ClusterConfig
+    settings: ClusterSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,7 @@ class Listener:
     name: str
     host: str
     port: int
-    config: ListenerConfig
+    settings: ListenerSettings
 
 
 PathKind = Literal["any", "exact", "prefix", "regex"]
@@ -78,7 +82,7 @@ class Route:
     methods: frozenset[str] | None
     headers: tuple[tuple[str, str], ...]
     cluster: str | None
-    respond: RespondConfig | None
+    respond: RespondSettings | None
     strip_prefix: bool
     timeout: float
     retries: int
@@ -108,7 +112,7 @@ class Router(Protocol):
 class Graph:
     """The immutable listener -> route -> cluster graph of one loaded config."""
 
-    config: Config
+    server: ServerSettings
     source: str
     listeners: Mapping[str, Listener]
     clusters: Mapping[str, Cluster]
@@ -125,3 +129,46 @@ class Graph:
     ) -> Route | None:
         """Return the route for a request, or None; see Router.match."""
         return self.router.match(listener, method, host, path, headers)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Mapping proxies do not pickle; the graph travels as plain dicts and
+        # is wrapped again on arrival.
+        return (
+            _rebuild_graph,
+            (
+                self.server,
+                self.source,
+                dict(self.listeners),
+                dict(self.clusters),
+                self.routes,
+                self.router,
+            ),
+        )
+
+
+def _rebuild_graph(
+    server: ServerSettings,
+    source: str,
+    listeners: dict[str, Listener],
+    clusters: dict[str, Cluster],
+    routes: tuple[Route, ...],
+    router: Router,
+) -> Graph:
+    return Graph(
+        server,
+        source,
+        MappingProxyType(listeners),
+        MappingProxyType(clusters),
+        routes,
+        router,
+    )
+
+
+@dataclass(frozen=True)
+class LoadedGraph:
+    """A Graph built from one file, its warnings and the hash of its bytes."""
+
+    graph: Graph
+    diagnostics: list[Diagnostic]
+    # sha256 hex digest of the file's bytes; equal hashes mean equal configs.
+    config_hash: str

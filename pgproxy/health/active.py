@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import anyio
 import httpcore
 
-from pgproxy.config.models import HealthCheckConfig, parse_status_ranges
+from pgproxy.config.parsing import parse_status_ranges
+from pgproxy.graph.settings import HealthCheckSettings
 from pgproxy.graph.types import Endpoint, Graph
 from pgproxy.health.passive import log_transition, run_transition_sweeper
 from pgproxy.health.state import HealthTable
@@ -114,7 +115,7 @@ class _Probe:
     def __init__(
         self,
         endpoint: Endpoint,
-        check: HealthCheckConfig | None,
+        check: HealthCheckSettings | None,
         ssl_context: ssl.SSLContext | None,
         ca_file: str | None,
     ) -> None:
@@ -183,7 +184,7 @@ class _Probe:
         raise error
 
     async def _request(
-        self, stream: httpcore.AsyncNetworkStream, check: HealthCheckConfig
+        self, stream: httpcore.AsyncNetworkStream, check: HealthCheckSettings
     ) -> tuple[Stage, int | None, str]:
         endpoint = self.endpoint
         scheme = b"https" if endpoint.tls else b"http"
@@ -209,7 +210,7 @@ class _Probe:
         return Stage.HTTP_STATUS, response.status, detail
 
 
-def probe_host_header(endpoint: Endpoint, check: HealthCheckConfig) -> str:
+def probe_host_header(endpoint: Endpoint, check: HealthCheckSettings) -> str:
     """Return the Host header of an HTTP probe: the configured host or host:port."""
     if check.host:
         return check.host
@@ -245,7 +246,7 @@ def _describe_error(exc: BaseException) -> str:
 
 async def probe_endpoint(
     endpoint: Endpoint,
-    check: HealthCheckConfig | None,
+    check: HealthCheckSettings | None,
     timeout: float,  # noqa: ASYNC109 - one bound shared by every probe step
     *,
     ssl_context: ssl.SSLContext | None = None,
@@ -285,7 +286,7 @@ def jittered(interval: float, rng: random.Random) -> float:
 
 async def _probe_once(
     endpoint: Endpoint,
-    check: HealthCheckConfig,
+    check: HealthCheckSettings,
     table: HealthTable,
     ca_file: str | None,
 ) -> None:
@@ -306,7 +307,7 @@ async def _probe_once(
 
 async def _probe_loop(
     endpoint: Endpoint,
-    check: HealthCheckConfig,
+    check: HealthCheckSettings,
     table: HealthTable,
     rng: random.Random,
     ca_file: str | None,
@@ -333,9 +334,9 @@ async def run_active_checks(
     """
     rng = rng or random.Random()
     loops = [
-        (endpoint, cluster.config.health_check, cluster.config.tls_ca_file)
+        (endpoint, cluster.settings.health_check, cluster.settings.tls_ca_file)
         for cluster in graph.clusters.values()
-        if cluster.config.health_check is not None
+        if cluster.settings.health_check is not None
         for endpoint in cluster.endpoints
     ]
     logger.debug("starting health probes of %d endpoints", len(loops))

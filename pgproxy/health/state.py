@@ -33,7 +33,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from pgproxy.config.models import HealthCheckConfig, OutlierDetectionConfig
+from pgproxy.graph.settings import (
+    DEFAULT_HEALTH_CHECK,
+    OutlierDetectionSettings,
+)
 from pgproxy.graph.types import Cluster, Endpoint
 
 # Queued passive transitions beyond this are dropped and counted, so the queue
@@ -132,12 +135,9 @@ def max_ejected(endpoint_count: int, max_ejection_percent: int) -> int:
     return allowed
 
 
-def ejection_time(ejections: int, outlier: OutlierDetectionConfig) -> float:
+def ejection_time(ejections: int, outlier: OutlierDetectionSettings) -> float:
     """Return the length of the `ejections`-th ejection, in seconds."""
     return min(outlier.base_ejection_time * ejections, outlier.max_ejection_time)
-
-
-_DEFAULT_CHECK = HealthCheckConfig(healthy_threshold=1, unhealthy_threshold=1)
 
 
 class HealthTable:
@@ -219,7 +219,7 @@ class HealthTable:
         if state.ejected_until:
             return  # an outcome of a request sent before the ejection
         state.consecutive_failures += 1
-        outlier = self._clusters[endpoint.cluster].config.outlier_detection
+        outlier = self._clusters[endpoint.cluster].settings.outlier_detection
         if (
             not outlier.enabled
             or state.consecutive_failures < outlier.consecutive_failures
@@ -238,7 +238,8 @@ class HealthTable:
             return None
         now = self._clock()
         self._queue(self._end_ejection(state, now))
-        check = self._clusters[endpoint.cluster].config.health_check or _DEFAULT_CHECK
+        settings = self._clusters[endpoint.cluster].settings
+        check = settings.health_check or DEFAULT_HEALTH_CHECK
         if ok:
             state.consecutive_probe_failures = 0
             state.consecutive_probe_successes += 1
@@ -284,7 +285,7 @@ class HealthTable:
         now = self._clock()
         result: dict[str, dict[str, dict[str, object]]] = {}
         for name, states in self._states.items():
-            base = self._clusters[name].config.outlier_detection.base_ejection_time
+            base = self._clusters[name].settings.outlier_detection.base_ejection_time
             result[name] = {
                 address: self._describe(state, now, base)
                 for address, state in states.items()
@@ -312,7 +313,7 @@ class HealthTable:
         return [state for states in self._states.values() for state in states.values()]
 
     def _may_eject(
-        self, cluster: str, now: float, outlier: OutlierDetectionConfig
+        self, cluster: str, now: float, outlier: OutlierDetectionSettings
     ) -> bool:
         states = self._states[cluster]
         ejected = sum(1 for state in states.values() if state.ejected_until > now)
@@ -322,7 +323,7 @@ class HealthTable:
         self,
         state: EndpointHealth,
         now: float,
-        outlier: OutlierDetectionConfig,
+        outlier: OutlierDetectionSettings,
         reason: str,
     ) -> None:
         count = state.consecutive_failures

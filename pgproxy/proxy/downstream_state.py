@@ -79,7 +79,7 @@ class DownstreamState(asyncio.Protocol):
     def __init__(self, service: ProxyService, listener: Listener) -> None:
         self.service = service
         self.listener_name = listener.name
-        self.limits = listener.config
+        self.limits = listener.settings
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client = ""

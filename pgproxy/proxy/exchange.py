@@ -78,8 +78,8 @@ class Exchange(ResponseRelay, ExchangeFailures):
         cluster = self.runtime.clusters[route.cluster]
         self.cluster = cluster
         key = None
-        spec = cluster.config.hash_key
-        if spec is not None and cluster.config.balancer == "consistent_hash":
+        spec = cluster.settings.hash_key
+        if spec is not None and cluster.settings.balancer == "consistent_hash":
             key = hash_key_value(spec, headers, path, query, self.downstream.client_ip)
         self.candidates = cluster.balancer.candidates(key)
         self.set_deadline(self.downstream.loop.time() + route.timeout)
@@ -91,7 +91,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         assert cluster is not None and self.candidates is not None
         health = self.downstream.service.health
         ignore_health = (
-            cluster.config.when_all_unhealthy == "route_to_all"
+            cluster.settings.when_all_unhealthy == "route_to_all"
             and health.all_unavailable(cluster.name)
         )
         for endpoint in self.candidates:
@@ -123,7 +123,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         """Open a new connection to the picked endpoint, then forward on it."""
         assert self.cluster is not None
         try:
-            conn = await pool.connect(self.cluster.config.connect_timeout)
+            conn = await pool.connect(self.cluster.settings.connect_timeout)
         except UpstreamError as error:
             self.connect_task = None
             if not self.done:
@@ -175,7 +175,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         info = self.info
         if cluster.host_literal is not None:
             host = cluster.host_literal
-        elif cluster.config.host_header == "endpoint" or not info.host_raw:
+        elif cluster.settings.host_header == "endpoint" or not info.host_raw:
             host = cluster.hosts[self.endpoint.address]
         else:
             host = info.host_raw
@@ -226,7 +226,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
     def arm_head_timeout(self) -> None:
         """Start the response header timeout once the request is fully sent."""
         assert self.cluster is not None
-        at = self.downstream.loop.time() + self.cluster.config.response_header_timeout
+        at = self.downstream.loop.time() + self.cluster.settings.response_header_timeout
         self.head_deadline = at
         self.downstream.watch_deadline(at)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import http
 
-from pgproxy.config.models import RespondConfig
+from pgproxy.graph.settings import RespondSettings
 
 # Seconds a client is asked to wait after a 503 because no endpoint can serve.
 RETRY_AFTER_SECONDS = 5
@@ -53,14 +53,14 @@ class FixedResponse:
 
     __slots__ = ("body", "head", "status")
 
-    def __init__(self, config: RespondConfig) -> None:
-        self.status = config.status
-        self.body = config.body.encode()
+    def __init__(self, settings: RespondSettings) -> None:
+        self.status = settings.status
+        self.body = settings.body.encode()
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, reason_phrase(self.status))]
-        names = {name.lower() for name in config.headers}
+        names = {name.lower() for name, _ in settings.headers}
         if "content-type" not in names:
             lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
-        for name, value in config.headers.items():
+        for name, value in settings.headers:
             if name.lower() in ("content-length", "connection", "transfer-encoding"):
                 continue
             lines.append(f"{name}: {value}\r\n".encode())

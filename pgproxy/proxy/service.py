@@ -33,34 +33,34 @@ class ClusterRuntime:
     __slots__ = (
         "balancer",
         "cluster",
-        "config",
         "host_literal",
         "hosts",
         "name",
         "pools",
+        "settings",
     )
 
     def __init__(self, cluster: Cluster, pools: Pools) -> None:
         self.cluster = cluster
         self.name = cluster.name
-        self.config = cluster.config
+        self.settings = cluster.settings
         self.balancer: Balancer = build_balancer(cluster)
         self.pools: dict[str, EndpointPool] = {}
         self.hosts: dict[str, bytes] = {}
         for endpoint in cluster.endpoints:
             pool = pools.get(
                 endpoint,
-                self.config.pool_idle_timeout,
-                self.config.max_idle_connections,
+                self.settings.pool_idle_timeout,
+                self.settings.max_idle_connections,
             )
-            pool.idle_timeout = self.config.pool_idle_timeout
-            pool.max_idle = self.config.max_idle_connections
-            pool.max_response_head = self.config.max_response_header_bytes
-            pool.tls_ca_file = self.config.tls_ca_file
+            pool.idle_timeout = self.settings.pool_idle_timeout
+            pool.max_idle = self.settings.max_idle_connections
+            pool.max_response_head = self.settings.max_response_header_bytes
+            pool.tls_ca_file = self.settings.tls_ca_file
             self.pools[endpoint.address] = pool
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             self.hosts[endpoint.address] = f"{host}:{endpoint.port}".encode("idna")
-        policy = self.config.host_header
+        policy = self.settings.host_header
         self.host_literal: bytes | None = (
             None if policy in ("preserve", "endpoint") else policy.encode("idna")
         )
@@ -85,7 +85,7 @@ class RuntimeGraph:
                 self.fixed[route.index] = FixedResponse(route.respond)
             if route.strip_prefix and route.path_kind == "prefix":
                 self.strip[route.index] = route.path.encode()
-        self.trusted_proxies = tuple(graph.config.server.trusted_proxies)
+        self.trusted_proxies = tuple(graph.server.trusted_proxies)
         # Metrics bound to this graph, by listener name; None without metrics.
         self.metrics: dict[str, ListenerMetrics] | None = None
 

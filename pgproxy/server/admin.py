@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 import h11
 
-from pgproxy.config.models import parse_host_port
+from pgproxy.config.parsing import parse_host_port
 from pgproxy.server.listeners import bind_socket
 
 logger = logging.getLogger(__name__)

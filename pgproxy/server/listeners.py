@@ -65,7 +65,7 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 
 def server_ssl_context(listener: Listener) -> ssl.SSLContext | None:
     """Build the TLS context of a listener with `tls`, or return None."""
-    tls = listener.config.tls
+    tls = listener.settings.tls
     if tls is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -91,7 +91,7 @@ def bind_listeners(graph: Graph, *, reuse_port: bool = False) -> list[BoundListe
                 reason = exc.strerror or str(exc)
                 raise BindError(
                     f'cannot bind listener "{listener.name}" to '
-                    f"{listener.config.address}: {reason}"
+                    f"{listener.settings.address}: {reason}"
                 ) from None
             bound.append(BoundListener(listener, sock, context))
     except BaseException:

@@ -15,8 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pgproxy.graph.load import LoadedGraph
-from pgproxy.graph.types import Graph, Listener
+from pgproxy.graph.types import Graph, Listener, LoadedGraph
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import EndpointReading, Metrics
 from pgproxy.proxy.exchange import Exchange
@@ -100,7 +99,7 @@ class ServiceState:
         server = self.servers.get(listener.name)
         if old is None or server is None or not server.sockets:
             return None
-        if old.config.address != listener.config.address:
+        if old.settings.address != listener.settings.address:
             return None
         sock = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
         return BoundListener(listener, sock, server_ssl_context(listener))

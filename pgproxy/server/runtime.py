@@ -54,7 +54,7 @@ async def serve(
     bound = list(listeners) if listeners is not None else bind_listeners(graph)
     loop = asyncio.get_running_loop()
     health = HealthTable(graph.clusters, time.monotonic)
-    service = ProxyService(graph, health, AccessLog(graph.config.server.access_log))
+    service = ProxyService(graph, health, AccessLog(graph.server.access_log))
     servers: dict[str, asyncio.Server] = {}
     for item in bound:
         server = await loop.create_server(
@@ -83,7 +83,7 @@ async def serve(
         await _shutdown(
             service,
             list(servers.values()),
-            service.current.graph.config.server.drain_timeout,
+            service.current.graph.server.drain_timeout,
             force_trigger,
         )
         stop_probes.set()

@@ -58,7 +58,7 @@ def bind_listener(listener: Listener, count: int) -> list[socket.socket]:
         raise OSError(
             error.errno,
             f'could not bind listener "{listener.name}" on '
-            f"{listener.config.address}: {error.strerror or error}",
+            f"{listener.settings.address}: {error.strerror or error}",
         ) from error
     if not share:
         return sockets * count

@@ -71,13 +71,13 @@ def test_demo_config_shape() -> None:
     [listener] = graph.listeners.values()
     assert (listener.host, listener.port) == ("127.0.0.1", 8080)
     [cluster] = graph.clusters.values()
-    assert cluster.config.balancer == "round_robin"
+    assert cluster.settings.balancer == "round_robin"
     assert [e.address for e in cluster.endpoints] == [
         "127.0.0.1:9101",
         "127.0.0.1:9102",
         "127.0.0.1:9103",
     ]
-    check = cluster.config.health_check
+    check = cluster.settings.health_check
     assert check is not None
     assert (check.type, check.path) == ("http", "/healthz")
     info = [route for route in graph.routes if route.respond is not None]

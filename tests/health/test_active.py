@@ -21,6 +21,7 @@ from pgproxy.config.models import (
     OutlierDetectionConfig,
     split_endpoint_address,
 )
+from pgproxy.graph.settings import ClusterSettings, ServerSettings, settings_from_config
 from pgproxy.graph.types import Cluster, Endpoint, Graph
 from pgproxy.health.active import (
     ProbeResult,
@@ -65,11 +66,12 @@ def make_graph(clusters: dict[str, ClusterConfig]) -> Graph:
         name: Cluster(
             name,
             tuple(endpoint(ep.address, name) for ep in cluster.endpoint_configs()),
-            cluster,
+            settings_from_config(ClusterSettings, cluster),
         )
         for name, cluster in clusters.items()
     }
-    return Graph(config, "test.toml", {}, built, (), router=None)  # type: ignore[arg-type]
+    server = settings_from_config(ServerSettings, config.server)
+    return Graph(server, "test.toml", {}, built, (), router=None)  # type: ignore[arg-type]
 
 
 async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> float:

@@ -13,6 +13,7 @@ from pgproxy.config.models import (
     HealthCheckConfig,
     OutlierDetectionConfig,
 )
+from pgproxy.graph.settings import ClusterSettings, settings_from_config
 from pgproxy.graph.types import Cluster, Endpoint
 from pgproxy.health.state import (
     HealthTable,
@@ -70,7 +71,7 @@ def make_cluster(
         Endpoint(address, address.split(":")[0], 8000, False, 1, name)
         for address in addresses
     )
-    return Cluster(name, endpoints, config)
+    return Cluster(name, endpoints, settings_from_config(ClusterSettings, config))
 
 
 def make_table(*clusters: Cluster) -> tuple[HealthTable, FakeClock]:
@@ -503,7 +504,7 @@ def test_carry_over_keeps_unchanged_endpoints() -> None:
     new_cluster = Cluster(
         "api",
         tuple(reversed([new_cluster.endpoints[i] for i in (0, 1, 3)])),
-        new_cluster.config,
+        new_cluster.settings,
     )
     new = HealthTable({"api": new_cluster}, clock)
     new.carry_over(old)

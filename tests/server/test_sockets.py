@@ -10,13 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from pgproxy.config.models import ListenerConfig
+from pgproxy.graph.settings import ListenerSettings, settings_from_config
 from pgproxy.graph.types import Listener
 from pgproxy.server.sockets import HAS_REUSEPORT, bind_listener, bound_address
 
 
 def _listener(address: str = "127.0.0.1:0") -> Listener:
     host, _, port = address.rpartition(":")
-    return Listener("main", host, int(port), ListenerConfig(address=address))
+    settings = settings_from_config(ListenerSettings, ListenerConfig(address=address))
+    return Listener("main", host, int(port), settings)
 
 
 @pytest.fixture

@@ -1,0 +1,148 @@
+"""Plain settings of a built graph: what the data plane reads from the config.
+
+The pydantic models in `pgproxy.config.models` validate a file; these frozen
+dataclasses carry the validated values into the serving process. They import
+nothing but the standard library, so a process that serves a graph never
+imports pydantic (about 13 MiB of resident memory per process), and a graph
+pickles and unpickles without the config models. Field names and units match
+the models' (durations in float seconds, sizes in bytes);
+`settings_from_config` copies them, and a test checks that every field here
+exists on its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Process-wide settings from `[server]`."""
+
+    workers: int | Literal["auto"]
+    drain_timeout: float
+    admin: str | None
+    access_log: Literal["json", "combined", "off"]
+    trusted_proxies: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Certificate and key of a TLS listener."""
+
+    certificate: str
+    private_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """A listener's address and the limits it puts on downstream clients."""
+
+    address: str
+    header_read_timeout: float
+    idle_timeout: float
+    max_header_bytes: int
+    max_body_bytes: int
+    tls: TlsSettings | None
+
+
+@dataclass(frozen=True, slots=True)
+class RespondSettings:
+    """A fixed response that pgproxy sends itself."""
+
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckSettings:
+    """An active health check of a cluster's endpoints."""
+
+    type: Literal["http", "tcp"]
+    path: str
+    method: Literal["GET", "HEAD"]
+    host: str | None
+    expect_status: str
+    interval: float
+    timeout: float
+    healthy_threshold: int
+    unhealthy_threshold: int
+
+
+# Thresholds of one probe each, for endpoints of clusters without a check:
+# passive ejection alone decides their health.
+DEFAULT_HEALTH_CHECK = HealthCheckSettings(
+    type="http",
+    path="/",
+    method="GET",
+    host=None,
+    expect_status="200-399",
+    interval=5.0,
+    timeout=2.0,
+    healthy_threshold=1,
+    unhealthy_threshold=1,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetectionSettings:
+    """Passive health: when real traffic ejects an endpoint, and for how long."""
+
+    enabled: bool
+    consecutive_failures: int
+    base_ejection_time: float
+    max_ejection_time: float
+    max_ejection_percent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """A cluster's balancer, timeouts, pool limits and health settings."""
+
+    balancer: Literal["round_robin", "consistent_hash", "least_request", "random"]
+    hash_key: str | None
+    connect_timeout: float
+    response_header_timeout: float
+    pool_idle_timeout: float
+    max_idle_connections: int
+    max_response_header_bytes: int
+    tls_ca_file: str | None
+    host_header: str
+    when_all_unhealthy: Literal["fail", "route_to_all"]
+    health_check: HealthCheckSettings | None
+    outlier_detection: OutlierDetectionSettings
+
+
+_S = TypeVar("_S")
+
+# Settings classes whose values are themselves settings, by field name.
+_NESTED: dict[str, type[Any]] = {
+    "tls": TlsSettings,
+    "health_check": HealthCheckSettings,
+    "outlier_detection": OutlierDetectionSettings,
+}
+
+
+def settings_from_config(cls: type[_S], model: Any) -> _S:
+    """Copy the fields of `cls` from a config model of the same table.
+
+    Lists become tuples and dicts become tuples of pairs, so settings stay
+    immutable; nested tables become their settings class.
+    """
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(model, field.name)
+        if field.name in _NESTED and value is not None:
+            value = settings_from_config(_NESTED[field.name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, dict):
+            value = tuple(value.items())
+        values[field.name] = value
+    return cls(**values)
