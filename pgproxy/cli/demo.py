@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pgproxy.cli.run import event_loop_options
 from pgproxy.observability.logging import setup_logging
 from pgproxy.server.demo import (
     DemoUpstream,
@@ -31,6 +30,7 @@ from pgproxy.server.demo import (
     send_requests,
 )
 from pgproxy.server.listeners import BoundListener
+from pgproxy.server.main import event_loop_options
 from pgproxy.server.runtime import serve
 from pgproxy.server.signals import ShutdownSignals
 

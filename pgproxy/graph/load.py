@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from pgproxy.config.diagnostics import Diagnostic
@@ -19,17 +18,7 @@ from pgproxy.config.loader import decode_config, parse_config, read_config_bytes
 from pgproxy.config.sourcemap import SourceMap
 from pgproxy.errors import ConfigError
 from pgproxy.graph.build import build_graph
-from pgproxy.graph.types import Graph
-
-
-@dataclass(frozen=True)
-class LoadedGraph:
-    """A Graph built from one file, its warnings and the hash of its bytes."""
-
-    graph: Graph
-    diagnostics: list[Diagnostic]
-    # sha256 hex digest of the file's bytes; equal hashes mean equal configs.
-    config_hash: str
+from pgproxy.graph.types import LoadedGraph as LoadedGraph
 
 
 def load_graph(path: str | Path) -> LoadedGraph:
@@ -54,4 +43,45 @@ def position(diagnostic: Diagnostic, source_map: SourceMap) -> Diagnostic:
     line, column, source_line = source_map.locate(diagnostic.key)
     return dataclasses.replace(
         diagnostic, line=line, column=column, source_line=source_line
+    )
+
+
+def load_graph_bytes(data: bytes, path: str) -> LoadedGraph:
+    """Build a graph from a config file's bytes, as `load_graph` does from the file.
+
+    Raises ConfigError with every diagnostic.
+    """
+    config, source_map = parse_config(data.decode("utf-8-sig"), path)
+    graph, diagnostics = build_graph(config, path)
+    positioned = [position(item, source_map) for item in diagnostics]
+    if graph is None:
+        raise ConfigError(positioned)
+    return LoadedGraph(graph, positioned, hashlib.sha256(data).hexdigest())
+
+
+def read_config(path: str, attempts: int = 3) -> tuple[LoadedGraph, bytes]:
+    """Load the config file and return it with the exact bytes it was built from.
+
+    Raises ConfigError, also when the file keeps changing while being read.
+    """
+    for _ in range(attempts):
+        loaded = load_graph(path)
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == loaded.config_hash:
+            return loaded, data
+    raise ConfigError(
+        [
+            Diagnostic(
+                path,
+                0,
+                0,
+                "",
+                "file-unreadable",
+                "the file changed while it was being read",
+                hint="try again once the file is written completely",
+            )
+        ]
     )

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 ACCESS_LOGGER = "pgproxy.access"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 # Lines queued before a flush is forced without waiting for the next iteration.

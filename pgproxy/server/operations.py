@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from pgproxy.graph.load import LoadedGraph
-from pgproxy.graph.types import Graph
+from pgproxy.graph.types import Graph, LoadedGraph
 from pgproxy.health.active import run_active_checks
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import Metrics

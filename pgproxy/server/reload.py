@@ -20,7 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,16 +28,12 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-import anyio.to_thread
 
-from pgproxy.config.diagnostics import Diagnostic
-from pgproxy.config.loader import parse_config
 from pgproxy.errors import ConfigError
-from pgproxy.graph.build import build_graph
-from pgproxy.graph.load import LoadedGraph, load_graph, position
-from pgproxy.graph.types import Graph, Listener
+from pgproxy.graph.types import Graph, Listener, LoadedGraph
 from pgproxy.health.state import HealthTable
 from pgproxy.server.listeners import BindError
+from pgproxy.server.loading import decode_loaded, load_config_async
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +101,8 @@ def plan_reload(old: Graph, new: Graph) -> ReloadPlan:
 
 
 def _same_socket(old: Listener, new: Listener) -> bool:
-    return old.config.address == new.config.address and old.config.tls == new.config.tls
+    before, after = old.settings, new.settings
+    return before.address == after.address and before.tls == after.tls
 
 
 def _endpoint_keys(graph: Graph) -> set[EndpointKey]:
@@ -120,7 +116,7 @@ def _endpoint_keys(graph: Graph) -> set[EndpointKey]:
 def _restart_required(old: Graph, new: Graph) -> tuple[str, ...]:
     changed = []
     for key in ("workers", "admin"):
-        if getattr(old.config.server, key) != getattr(new.config.server, key):
+        if getattr(old.server, key) != getattr(new.server, key):
             changed.append(f"[server] {key}")
     return tuple(changed)
 
@@ -210,47 +206,6 @@ class ReloadOutcome:
     plan: ReloadPlan | None = None
 
 
-def load_graph_bytes(data: bytes, path: str) -> LoadedGraph:
-    """Build a graph from a config file's bytes, as `load_graph` does from the file.
-
-    Raises ConfigError with every diagnostic.
-    """
-    config, source_map = parse_config(data.decode("utf-8-sig"), path)
-    graph, diagnostics = build_graph(config, path)
-    positioned = [position(item, source_map) for item in diagnostics]
-    if graph is None:
-        raise ConfigError(positioned)
-    return LoadedGraph(graph, positioned, hashlib.sha256(data).hexdigest())
-
-
-def read_config(path: str, attempts: int = 3) -> tuple[LoadedGraph, bytes]:
-    """Load the config file and return it with the exact bytes it was built from.
-
-    Raises ConfigError, also when the file keeps changing while being read.
-    """
-    for _ in range(attempts):
-        loaded = load_graph(path)
-        try:
-            data = Path(path).read_bytes()
-        except OSError:
-            continue
-        if hashlib.sha256(data).hexdigest() == loaded.config_hash:
-            return loaded, data
-    raise ConfigError(
-        [
-            Diagnostic(
-                path,
-                0,
-                0,
-                "",
-                "file-unreadable",
-                "the file changed while it was being read",
-                hint="try again once the file is written completely",
-            )
-        ]
-    )
-
-
 def describe_config_error(path: str, error: ConfigError) -> str:
     """Return one line with the count of diagnostics and each one rendered."""
     count = len(error.diagnostics)
@@ -286,27 +241,27 @@ class Reloader:
         return f"<Reloader {self.path} hash={self.history.config_hash[:12]}>"
 
     async def reload(
-        self, trigger: str = "SIGHUP", *, source: bytes | None = None
+        self, trigger: str = "SIGHUP", *, payload: bytes | None = None
     ) -> ReloadOutcome:
         """Load the file again and swap it in; keep the running config on error.
 
-        With `source`, the graph is built from those bytes instead of the
-        file: a worker builds exactly what its supervisor validated.
+        With `payload` (a loader's pickled output), that graph is installed
+        instead of the file's: a worker installs what its supervisor loaded.
         """
         async with self._lock:
-            outcome = await self._reload(trigger, source)
+            outcome = await self._reload(trigger, payload)
         self.history.record(
             "success" if outcome.ok else "failure", outcome.config_hash, outcome.error
         )
         return outcome
 
-    async def _reload(self, trigger: str, source: bytes | None) -> ReloadOutcome:
+    async def _reload(self, trigger: str, payload: bytes | None) -> ReloadOutcome:
         logger.log(self._level, "reloading %s (%s)", self.path, trigger)
         try:
-            if source is None:
-                loaded = await anyio.to_thread.run_sync(load_graph, self.path)
+            if payload is None:
+                loaded, _ = await load_config_async(self.path)
             else:
-                loaded = load_graph_bytes(source, self.path)
+                loaded = decode_loaded(payload, self.path)
         except ConfigError as error:
             message = describe_config_error(self.path, error)
             self._log_failure(message)

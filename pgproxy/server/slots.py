@@ -8,7 +8,6 @@ hands each reply to the caller waiting for that id.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -71,17 +70,17 @@ class WorkerSlot:
         self,
         command: Sequence[str],
         config_path: str,
-        config: Callable[[], bytes],
+        config: Callable[[], tuple[str, bytes]],
         log_level: str,
         on_ready: Callable[[WorkerSlot], None],
     ) -> int:
         """Start a worker in this slot, wait for it to exit, return its status.
 
-        `config` returns the bytes of the config in force, sent to the worker
-        as its first message; `config_hash` records their hash.
+        `config` returns the hash of the config in force and its loader
+        payload, sent to the worker as its first message; `config_hash`
+        records the hash.
         """
-        source = config()
-        self.config_hash = hashlib.sha256(source).hexdigest()
+        self.config_hash, payload = config()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = WorkerSettings(
             config=config_path,
@@ -110,7 +109,7 @@ class WorkerSlot:
         self.channel = await Channel.open(parent)
         logger.debug("started worker %d (pid %d)", self.index, process.pid)
         try:
-            await self.channel.send({"op": "start", "config": encode_config(source)})
+            await self.channel.send({"op": "start", "config": encode_config(payload)})
         except ChannelClosedError:
             pass  # it exited already; wait() below collects its status
         async with anyio.create_task_group() as group:

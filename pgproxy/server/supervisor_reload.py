@@ -24,14 +24,14 @@ import anyio
 import anyio.to_thread
 
 from pgproxy.errors import ConfigError
-from pgproxy.graph.load import LoadedGraph
+from pgproxy.graph.types import LoadedGraph
 from pgproxy.server.listeners import BindError
+from pgproxy.server.loading import load_config_async
 from pgproxy.server.reload import (
     ReloadHistory,
     ReloadPlan,
     describe_config_error,
     plan_reload,
-    read_config,
 )
 from pgproxy.server.slots import WorkerSlot, send_signal
 from pgproxy.server.sockets import (
@@ -53,7 +53,7 @@ class SupervisorReload:
     # Set by `Supervisor.__init__`.
     config_path: str
     loaded: LoadedGraph
-    source: bytes
+    payload: bytes
     count: int
     slots: list[WorkerSlot]
     history: ReloadHistory
@@ -80,9 +80,7 @@ class SupervisorReload:
         """
         logger.info("reloading %s (%s)", self.config_path, trigger)
         try:
-            loaded, source = await anyio.to_thread.run_sync(
-                read_config, self.config_path
-            )
+            loaded, payload = await load_config_async(self.config_path)
         except ConfigError as error:
             return self._reload_failed(describe_config_error(self.config_path, error))
         plan = plan_reload(self.loaded.graph, loaded.graph)
@@ -96,13 +94,13 @@ class SupervisorReload:
         except (OSError, BindError) as error:
             return self._reload_failed(str(error))
 
-        accepted, failures = await self._send_reload(source, {**reused, **bound})
+        accepted, failures = await self._send_reload(payload, {**reused, **bound})
         if failures:
             await self._roll_back(loaded, accepted)
             close_sockets(bound)
             return self._reload_failed("; ".join(failures))
 
-        self._commit(loaded, source, plan, bound)
+        self._commit(loaded, payload, plan, bound)
         return True, loaded.config_hash, None
 
     def _reused_sockets(self, plan: ReloadPlan) -> dict[str, list[socket.socket]]:
@@ -113,12 +111,12 @@ class SupervisorReload:
         reused: dict[str, list[socket.socket]] = {}
         for listener in plan.added_listeners:
             old = self.loaded.graph.listeners.get(listener.name)
-            if old is not None and old.config.address == listener.config.address:
+            if old is not None and old.settings.address == listener.settings.address:
                 reused[listener.name] = [slot.sockets[old.name] for slot in self.slots]
         return reused
 
     async def _send_reload(
-        self, source: bytes, added: dict[str, list[socket.socket]]
+        self, payload: bytes, added: dict[str, list[socket.socket]]
     ) -> tuple[list[WorkerSlot], list[str]]:
         """Send a config to every worker; return those that installed it, and errors."""
         accepted: list[WorkerSlot] = []
@@ -126,7 +124,7 @@ class SupervisorReload:
 
         async def send(slot: WorkerSlot) -> None:
             sockets = {name: items[slot.index] for name, items in added.items()}
-            error = await self._reload_worker(slot, source, sockets)
+            error = await self._reload_worker(slot, payload, sockets)
             if error is None:
                 accepted.append(slot)
             else:
@@ -146,7 +144,7 @@ class SupervisorReload:
         for slot in accepted:
             # The slots still hold the sockets of the config in force.
             sockets = {name: slot.sockets[name] for name in names}
-            error = await self._reload_worker(slot, self.source, sockets)
+            error = await self._reload_worker(slot, self.payload, sockets)
             if error is not None and slot.process is not None:
                 logger.error(
                     "worker %d could not return to the running config (%s); "
@@ -159,7 +157,7 @@ class SupervisorReload:
     def _commit(
         self,
         loaded: LoadedGraph,
-        source: bytes,
+        payload: bytes,
         plan: ReloadPlan,
         added: dict[str, list[socket.socket]],
     ) -> None:
@@ -178,8 +176,8 @@ class SupervisorReload:
             name
             for name in plan.removed_listeners
             if name in loaded.graph.listeners
-            and self.loaded.graph.listeners[name].config.address
-            == loaded.graph.listeners[name].config.address
+            and self.loaded.graph.listeners[name].settings.address
+            == loaded.graph.listeners[name].settings.address
         ]
         self.close_sockets(
             [name for name in plan.removed_listeners if name not in kept]
@@ -191,7 +189,7 @@ class SupervisorReload:
                 'listener "%s" listening on %s', name, bound_address(sockets[0])
             )
         # From here on a worker that starts gets the new config.
-        self.loaded, self.source = loaded, source
+        self.loaded, self.payload = loaded, payload
         for slot in self.slots:
             if slot.process is not None and slot.config_hash != loaded.config_hash:
                 # It was starting during the reload and got the old config.
@@ -209,7 +207,7 @@ class SupervisorReload:
         )
 
     async def _reload_worker(
-        self, slot: WorkerSlot, source: bytes, sockets: dict[str, socket.socket]
+        self, slot: WorkerSlot, payload: bytes, sockets: dict[str, socket.socket]
     ) -> str | None:
         """Send one worker a config; return its error, or None.
 
@@ -218,7 +216,7 @@ class SupervisorReload:
         """
         message = {
             "op": "reload",
-            "config": encode_config(source),
+            "config": encode_config(payload),
             "listeners": list(sockets),
         }
         fds = [sock.fileno() for sock in sockets.values()]

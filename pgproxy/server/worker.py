@@ -3,13 +3,14 @@
 A worker process gets its settings from the `PGPROXY_WORKER` environment
 variable (JSON: config path, worker index, control channel descriptor and
 one listening socket descriptor per listener, all inherited). The first
-message on the channel, `start`, carries the bytes of the config in force,
-so a worker restarted after the file was edited still runs the config that
-the supervisor validated. It then serves the data plane on those sockets and
+message on the channel, `start`, carries the graph in force as the config
+loader pickled it (see `pgproxy.server.loading`), so a worker restarted after
+the file was edited still runs the config that the supervisor validated, and
+no worker imports pydantic. It then serves the data plane on those sockets and
 replies to the supervisor's requests:
 
 - `snapshot`: metrics snapshot and health table snapshot of this worker;
-- `reload`: build and install the config bytes the supervisor validated,
+- `reload`: install the graph the supervisor loaded,
   with the sockets of added listeners attached.
 
 When the channel closes (the supervisor is gone) the worker drains and exits.
@@ -90,9 +91,9 @@ class WorkerHost(Protocol):
         ...
 
     async def reload(
-        self, source: bytes, added: Mapping[str, socket.socket]
+        self, payload: bytes, added: Mapping[str, socket.socket]
     ) -> tuple[bool, str | None, str | None]:
-        """Install the config `source`; return (ok, config hash, error message)."""
+        """Install a loader's `payload`; return (ok, config hash, error message)."""
         ...
 
     def request_shutdown(self) -> None:
@@ -101,12 +102,12 @@ class WorkerHost(Protocol):
 
 
 def encode_config(data: bytes) -> str:
-    """Encode config bytes for a control message."""
+    """Encode a loader's payload for a control message."""
     return base64.b64encode(data).decode("ascii")
 
 
 async def receive_start(channel: Channel) -> bytes:
-    """Wait for the supervisor's `start` message; return the config bytes.
+    """Wait for the supervisor's `start` message; return the loader's payload.
 
     Raises ChannelClosedError when the channel closes or another op comes first.
     """
@@ -156,8 +157,8 @@ async def _answer(
         added = {
             name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)
         }
-        source = base64.b64decode(message["config"])
-        ok, config_hash, error = await host.reload(source, added)
+        payload = base64.b64decode(message["config"])
+        ok, config_hash, error = await host.reload(payload, added)
         reply.update(ok=ok, hash=config_hash, error=error)
     else:
         for fd in fds:

@@ -1,8 +1,8 @@
 """Entry point of a worker process: `python -m pgproxy.server.worker_main`.
 
 The supervisor starts it with `PGPROXY_WORKER` set (see
-`pgproxy.server.worker`). The worker builds the config bytes from its
-`start` message, serves them on the inherited listening sockets, and replies
+`pgproxy.server.worker`). The worker unpickles the graph from its `start`
+message, serves them on the inherited listening sockets, and replies
 to requests on the control channel. SIGTERM drains it like a single-process
 pgproxy; so does the channel closing, which means the supervisor is gone.
 SIGHUP is ignored.
@@ -34,8 +34,9 @@ from pgproxy.observability.metrics import Snapshot
 from pgproxy.server.allocator import tune_allocator
 from pgproxy.server.control import Channel, ChannelClosedError
 from pgproxy.server.listeners import BindError, BoundListener, server_ssl_context
+from pgproxy.server.loading import decode_loaded
 from pgproxy.server.operations import Operations, OperationsSettings
-from pgproxy.server.reload import describe_config_error, load_graph_bytes
+from pgproxy.server.reload import describe_config_error
 from pgproxy.server.runtime import serve
 from pgproxy.server.signals import ShutdownSignals
 from pgproxy.server.worker import WorkerSettings, receive_start, serve_control
@@ -77,13 +78,13 @@ class WorkerRuntime:
         return self.operations.state.health.snapshot()
 
     async def reload(
-        self, source: bytes, added: Mapping[str, socket.socket]
+        self, payload: bytes, added: Mapping[str, socket.socket]
     ) -> tuple[bool, str | None, str | None]:
-        """Install the config bytes the supervisor validated."""
+        """Install the graph the supervisor loaded."""
         if self.operations is None:
             return False, None, "the worker is not serving yet"
         self.sockets.update(added)
-        outcome = await self.operations.reloader.reload("supervisor", source=source)
+        outcome = await self.operations.reloader.reload("supervisor", payload=payload)
         return outcome.ok, outcome.config_hash, outcome.error
 
     def request_shutdown(self) -> None:
@@ -95,8 +96,7 @@ async def run_worker(settings: WorkerSettings) -> int:
     """Serve as one worker until SIGTERM or the supervisor goes away."""
     channel = await Channel.open(settings.control_fd)
     try:
-        source = await receive_start(channel)
-        loaded = load_graph_bytes(source, settings.config)
+        loaded = decode_loaded(await receive_start(channel), settings.config)
     except ChannelClosedError:
         logger.error("the supervisor closed the control channel before start")
         return 1

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from pgproxy.graph.load import LoadedGraph
+from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
 from pgproxy.server.admin import AdminServer, AdminSources
 from pgproxy.server.reload import ReloadHistory
@@ -73,7 +73,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         self,
         config_path: str,
         loaded: LoadedGraph,
-        source: bytes,
+        payload: bytes,
         count: int,
         *,
         log_level: str = "INFO",
@@ -81,7 +81,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
     ) -> None:
         self.config_path = config_path
         self.loaded = loaded
-        self.source = source  # bytes of the config in force
+        self.payload = payload  # the config loader's output for the graph in force
         self.count = count
         self.log_level = log_level
         self.worker_command = list(
@@ -126,7 +126,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             code = await slot.run_process(
                 self.worker_command,
                 self.config_path,
-                lambda: self.source,
+                lambda: (self.loaded.config_hash, self.payload),
                 self.log_level,
                 self._on_ready,
             )
@@ -213,7 +213,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         return 0
 
     def _bind_admin(self) -> AdminServer | bool:
-        address = self.loaded.graph.config.server.admin
+        address = self.loaded.graph.server.admin
         if address is None:
             return True
         sources = AdminSources(self.metrics, self.status, lambda: self.draining)
@@ -242,7 +242,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         """Stop every worker gracefully, then kill what is left."""
         self.draining = True
         self.stopping = True
-        timeout = self.loaded.graph.config.server.drain_timeout
+        timeout = self.loaded.graph.server.drain_timeout
         logger.info("draining: admin /healthz returns 503 from now on")
         logger.info("draining %d workers (up to %gs)", self.count, timeout)
         self.close_sockets()

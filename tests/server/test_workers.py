@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pgproxy.server.reload import read_config
+from pgproxy.server.loading import load_config
 from pgproxy.server.slots import describe_exit
 from pgproxy.server.worker import ENVIRONMENT_VARIABLE, WorkerSettings
 from pgproxy.server.workers import Supervisor, worker_count
@@ -54,12 +54,14 @@ def test_describe_exit(code: int | None, text: str) -> None:
     assert describe_exit(code) == text
 
 
-# A worker that speaks the control protocol and rejects any config containing
-# "# rejected" when its index is 1; it appends "INDEX HASH" per reload to a log.
+# A worker that speaks the control protocol and rejects any graph with a
+# listener "extra" when its index is 1; it appends "INDEX HASH" per reload to
+# a log.
 STUB_WORKER = """
-import base64, hashlib, os, sys
+import base64, os, sys
 import anyio
 from pgproxy.server.control import Channel, ChannelClosedError
+from pgproxy.server.loading import decode_loaded
 from pgproxy.server.worker import WorkerSettings, receive_start
 
 async def main():
@@ -74,11 +76,11 @@ async def main():
             return
         for fd in fds:
             os.close(fd)
-        source = base64.b64decode(message["config"])
-        digest = hashlib.sha256(source).hexdigest()
+        payload = base64.b64decode(message["config"])
+        loaded = decode_loaded(payload, settings.config)
         with open(sys.argv[1], "a") as log:
-            log.write(f"{settings.index} {digest}\\n")
-        ok = settings.index == 0 or b"# rejected" not in source
+            log.write(f"{settings.index} {loaded.config_hash}\\n")
+        ok = settings.index == 0 or "extra" not in loaded.graph.listeners
         error = None if ok else "rejected by the stub worker"
         reply = {"op": "reload", "id": message["id"], "ok": ok, "error": error}
         await channel.send(reply)
@@ -107,9 +109,9 @@ async def test_rejected_reload_rolls_back(tmp_path: Path) -> None:
     )
     stub.write_text(STUB_WORKER)
     config.write_text(STUB_CONFIG)
-    loaded, source = read_config(str(config))
+    loaded, payload = load_config(str(config))
     command = [sys.executable, str(stub), str(log)]
-    supervisor = Supervisor(str(config), loaded, source, 2, worker_command=command)
+    supervisor = Supervisor(str(config), loaded, payload, 2, worker_command=command)
     supervisor.bind_all()
     rejected = STUB_CONFIG + '# rejected\n[listeners.extra]\naddress = "127.0.0.1:0"\n'
 

@@ -1,0 +1,169 @@
+"""The serving process of `pgproxy run`: `python -m pgproxy.server.main`.
+
+`pgproxy run` checks its options, then replaces itself (exec, same pid) with
+this module, so the process that serves carries neither the command-line
+stack (typer, click) nor pydantic: it loads the config through the loader
+child (`pgproxy.server.loading`) and serves the graph it returns. With
+`[server] workers` above one it becomes the supervisor of that many worker
+processes; otherwise it serves itself, and SIGHUP or `--watch` reloads.
+
+Exit codes: 0 after a clean stop, 1 when the config is invalid or a
+listener cannot be bound.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# SIGHUP's default action ends the process. It stays ignored until the reload
+# handler is installed, so an early one is lost instead of fatal.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# ruff: noqa: E402 (the imports below come after that call on purpose)
+
+import argparse
+import logging
+import sys
+
+import anyio
+
+from pgproxy.errors import ConfigError
+from pgproxy.graph.types import Listener, LoadedGraph
+from pgproxy.observability.logging import LOG_LEVELS, setup_logging
+from pgproxy.server.admin import AdminServer
+from pgproxy.server.allocator import tune_allocator
+from pgproxy.server.listeners import (
+    BindError,
+    BoundListener,
+    bind_listeners,
+    bind_socket,
+    server_ssl_context,
+)
+from pgproxy.server.loading import load_config
+from pgproxy.server.operations import OperationsSettings
+from pgproxy.server.reload import describe_config_error
+from pgproxy.server.runtime import serve
+from pgproxy.server.signals import ShutdownSignals
+from pgproxy.server.workers import Supervisor, worker_count
+
+logger = logging.getLogger("pgproxy.run")
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """Parse the options `pgproxy run` passes on (it has checked them already)."""
+    parser = argparse.ArgumentParser(prog="pgproxy run")
+    parser.add_argument("config")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    parser.add_argument("--watch", action="store_true")
+    return parser.parse_args(argv)
+
+
+def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
+    """Load the config, bind, serve until SIGTERM or SIGINT; return the exit code."""
+    tune_allocator()
+    setup_logging(log_level)
+    try:
+        loaded, payload = load_config(config_path)
+    except ConfigError as exc:
+        logger.error("invalid config: %s", describe_config_error(config_path, exc))
+        return 1
+    for diagnostic in loaded.diagnostics:
+        logger.warning("%s", diagnostic.render())
+
+    count = worker_count(loaded.graph.server.workers)
+    if count > 1:
+        supervisor = Supervisor(
+            config_path, loaded, payload, count, log_level=log_level
+        )
+        code: int = anyio.run(
+            supervisor.run,
+            watch,
+            backend="asyncio",
+            backend_options=event_loop_options(),
+        )
+        return code
+
+    try:
+        listeners = bind_listeners(loaded.graph)
+        admin = _bind_admin(loaded)
+    except (BindError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    settings = OperationsSettings(
+        config_path=config_path,
+        loaded=loaded,
+        bind=bind_listener,
+        admin=admin,
+        watch=watch,
+    )
+    run_until_signal(loaded, listeners, settings)
+    return 0
+
+
+def _bind_admin(loaded: LoadedGraph) -> AdminServer | None:
+    address = loaded.graph.server.admin
+    if address is None:
+        return None
+    admin = AdminServer(address)
+    try:
+        bound = admin.bind()
+    except OSError as exc:
+        raise BindError(
+            f"cannot bind the admin listener to {address}: {exc.strerror or exc}"
+        ) from None
+    logger.info("admin listener listening on %s", bound)
+    return admin
+
+
+def bind_listener(listener: Listener) -> BoundListener:
+    """Bind a listener that a reload added; raises BindError naming the address."""
+    context = server_ssl_context(listener)
+    try:
+        sock = bind_socket(listener.host, listener.port)
+    except OSError as exc:
+        raise BindError(
+            f'cannot bind listener "{listener.name}" to '
+            f"{listener.settings.address}: {exc.strerror or exc}"
+        ) from None
+    return BoundListener(listener, sock, context)
+
+
+def run_until_signal(
+    loaded: LoadedGraph,
+    listeners: list[BoundListener],
+    settings: OperationsSettings | None = None,
+) -> None:
+    """Run the event loop (uvloop when installed) serving `loaded.graph`."""
+
+    async def main() -> None:
+        signals = ShutdownSignals()
+        async with anyio.create_task_group() as group:
+            group.start_soon(signals.receive)
+            await serve(
+                loaded.graph,
+                shutdown_trigger=signals.wait,
+                force_trigger=signals.forced.wait,
+                listeners=listeners,
+                operations=settings,
+            )
+            group.cancel_scope.cancel()
+
+    anyio.run(main, backend="asyncio", backend_options=event_loop_options())
+
+
+def event_loop_options() -> dict[str, bool]:
+    """Return anyio's asyncio options, using uvloop when it imports."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `pgproxy run` with the options it passed on."""
+    options = parse_arguments(sys.argv[1:] if argv is None else argv)
+    sys.exit(run(options.config, options.log_level, options.watch))
+
+
+if __name__ == "__main__":
+    main()
