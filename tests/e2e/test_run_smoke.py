@@ -68,6 +68,13 @@ def test_run_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert reply.status == 200
             assert reply.read() == b"hello"
             assert reply.headers["Via"] == "1.1 pgproxy"
+        # `pgproxy run` replaced itself with the serving module (same pid),
+        # which loaded the config out of process and never mapped pydantic.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"pgproxy.server.main" in cmdline
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "pydantic_core" not in maps
+        assert "httptools" in maps  # the check reads the right process
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=15)
     finally:
