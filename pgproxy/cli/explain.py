@@ -29,6 +29,7 @@ from pgproxy.cli.render import fail, make_console
 from pgproxy.cli.validate_formats import FileResult, write_text
 from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
+from pgproxy.graph.paths import InvalidPathError, normalize_path
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
 from pgproxy.graph.types import Graph, Route
 
@@ -50,6 +51,8 @@ class ExplainRequest:
     query: str
     headers: dict[str, str]
     client_ip: str
+    # The path that routes match: decoded, dot segments removed (graph.paths).
+    routed_path: str
 
 
 def parse_request(
@@ -84,14 +87,22 @@ def parse_request(
     if url.scheme:
         headers["host"] = url.netloc
         port = port or (443 if url.scheme == "https" else 80)
+    path = url.path or "/"
+    try:
+        routed_path = normalize_path(path)
+    except InvalidPathError as error:
+        raise ValueError(
+            f'invalid URL "{target}": {error} (pgproxy answers 400)'
+        ) from None
     return ExplainRequest(
         method=method.upper(),
         host=headers.get("host"),
         port=port,
-        path=url.path or "/",
+        path=path,
         query=url.query,
         headers=headers,
         client_ip=client_ip,
+        routed_path=routed_path,
     )
 
 
@@ -171,7 +182,7 @@ def explain_command(
         listener,
         request.method,
         request.host,
-        request.path,
+        request.routed_path,
         request.headers,
     )
     console = make_console()
@@ -192,6 +203,8 @@ def _print_request(
     console.print(
         f"request:  {request.method} {target}  host {host}  listener {listener}"
     )
+    if request.routed_path != request.path:
+        console.print(f"routed as: {request.routed_path}")
     if note:
         console.print(f"note: {note}", style="yellow")
 
@@ -262,7 +275,7 @@ def _print_target(
         key = hash_key_value(
             config.hash_key,
             request.headers,
-            request.path,
+            request.routed_path,
             request.query,
             request.client_ip,
         )

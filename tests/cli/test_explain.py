@@ -164,9 +164,17 @@ def test_all_lists_every_route(config: Path) -> None:
     )
 
 
+def test_path_is_routed_after_normalisation(config: Path) -> None:
+    result = _explain(str(config), "GET http://localhost:9000/x/..//%73tatus")
+    assert result.exit_code == 0, result.output
+    assert "routed as: /status" in result.output
+    assert "response: 200 sent by pgproxy itself" in result.output
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ["GET /%zz"],
         ["GET"],
         ["GET ftp://x/"],
         ["GET x/y"],
