@@ -45,6 +45,13 @@ Value types used below:
 - **NAME** in a table name is a name you choose: letters, digits, `_`, `.`
   and `-`, starting with a letter or digit. Routes refer to listeners and
   clusters by these names.
+
+Routes match the request path after normalisation, as nginx matches
+locations: every `%XX` escape is decoded once, dot segments are removed and
+repeated slashes merged, so `/%61dmin`, `/x/../admin` and `//admin` all match
+`path = "/admin"`. A bad escape or an escaped NUL gets 400. The upstream
+receives the path exactly as the client sent it; with `strip_prefix`, it
+receives the normalised path without the prefix, percent-encoded again.
 """
 
 

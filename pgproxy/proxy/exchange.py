@@ -23,10 +23,11 @@ import time
 
 from pgproxy.balancing import hash_key_value
 from pgproxy.errors import NoEndpointError, UpstreamError
+from pgproxy.graph.paths import InvalidPathError, normalize_path
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.failures import ExchangeFailures
-from pgproxy.proxy.headers import build_request_head
+from pgproxy.proxy.headers import build_request_head, strip_routed_prefix
 from pgproxy.proxy.pool import EndpointPool
 from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
 from pgproxy.proxy.upstream import UpstreamConnection
@@ -50,6 +51,12 @@ class Exchange(ResponseRelay, ExchangeFailures):
         info = self.info
         target = info.target
         path, _, query = target.decode("latin-1").partition("?")
+        if "%" in path or "/." in path or "//" in path:
+            try:
+                path = normalize_path(path)
+            except InvalidPathError:
+                self.respond_error(400, "invalid percent-encoding in the request path")
+                return
         headers = self.downstream.header_map(self.headers)
         route = self.runtime.graph.match(
             self.downstream.listener_name,
@@ -182,9 +189,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         target = info.target
         prefix = self.runtime.strip.get(self.route.index)
         if prefix is not None:
-            from pgproxy.proxy.headers import strip_path_prefix
-
-            target = strip_path_prefix(target, prefix)
+            target = strip_routed_prefix(target, prefix)
         return build_request_head(
             self.method,
             target,

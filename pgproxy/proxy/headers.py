@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
 
+from pgproxy.graph.paths import encode_path, needs_normalizing, normalize_path
 from pgproxy.proxy.framing import RequestInfo, ResponseInfo, lower_names
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -56,6 +57,23 @@ def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
+
+
+def strip_routed_prefix(target: bytes, prefix: bytes) -> bytes:
+    """Remove a route's path prefix from the target the route matched.
+
+    The route matched the normalised path (`pgproxy.graph.paths`). When the
+    client's spelling differs from it (`/api/./v1`, `/%61pi/v1`), the prefix
+    is removed from the normalised path, which is then encoded again, as
+    nginx does for a `proxy_pass` with a URI. Otherwise the target keeps the
+    client's bytes.
+    """
+    path, mark, query = target.partition(b"?")
+    text = path.decode("latin-1")
+    if not needs_normalizing(text):
+        return strip_path_prefix(target, prefix)
+    routed = encode_path(normalize_path(text)).encode("ascii")
+    return strip_path_prefix(routed + mark + query, prefix)
 
 
 def strip_path_prefix(target: bytes, prefix: bytes) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pgproxy.balancing import Balancer, build_balancer
+from pgproxy.graph.paths import encode_path
 from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
@@ -84,7 +85,8 @@ class RuntimeGraph:
             if route.respond is not None:
                 self.fixed[route.index] = FixedResponse(route.respond)
             if route.strip_prefix and route.path_kind == "prefix":
-                self.strip[route.index] = route.path.encode()
+                # Encoded as `strip_routed_prefix` encodes a normalised path.
+                self.strip[route.index] = encode_path(route.path).encode("ascii")
         self.trusted_proxies = tuple(graph.server.trusted_proxies)
         # Metrics bound to this graph, by listener name; None without metrics.
         self.metrics: dict[str, ListenerMetrics] | None = None

@@ -325,3 +325,53 @@ def test_keep_alive_across_local_responses(proxy: PgproxyProcess) -> None:
         assert conn.read_response().status == 404
         conn.send(build_request("GET", "/api/after"))
         assert echo_of(conn.read_response())["upstream"] == "b"
+
+
+# Path normalisation: routes match the decoded path without dot segments or
+# repeated slashes, so other spellings of a path cannot bypass its route.
+
+
+@pytest.mark.parametrize(
+    "target", ["/%72espond", "/x/../respond", "//respond", "/./respond", "/%2e/respond"]
+)
+def test_other_spellings_reach_the_same_route(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream], target: str
+) -> None:
+    response = request(proxy.port(), "GET", target)
+    assert response.status == 202, response.describe()
+    assert response.body == b"accepted here"
+    assert all(not upstream.requests for upstream in upstreams.values())
+
+
+def test_upstream_gets_the_target_as_the_client_sent_it(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream]
+) -> None:
+    target = "/api/%7Euser/./x?q=%41"
+    assert routed_to(proxy, target) == "b"
+    assert [r.target for r in upstreams["b"].requests] == [target]
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded"),
+    [
+        ("/strip/v1?x=1", "/v1?x=1"),
+        ("/strip/./v1?x=1", "/v1?x=1"),
+        ("/%73trip/v1", "/v1"),
+        ("/strip//a%20b/../c", "/c"),
+        ("/strip/caf%c3%a9", "/caf%C3%A9"),
+    ],
+)
+def test_strip_prefix_applies_to_the_routed_path(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream], target: str, forwarded: str
+) -> None:
+    assert routed_to(proxy, target) == "a"
+    assert [r.target for r in upstreams["a"].requests] == [forwarded]
+
+
+@pytest.mark.parametrize("target", ["/%zz", "/api/%4", "/api%", "/respond%00"])
+def test_invalid_escapes_get_400_and_reach_no_upstream(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream], target: str
+) -> None:
+    response = request(proxy.port(), "GET", target)
+    assert response.status == 400, response.describe()
+    assert all(not upstream.requests for upstream in upstreams.values())

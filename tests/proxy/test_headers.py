@@ -15,6 +15,7 @@ from pgproxy.proxy.headers import (
     build_response_head,
     is_trusted,
     strip_path_prefix,
+    strip_routed_prefix,
 )
 
 UNTRUSTED = Forwarding("203.0.113.9", b"http", trusted=False)
@@ -246,3 +247,18 @@ def test_header_map_joins_repeated_fields() -> None:
     assert mapping.get("cookie") == "k=v"
     assert mapping.get("missing") is None
     assert len(mapping) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "prefix", "expected"),
+    [
+        (b"/api/v1?x=1", b"/api", b"/v1?x=1"),
+        (b"/api/./v1?x=%41", b"/api", b"/v1?x=%41"),
+        (b"/%61pi/v1", b"/api", b"/v1"),
+        (b"/api", b"/api", b"/"),
+        (b"/caf%c3%a9/x", b"/caf%C3%A9", b"/x"),
+        (b"/other/x", b"/api", b"/other/x"),
+    ],
+)
+def test_strip_routed_prefix(target: bytes, prefix: bytes, expected: bytes) -> None:
+    assert strip_routed_prefix(target, prefix) == expected
