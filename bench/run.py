@@ -1,15 +1,17 @@
 """Benchmark pgproxy against nginx and write the results as a markdown page.
 
     python bench/run.py [--quick] [--runs N] [--duration S]
-                        [--scenarios NAME ...] [--out FILE]
+                        [--scenarios NAME ...] [--targets NAME ...] [--out FILE]
 
 One invocation starts an upstream nginx, then measures, one after another,
 the upstream directly, nginx as a reverse proxy and pgproxy, on every
-selected scenario. The proxy runs on one core, wrk and the upstream on
-another. A full run rewrites docs/benchmarks.md, any other run writes
-bench/results/benchmarks.md unless --out is given. Exit code 0 when every
-selected target was measured, 1 when a target failed, 2 when the tools are
-missing or the arguments are invalid.
+selected scenario. With `--targets direct nginx pgproxy bare` it also
+measures bench/bare_proxy.py, a minimal proxy on pgproxy's own stack
+(uvloop, httptools, asyncio Protocols). The proxy runs on one core, wrk and
+the upstream on another. A full run rewrites docs/benchmarks.md, any other
+run writes bench/results/benchmarks.md unless --out is given. Exit code 0
+when every selected target was measured, 1 when a target failed, 2 when
+the tools are missing or the arguments are invalid.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets",
         nargs="+",
-        choices=measure.TARGETS,
+        choices=measure.SELECTABLE_TARGETS,
         default=list(measure.TARGETS),
-        help="targets to measure (default all)",
+        help=f"targets to measure (default: {' '.join(measure.TARGETS)})",
     )
     parser.add_argument(
         "--out",
@@ -121,7 +123,7 @@ def is_full_run(args: argparse.Namespace) -> bool:
         not args.quick
         and args.runs >= 3
         and set(args.scenarios) == set(scenario_names())
-        and set(args.targets) == set(measure.TARGETS)
+        and set(args.targets) >= set(measure.TARGETS)
     )
 
 
@@ -213,6 +215,7 @@ def dump_raw(path: Path, taken: Measurements) -> None:
         "idle": [dataclasses.asdict(result) for result in taken.idle_results],
         "workers": dataclasses.asdict(taken.workers) if taken.workers else None,
         "failures": {" / ".join(key): text for key, text in outcome.failures.items()},
+        "skipped": {" / ".join(key): text for key, text in outcome.skipped.items()},
     }
     path.write_text(json.dumps(payload, indent=1, default=str))
 
@@ -251,6 +254,7 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Report:
         quiet_wait_s=args.quiet_wait,
         rows=rows,
         failures=taken.outcome.failures,
+        skipped=taken.outcome.skipped,
         checks=summary.check_targets(rows, taken.idle_results, taken.workers),
         idle=taken.idle_results,
         idle_skipped=taken.idle_skipped,

@@ -2,8 +2,9 @@
 
 For each scenario and run, each target is started fresh (so its peak RSS
 belongs to that scenario), warmed up, loaded with wrk, read from /proc and
-stopped. The order of nginx and pgproxy alternates from run to run, so slow
-drift on a shared machine spreads over both instead of favouring one.
+stopped. The proxies (nginx, pgproxy and, when selected, bare) run in reverse
+order on every other run, so slow drift on a shared machine spreads over all
+of them instead of favouring one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import procfs, wrk
+from harness.bare import UNSUPPORTED_SCENARIOS, start_bare
 from harness.cpuload import LoadAccounting, OtherLoad, wait_for_quiet
 from harness.nginx import LARGE_BODY_BYTES, Upstream, start_proxy
 from harness.pgproxy import start_pgproxy
@@ -27,7 +29,12 @@ DIRECT = "direct"
 NGINX = "nginx"
 PGPROXY = "pgproxy"
 PGPROXY_JSON_LOG = "pgproxy-json-log"
+BARE = "bare"
+# The default targets; bare is measured only when selected, because it adds
+# a quarter to the length of a full run.
 TARGETS = (DIRECT, NGINX, PGPROXY)
+SELECTABLE_TARGETS = (*TARGETS, BARE)
+PROXIES = (NGINX, PGPROXY, BARE)
 RETRY_PAUSE_S = 5
 # The access-log cost is measured on this scenario only.
 JSON_LOG_SCENARIO = "keepalive-100b"
@@ -66,24 +73,34 @@ class Outcome:
 
     samples: list[Sample] = field(default_factory=list)
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def targets_for(scenario: Scenario, selected: Sequence[str]) -> list[str]:
     """Return the targets measured on a scenario, in the order of `selected`."""
-    names = list(selected)
+    skipped = skipped_targets(scenario, selected)
+    names = [name for name in selected if name not in skipped]
     if scenario.name == JSON_LOG_SCENARIO and PGPROXY in names:
         names.append(PGPROXY_JSON_LOG)
     return names
 
 
+def skipped_targets(scenario: Scenario, selected: Sequence[str]) -> dict[str, str]:
+    """Return the selected targets that cannot serve `scenario`, with the reason."""
+    if BARE in selected and scenario.name in UNSUPPORTED_SCENARIOS:
+        return {BARE: UNSUPPORTED_SCENARIOS[scenario.name]}
+    return {}
+
+
 def interleaved(targets: list[str], run: int) -> list[str]:
-    """Swap nginx and pgproxy on odd runs, keeping every other target in place."""
-    if run % 2 == 0 or NGINX not in targets or PGPROXY not in targets:
+    """Reverse the order of the proxies on odd runs, keeping other targets in place."""
+    if run % 2 == 0:
         return targets
-    swapped = list(targets)
-    first, second = swapped.index(NGINX), swapped.index(PGPROXY)
-    swapped[first], swapped[second] = swapped[second], swapped[first]
-    return swapped
+    slots = [index for index, name in enumerate(targets) if name in PROXIES]
+    reordered = list(targets)
+    for slot, name in zip(slots, reversed([targets[i] for i in slots]), strict=True):
+        reordered[slot] = name
+    return reordered
 
 
 def _start(
@@ -94,6 +111,8 @@ def _start(
         return None, upstream.ring_ports[0] if scenario.uses_ring else upstream.port
     if target == NGINX:
         return start_proxy(session.workdir, upstream, session.proxy_cpu)
+    if target == BARE:
+        return start_bare(session.workdir, upstream, cpu=session.proxy_cpu)
     access_log = "json" if target == PGPROXY_JSON_LOG else "off"
     return start_pgproxy(
         session.workdir, upstream, cpu=session.proxy_cpu, access_log=access_log,
@@ -232,10 +251,13 @@ def run_scenarios(
     """Measure each scenario `runs` times on each target, interleaved.
 
     A target that fails twice in a row is not measured again on that
-    scenario, and the failure is recorded in the outcome.
+    scenario, and the failure is recorded in the outcome. So is a target
+    that cannot serve a scenario, which is never started for it.
     """
     outcome = Outcome()
     for scenario in scenarios:
+        for target, reason in skipped_targets(scenario, targets).items():
+            outcome.skipped[(scenario.name, target)] = reason
         names = targets_for(scenario, targets)
         for run in range(runs):
             for target in interleaved(names, run):

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.ceiling import SETUP_NOTE, render_stack_ceiling
 from harness.idle import IdleResult
-from harness.measure import JSON_LOG_SCENARIO, PGPROXY, PGPROXY_JSON_LOG
+from harness.measure import BARE, JSON_LOG_SCENARIO, PGPROXY, PGPROXY_JSON_LOG
 from harness.scenarios import SCENARIOS
 from harness.summary import MIB, Row, TargetCheck, find, workers_medians
 from harness.workers import WorkersOutcome
@@ -39,6 +40,7 @@ class Report:
     quiet_wait_s: float
     rows: Sequence[Row]
     failures: dict[tuple[str, str], str]
+    skipped: dict[tuple[str, str], str]
     checks: Sequence[TargetCheck]
     idle: Sequence[IdleResult]
     idle_skipped: str | None
@@ -108,6 +110,8 @@ def _pinning(report: Report) -> str:
 
 def _setup(report: Report) -> str:
     machine = _table(("", ""), [[key, value] for key, value in report.machine.items()])
+    measured = {row.target for row in report.rows}
+    bare = f"\n{SETUP_NOTE}" if BARE in measured else ""
     return f"""## Setup
 
 Command: `{report.command}`
@@ -135,7 +139,7 @@ Command: `{report.command}`
   with `access_log = "json"` written to a file, to show what the access log
   costs. Pools keep up to 128 idle connections per endpoint
   (`max_idle_connections = 128`); the hash cluster uses
-  `balancer = "consistent_hash"` and `hash_key = "query:k"`.
+  `balancer = "consistent_hash"` and `hash_key = "query:k"`.{bare}
 - Each target is started fresh for every run and warmed up for
   {report.warmup_s} s with the same load. The harness then waits up to
   {report.quiet_wait_s:.0f} s for both cores to drop below 15 % busy and
@@ -169,6 +173,10 @@ def _results(report: Report) -> str:
     notes += [
         f"- {scenario} / {target} failed: {_first_and_last_line(message)}"
         for (scenario, target), message in report.failures.items()
+    ]
+    notes += [
+        f"- {scenario} / {target}: not measured, because {reason}."
+        for (scenario, target), reason in report.skipped.items()
     ]
     if notes:
         parts += ["", *notes]
@@ -313,6 +321,7 @@ def render(report: Report) -> str:
         _setup(report),
         _results(report),
         _targets(report),
+        render_stack_ceiling(report.rows),
         _access_log(report),
         _idle(report),
         _workers(report),
@@ -332,15 +341,17 @@ _HOW_TO_RUN = """## How to run
 python bench/run.py                      # every scenario, 3 runs of 10 s each
 python bench/run.py --quick              # about 1 s per target, one run
 python bench/run.py --scenarios keepalive-100b hash-3 --runs 5 --duration 20
+python bench/run.py --targets direct nginx pgproxy bare  # adds the bare proxy
 ```
 
 Linux only (it reads /proc). When nginx or wrk is missing and the harness
 runs as root on a Debian-like system, it installs `nginx-light` and `wrk`
 with apt-get; otherwise it prints the command to run. Every process it starts
 listens on 127.0.0.1, lives in a temporary directory and is stopped by pid.
-A full run (every scenario and target, at least 3 runs, no `--quick`)
-rewrites this page; any other run writes `bench/results/benchmarks.md`
-unless `--out` names a file. The raw samples go to `bench/results/` as JSON.
+A full run (every scenario, at least the default targets, at least 3 runs,
+no `--quick`) rewrites this page; any other run writes
+`bench/results/benchmarks.md` unless `--out` names a file. The raw samples
+go to `bench/results/` as JSON.
 """
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness.idle import IdleResult
-from harness.measure import NGINX, PGPROXY, Sample
+from harness.measure import BARE, NGINX, PGPROXY, Sample
 from harness.workers import WorkersOutcome
 
 MIB = 1024.0
@@ -102,7 +102,7 @@ def summarize(samples: Sequence[Sample]) -> list[Row]:
         groups.setdefault((sample.scenario, sample.target), []).append(sample)
     rows = [_row(group) for group in groups.values()]
     scenario_order = list(dict.fromkeys(row.scenario for row in rows))
-    target_order = ["direct", NGINX, PGPROXY]
+    target_order = ["direct", NGINX, PGPROXY, BARE]
     return sorted(
         rows,
         key=lambda row: (

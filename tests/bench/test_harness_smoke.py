@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = {"direct", "nginx", "pgproxy", "pgproxy-json-log"}
+TARGETS = {"direct", "nginx", "pgproxy", "pgproxy-json-log", "bare"}
 COLUMNS = 14
 
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
@@ -45,6 +45,7 @@ def test_quick_run_writes_results_table(tmp_path: Path) -> None:
         [
             sys.executable, "bench/run.py", "--quick",
             "--scenarios", "keepalive-100b", "--out", str(out),
+            "--targets", "direct", "nginx", "pgproxy", "bare",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -65,5 +66,8 @@ def test_quick_run_writes_results_table(tmp_path: Path) -> None:
         assert row[0] == "keepalive-100b"
     assert "## Setup" in page
     assert "## Targets" in page
+    assert "- bare: `bench/bare_proxy.py`" in page
+    assert "## pgproxy against the bare stack" in page
+    assert "| keepalive-100b | " in page.split("## pgproxy against the bare stack")[1]
     assert "stale text" not in page
     assert page.rstrip().endswith("## Config and routing\n\nhand-written notes")
