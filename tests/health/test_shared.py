@@ -235,7 +235,7 @@ def test_captured_state_counts_ejected_as_passing() -> None:
 
 def test_shared_module_is_sans_io() -> None:
     tree = ast.parse(Path(shared_module.__file__).read_text())
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
