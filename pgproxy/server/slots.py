@@ -120,15 +120,19 @@ class WorkerSlot:
             await channel.send(start)
         except ChannelClosedError:
             pass  # it exited already; wait() below collects its status
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._read_messages, channel, on_ready)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._read_messages, channel, on_ready)
+                if self.feed is not None:
+                    group.start_soon(self.feed.run, channel)
+                code = await process.wait()
+                group.cancel_scope.cancel()
+        finally:
+            # Also when the supervisor is cancelled, so the channel is closed.
             if self.feed is not None:
-                group.start_soon(self.feed.run, channel)
-            code = await process.wait()
-            group.cancel_scope.cancel()
-        if self.feed is not None:
-            self.feed.close()
-        await self._forget_process()
+                self.feed.close()
+            with anyio.CancelScope(shield=True):
+                await self._forget_process()
         return code
 
     async def request(
