@@ -217,7 +217,9 @@ class SupervisorReload:
         """Send one worker a config; return its error, or None.
 
         A worker that is not ready, or does not reply, returns None: a worker
-        that starts later gets the config in force (see `_commit`).
+        that starts later gets the config in force, and `_commit` restarts one
+        that runs another config. A worker that installed it has its slot's
+        `config_hash` updated, so `_commit` keeps it running.
         """
         message = {
             "op": "reload",
@@ -226,7 +228,10 @@ class SupervisorReload:
         }
         fds = [sock.fileno() for sock in sockets.values()]
         reply = await slot.request(message, RELOAD_TIMEOUT, fds)
-        if reply is None or reply.get("ok"):
+        if reply is None:
+            return None
+        if reply.get("ok"):
+            slot.config_hash = str(reply.get("hash"))
             return None
         return str(reply.get("error"))
 

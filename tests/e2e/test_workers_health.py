@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -58,7 +59,7 @@ healthy_threshold = 2
 
 # Down after its first probe, and the next probe is an hour away.
 [clusters.dead]
-endpoints = ["{dead}"]
+endpoints = [{dead}]
 
 [clusters.dead.health_check]
 type = "tcp"
@@ -74,20 +75,31 @@ def upstreams(upstream_factory: UpstreamFactory) -> dict[str, Upstream]:
 
 
 @pytest.fixture
+def second_dead_address() -> Iterator[str]:
+    """Another address on 127.0.0.1 that refuses connections (bound, no listen)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def config(upstreams: dict[str, Upstream], *dead: str) -> str:
+    return CONFIG.format(
+        good=upstreams["good"].address,
+        flaky=upstreams["flaky"].address,
+        dead=", ".join(f'"{address}"' for address in dead),
+        interval=INTERVAL_S,
+        timeout=TIMEOUT_S,
+    )
+
+
+@pytest.fixture
 def proxy(
     pgproxy_factory: PgproxyFactory,
     upstreams: dict[str, Upstream],
     dead_address: str,
 ) -> tuple[PgproxyProcess, int]:
-    process = pgproxy_factory(
-        CONFIG.format(
-            good=upstreams["good"].address,
-            flaky=upstreams["flaky"].address,
-            dead=dead_address,
-            interval=INTERVAL_S,
-            timeout=TIMEOUT_S,
-        )
-    )
+    process = pgproxy_factory(config(upstreams, dead_address))
     return process, admin_port(process)
 
 
@@ -239,3 +251,41 @@ def test_restarted_worker_starts_with_probe_state(
     for i in range(CONNECTIONS):
         assert get(process.port("main"), f"/dead/{i}")[0] == 503
     assert count_lines(process, down_text) == 1
+
+
+def test_reload_probes_new_graph_once(
+    proxy: tuple[PgproxyProcess, int],
+    upstreams: dict[str, Upstream],
+    dead_address: str,
+    second_dead_address: str,
+) -> None:
+    process, admin = proxy
+    kept_text = f"endpoint {dead_address} of cluster dead is unhealthy"
+    added_text = f"endpoint {second_dead_address} of cluster dead is unhealthy"
+    assert process.wait_for_stderr(kept_text, timeout=10) is not None
+    pids = [worker["pid"] for worker in status_json(admin)["workers"]]
+    start = len(process.stderr_lines)
+    process.config_path.write_text(config(upstreams, dead_address, second_dead_address))
+
+    process.signal(signal.SIGHUP)
+
+    assert process.wait_for_stderr("reloaded", timeout=10, start=start) is not None
+    # Only the supervisor's probes of the new graph can find the added
+    # endpoint down, because its interval is an hour.
+    assert process.wait_for_stderr(added_text, timeout=10, start=start) is not None
+    wait_until(
+        lambda: (
+            worker_statuses(admin, "dead", second_dead_address)
+            == {"0": "unhealthy", "1": "unhealthy"}
+        ),
+        "both workers report the added endpoint unhealthy",
+    )
+    assert worker_statuses(admin, "dead", dead_address) == {
+        "0": "unhealthy",
+        "1": "unhealthy",
+    }
+    assert [worker["pid"] for worker in status_json(admin)["workers"]] == pids
+    assert count_lines(process, added_text) == 1
+    # The kept endpoint carried its state over, so probing it again after
+    # the reload changed nothing to log.
+    assert count_lines(process, kept_text) == 1
