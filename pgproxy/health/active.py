@@ -26,6 +26,7 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 JITTER = 0.1  # each wait is the interval times a factor in [0.9, 1.1]
 USER_AGENT = b"pgproxy-health-check"
+
+# Called with each probe's endpoint, verdict and reason, after the table
+# recorded it: the supervisor of worker processes forwards it to them.
+OutcomeCallback = Callable[[Endpoint, bool, str], None]
 
 
 class Stage(str, enum.Enum):
@@ -289,6 +294,7 @@ async def _probe_once(
     check: HealthCheckSettings,
     table: HealthTable,
     ca_file: str | None,
+    on_outcome: OutcomeCallback | None,
 ) -> None:
     try:
         result = await probe_endpoint(endpoint, check, check.timeout, ca_file=ca_file)
@@ -303,6 +309,8 @@ async def _probe_once(
     transition = table.record_probe(endpoint, ok, reason)
     if transition is not None:
         log_transition(transition)
+    if on_outcome is not None:
+        on_outcome(endpoint, ok, reason)
 
 
 async def _probe_loop(
@@ -311,10 +319,11 @@ async def _probe_loop(
     table: HealthTable,
     rng: random.Random,
     ca_file: str | None,
+    on_outcome: OutcomeCallback | None,
 ) -> None:
     while True:
         started = anyio.current_time()
-        await _probe_once(endpoint, check, table, ca_file)
+        await _probe_once(endpoint, check, table, ca_file, on_outcome)
         wait = jittered(check.interval, rng) - (anyio.current_time() - started)
         await anyio.sleep(max(wait, 0.0))
 
@@ -325,12 +334,14 @@ async def run_active_checks(
     *,
     stop: anyio.Event | None = None,
     rng: random.Random | None = None,
+    on_outcome: OutcomeCallback | None = None,
 ) -> None:
     """Probe every endpoint of every cluster with a health check, until stopped.
 
     Also ends finished ejections and logs passive transitions, so start it
     even when no cluster has a health check. Returns when `stop` is set, or
-    runs until cancelled when `stop` is None.
+    runs until cancelled when `stop` is None. `on_outcome` is called after
+    every probe, once the table recorded it.
     """
     rng = rng or random.Random()
     loops = [
@@ -343,7 +354,9 @@ async def run_active_checks(
     async with anyio.create_task_group() as group:
         group.start_soon(run_transition_sweeper, table)
         for endpoint, check, ca_file in loops:
-            group.start_soon(_probe_loop, endpoint, check, table, rng, ca_file)
+            group.start_soon(
+                _probe_loop, endpoint, check, table, rng, ca_file, on_outcome
+            )
         if stop is not None:
             await stop.wait()
             group.cancel_scope.cancel()

@@ -260,6 +260,32 @@ class HealthTable:
                 reason = f"{count} probe(s) in a row failed, last: {reason}"
         return self._settle(state, now, reason)
 
+    def restore_probe_state(
+        self,
+        endpoint: Endpoint,
+        healthy: bool,
+        successes: int,
+        failures: int,
+        reason: str,
+    ) -> Transition | None:
+        """Take over the active-check state that another table computed.
+
+        Sets the verdict and the probe counts as they are, without thresholds,
+        so later `record_probe` calls continue from them. Passive state stays.
+        """
+        state = self._state(endpoint)
+        if state is None:
+            return None
+        state.healthy = healthy
+        state.consecutive_probe_successes = successes
+        state.consecutive_probe_failures = failures
+        return self._settle(state, self._clock(), reason)
+
+    def endpoint(self, cluster: str, address: str) -> Endpoint | None:
+        """Return the tracked endpoint of `cluster` at `address`, if any."""
+        state = self._states.get(cluster, {}).get(address)
+        return None if state is None else state.endpoint
+
     def expire_ejections(self) -> list[Transition]:
         """End every ejection whose time is over; return the status changes."""
         now = self._clock()

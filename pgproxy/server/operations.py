@@ -4,7 +4,9 @@
 to every graph the service installs, restarts the health probes for each new
 graph, reloads on SIGHUP (and on file changes with `--watch`), and serves
 the admin listener. A worker process uses it without SIGHUP or admin: its
-supervisor sends reloads and scrapes over the control channel.
+supervisor sends reloads and scrapes over the control channel, and with
+`shared_probes` it runs no probes of its own (the supervisor sends their
+outcomes) but still ends passive ejections on time.
 
 Draining: `begin_drain` turns /healthz to 503 and logs it before the
 runtime closes its listeners, so an outer load balancer can stop sending
@@ -28,6 +30,8 @@ import anyio.abc
 
 from pgproxy.graph.types import Graph, LoadedGraph
 from pgproxy.health.active import run_active_checks
+from pgproxy.health.passive import run_transition_sweeper
+from pgproxy.health.shared import EndpointProbeState
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import Metrics
 from pgproxy.proxy.service import ProxyService
@@ -49,7 +53,9 @@ class OperationsSettings:
 
     `admin` is an admin listener already bound (or None); `bind` binds the
     listeners that a reload adds. A worker process sets `sighup`, `watch` and
-    `log_outcome` to False, because its supervisor does those.
+    `log_outcome` to False, because its supervisor does those. It sets
+    `shared_probes` when its supervisor probes for it, and `probe_state` to
+    the supervisor's active-check state at the worker's start.
     """
 
     config_path: str
@@ -60,6 +66,8 @@ class OperationsSettings:
     watch: bool = False
     log_outcome: bool = True
     on_start: Callable[[Operations], None] | None = None
+    shared_probes: bool = False
+    probe_state: tuple[EndpointProbeState, ...] = ()
 
 
 class Operations:
@@ -190,10 +198,14 @@ class Operations:
             return
         scope = anyio.CancelScope()
         self._probes = scope
+        shared = self.settings.shared_probes
 
         async def probe() -> None:
             with scope:
-                await run_active_checks(graph, health)
+                if shared:
+                    await run_transition_sweeper(health)
+                else:
+                    await run_active_checks(graph, health)
 
         self._group.start_soon(probe)
 

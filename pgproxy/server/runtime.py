@@ -23,6 +23,7 @@ import anyio.lowlevel
 
 from pgproxy.graph.types import Graph
 from pgproxy.health.active import run_active_checks
+from pgproxy.health.shared import restore_probe_state
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.proxy.service import ProxyService
@@ -54,6 +55,10 @@ async def serve(
     bound = list(listeners) if listeners is not None else bind_listeners(graph)
     loop = asyncio.get_running_loop()
     health = HealthTable(graph.clusters, time.monotonic)
+    if operations is not None:
+        # Before the first accept, so a worker never sends to an endpoint
+        # that its supervisor's probes already found down.
+        restore_probe_state(health, operations.probe_state)
     service = ProxyService(graph, health, AccessLog(graph.server.access_log))
     servers: dict[str, asyncio.Server] = {}
     for item in bound:

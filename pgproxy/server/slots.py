@@ -3,7 +3,8 @@
 A slot outlives its processes: a replacement worker starts in the same slot,
 on the same listening sockets, with the same index (the `worker` label of
 the metrics). Requests to the worker carry an id; the slot's reader task
-hands each reply to the caller waiting for that id.
+hands each reply to the caller waiting for that id. The slot's probe feed,
+when it has one, forwards the supervisor's probe outcomes to the worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pgproxy.graph.types import Listener
 from pgproxy.observability.metrics import Snapshot
 from pgproxy.server.control import Channel, ChannelClosedError, Message
 from pgproxy.server.sockets import bind_listener, bound_address
+from pgproxy.server.supervisor_probes import ProbeFeed
 from pgproxy.server.worker import ENVIRONMENT_VARIABLE, WorkerSettings, encode_config
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class WorkerSlot:
     """One worker position and the process currently running in it."""
 
     index: int
+    feed: ProbeFeed | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     process: anyio.abc.Process | None = None
     channel: Channel | None = None
@@ -77,10 +80,9 @@ class WorkerSlot:
         """Start a worker in this slot, wait for it to exit, return its status.
 
         `config` returns the hash of the config in force and its loader
-        payload, sent to the worker as its first message; `config_hash`
-        records the hash.
+        payload, sent to the worker as its first message with the probe
+        state from the feed; `config_hash` records the hash.
         """
-        self.config_hash, payload = config()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = WorkerSettings(
             config=config_path,
@@ -104,19 +106,33 @@ class WorkerSlot:
             )
         finally:
             child.close()
-        self.process, self.pid = process, process.pid
+        channel = await Channel.open(parent)
+        # One step without an await: the config the worker starts with, the
+        # probe state it starts from, and the queueing of later outcomes.
+        self.config_hash, payload = config()
+        start: Message = {"op": "start", "config": encode_config(payload)}
+        if self.feed is not None:
+            start["probe_state"] = self.feed.open()
+        self.process, self.pid, self.channel = process, process.pid, channel
         self.started_at = time.monotonic()
-        self.channel = await Channel.open(parent)
         logger.debug("started worker %d (pid %d)", self.index, process.pid)
         try:
-            await self.channel.send({"op": "start", "config": encode_config(payload)})
+            await channel.send(start)
         except ChannelClosedError:
             pass  # it exited already; wait() below collects its status
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._read_messages, self.channel, on_ready)
-            code = await process.wait()
-            group.cancel_scope.cancel()
-        await self._forget_process()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._read_messages, channel, on_ready)
+                if self.feed is not None:
+                    group.start_soon(self.feed.run, channel)
+                code = await process.wait()
+                group.cancel_scope.cancel()
+        finally:
+            # Also when the supervisor is cancelled, so the channel is closed.
+            if self.feed is not None:
+                self.feed.close()
+            with anyio.CancelScope(shield=True):
+                await self._forget_process()
         return code
 
     async def request(

@@ -8,7 +8,8 @@ Invariants:
 - It becomes the supervisor's config (the one /status reports and a
   restarted worker gets) only when every ready worker installed it. If one
   rejects it, the others get the old config back and the new sockets are
-  closed. The outcome is logged once, here.
+  closed. The outcome is logged once, here. The supervisor's health probes
+  switch to the new graph in the same step.
 - One reload runs at a time (`_reload_lock`).
 """
 
@@ -40,6 +41,7 @@ from pgproxy.server.sockets import (
     check_tls,
     close_sockets,
 )
+from pgproxy.server.supervisor_probes import SharedProbes
 from pgproxy.server.worker import encode_config
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class SupervisorReload:
     count: int
     slots: list[WorkerSlot]
     history: ReloadHistory
+    probes: SharedProbes
     _reload_lock: anyio.Lock
 
     if TYPE_CHECKING:
@@ -188,8 +191,10 @@ class SupervisorReload:
             logger.info(
                 'listener "%s" listening on %s', name, bound_address(sockets[0])
             )
-        # From here on a worker that starts gets the new config.
+        # From here on a worker that starts gets the new config, and the
+        # probe state of the new graph with it.
         self.loaded, self.payload = loaded, payload
+        self.probes.install(loaded.graph)
         for slot in self.slots:
             if slot.process is not None and slot.config_hash != loaded.config_hash:
                 # It was starting during the reload and got the old config.
@@ -212,7 +217,9 @@ class SupervisorReload:
         """Send one worker a config; return its error, or None.
 
         A worker that is not ready, or does not reply, returns None: a worker
-        that starts later gets the config in force (see `_commit`).
+        that starts later gets the config in force, and `_commit` restarts one
+        that runs another config. A worker that installed it has its slot's
+        `config_hash` updated, so `_commit` keeps it running.
         """
         message = {
             "op": "reload",
@@ -221,7 +228,10 @@ class SupervisorReload:
         }
         fds = [sock.fileno() for sock in sockets.values()]
         reply = await slot.request(message, RELOAD_TIMEOUT, fds)
-        if reply is None or reply.get("ok"):
+        if reply is None:
+            return None
+        if reply.get("ok"):
+            slot.config_hash = str(reply.get("hash"))
             return None
         return str(reply.get("error"))
 

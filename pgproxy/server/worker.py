@@ -6,12 +6,20 @@ one listening socket descriptor per listener, all inherited). The first
 message on the channel, `start`, carries the graph in force as the config
 loader pickled it (see `pgproxy.server.loading`), so a worker restarted after
 the file was edited still runs the config that the supervisor validated, and
-no worker imports pydantic. It then serves the data plane on those sockets and
-replies to the supervisor's requests:
+no worker imports pydantic. It also carries the supervisor's active-check
+state, so a worker starts with the endpoints that are down already marked
+down. The worker then serves the data plane on those sockets and replies to
+the supervisor's requests:
 
 - `snapshot`: metrics snapshot and health table snapshot of this worker;
 - `reload`: install the graph the supervisor loaded,
   with the sockets of added listeners attached.
+
+Two messages get no reply and are applied in the order they arrive, because
+the health state depends on that order (see `pgproxy.health.shared`):
+
+- `probes`: outcomes of the supervisor's probes, to record;
+- `probe_state`: the supervisor's whole active-check state, to take over.
 
 When the channel closes (the supervisor is gone) the worker drains and exits.
 """
@@ -29,6 +37,14 @@ from typing import Any, Protocol
 
 import anyio
 
+from pgproxy.health.shared import (
+    OUTCOMES_OP,
+    STATE_OP,
+    EndpointProbeState,
+    ProbeOutcome,
+    decode_outcomes,
+    decode_probe_state,
+)
 from pgproxy.server.control import Channel, ChannelClosedError, Message
 
 logger = logging.getLogger(__name__)
@@ -96,9 +112,29 @@ class WorkerHost(Protocol):
         """Install a loader's `payload`; return (ok, config hash, error message)."""
         ...
 
+    def apply_probe_outcomes(self, outcomes: list[ProbeOutcome]) -> None:
+        """Record the supervisor's probe outcomes in the health table in force."""
+        ...
+
+    def restore_probe_state(self, states: list[EndpointProbeState]) -> None:
+        """Take over the supervisor's active-check state of every endpoint."""
+        ...
+
     def request_shutdown(self) -> None:
         """Start draining, as on SIGTERM."""
         ...
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    """The supervisor's first message: the config and the probe state to start from.
+
+    `probe_state` is None when the supervisor does not probe for the worker;
+    the worker then runs its own probes.
+    """
+
+    payload: bytes
+    probe_state: list[EndpointProbeState] | None
 
 
 def encode_config(data: bytes) -> str:
@@ -106,17 +142,23 @@ def encode_config(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-async def receive_start(channel: Channel) -> bytes:
-    """Wait for the supervisor's `start` message; return the loader's payload.
+async def receive_start(channel: Channel) -> StartMessage:
+    """Wait for the supervisor's `start` message and decode it.
 
-    Raises ChannelClosedError when the channel closes or another op comes first.
+    Raises ChannelClosedError when the channel closes, another op comes
+    first, or the probe state is malformed.
     """
     message, fds = await channel.receive()
     for fd in fds:
         os.close(fd)
     if message["op"] != "start":
         raise ChannelClosedError(f"expected a start message, got {message['op']!r}")
-    return base64.b64decode(message["config"])
+    state = message.get("probe_state")
+    try:
+        probe_state = None if state is None else decode_probe_state(state)
+    except ValueError as error:
+        raise ChannelClosedError(f"malformed probe state: {error}") from None
+    return StartMessage(base64.b64decode(message["config"]), probe_state)
 
 
 async def serve_control(channel: Channel, host: WorkerHost) -> None:
@@ -136,7 +178,27 @@ async def serve_control(channel: Channel, host: WorkerHost) -> None:
             except ChannelClosedError:
                 _supervisor_gone(host)
                 return
-            group.start_soon(_answer, channel, host, message, fds)
+            if message["op"] in (OUTCOMES_OP, STATE_OP) and not fds:
+                _apply_probes(host, message)
+            else:
+                group.start_soon(_answer, channel, host, message, fds)
+
+
+def _apply_probes(host: WorkerHost, message: Message) -> None:
+    """Apply a probe message at once, so the next one finds its effect."""
+    try:
+        if message["op"] == OUTCOMES_OP:
+            host.apply_probe_outcomes(decode_outcomes(message))
+        else:
+            host.restore_probe_state(decode_probe_state(message.get("state")))
+    except ValueError as error:
+        # Skipping it can leave this worker's verdicts behind the supervisor's
+        # until the thresholds are crossed again.
+        logger.error(
+            "ignored an invalid %s message from the supervisor: %s",
+            message["op"],
+            error,
+        )
 
 
 def _supervisor_gone(host: WorkerHost) -> None:

@@ -2,10 +2,15 @@
 
 The supervisor starts it with `PGPROXY_WORKER` set (see
 `pgproxy.server.worker`). The worker unpickles the graph from its `start`
-message, serves them on the inherited listening sockets, and replies
+message, serves it on the inherited listening sockets, and replies
 to requests on the control channel. SIGTERM drains it like a single-process
 pgproxy; so does the channel closing, which means the supervisor is gone.
 SIGHUP is ignored.
+
+A worker sends no health probes: it records the outcomes of the
+supervisor's probes, and logs the changes they cause at DEBUG only, because
+the supervisor logs them once for all workers. Passive ejections are the
+worker's own and are logged by it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ import anyio
 
 from pgproxy.errors import ConfigError
 from pgproxy.graph.types import Listener
+from pgproxy.health.shared import (
+    EndpointProbeState,
+    ProbeOutcome,
+    apply_outcomes,
+    restore_probe_state,
+)
+from pgproxy.health.state import Transition
 from pgproxy.observability.logging import setup_logging
 from pgproxy.observability.metrics import Snapshot
 from pgproxy.server.allocator import tune_allocator
@@ -87,18 +99,44 @@ class WorkerRuntime:
         outcome = await self.operations.reloader.reload("supervisor", payload=payload)
         return outcome.ok, outcome.config_hash, outcome.error
 
+    def apply_probe_outcomes(self, outcomes: list[ProbeOutcome]) -> None:
+        """Record the supervisor's probe outcomes in the health table in force."""
+        if self.operations is not None:
+            table = self.operations.state.health
+            _log_applied(apply_outcomes(table, outcomes))
+
+    def restore_probe_state(self, states: list[EndpointProbeState]) -> None:
+        """Take over the supervisor's active-check state."""
+        if self.operations is not None:
+            table = self.operations.state.health
+            _log_applied(restore_probe_state(table, states))
+
     def request_shutdown(self) -> None:
         """Start draining."""
         self.shutdown.set()
+
+
+def _log_applied(transitions: list[Transition]) -> None:
+    for transition in transitions:
+        logger.debug(
+            "endpoint %s of cluster %s went from %s to %s by the supervisor's "
+            "probes: %s",
+            transition.endpoint,
+            transition.endpoint.cluster,
+            transition.old.value,
+            transition.new.value,
+            transition.reason,
+        )
 
 
 async def run_worker(settings: WorkerSettings) -> int:
     """Serve as one worker until SIGTERM or the supervisor goes away."""
     channel = await Channel.open(settings.control_fd)
     try:
-        loaded = decode_loaded(await receive_start(channel), settings.config)
-    except ChannelClosedError:
-        logger.error("the supervisor closed the control channel before start")
+        start = await receive_start(channel)
+        loaded = decode_loaded(start.payload, settings.config)
+    except ChannelClosedError as error:
+        logger.error("no start message from the supervisor: %s", error)
         return 1
     except ConfigError as error:
         message = describe_config_error(settings.config, error)
@@ -137,6 +175,8 @@ async def run_worker(settings: WorkerSettings) -> int:
                 sighup=False,
                 log_outcome=False,
                 on_start=on_start,
+                shared_probes=start.probe_state is not None,
+                probe_state=tuple(start.probe_state or ()),
             ),
         )
         group.cancel_scope.cancel()

@@ -11,6 +11,9 @@ Invariants:
   worker that exits before it was ever ready stops start-up.
 - A reload is validated here, then installed in every worker or in none
   (see `pgproxy.server.supervisor_reload`).
+- Active health probes run here, once for all workers, and every outcome
+  goes to every worker (see `pgproxy.server.supervisor_probes`). Workers
+  keep their own passive health.
 - SIGTERM or SIGINT: /healthz turns 503, the supervisor closes its copies of
   the listening sockets, forwards SIGTERM to every worker, waits for them
   (each drains within `drain_timeout`), and exits 0.
@@ -42,6 +45,7 @@ from pgproxy.server.slots import (
     send_signal,
 )
 from pgproxy.server.supervisor_metrics import SupervisorMetrics
+from pgproxy.server.supervisor_probes import SharedProbes
 from pgproxy.server.supervisor_reload import SupervisorReload
 from pgproxy.server.watch import watch_config
 
@@ -88,7 +92,8 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             worker_command or [sys.executable, "-m", "pgproxy.server.worker_main"]
         )
         self.history = ReloadHistory(config_path, loaded.config_hash)
-        self.slots = [WorkerSlot(index) for index in range(count)]
+        self.probes = SharedProbes(loaded.graph)
+        self.slots = [WorkerSlot(index, self.probes.feed()) for index in range(count)]
         self.draining = False
         self.stopping = False
         self.retired = Snapshot(processes=0)
@@ -190,6 +195,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             signal.SIGTERM, signal.SIGINT, signal.SIGHUP
         ) as signals:
             async with anyio.create_task_group() as group:
+                self.probes.start(group)
                 if isinstance(admin, AdminServer):
                     group.start_soon(admin.serve)
                 for slot in self.slots:

@@ -137,6 +137,7 @@ def test_sighup_reloads_every_worker(
 ) -> None:
     process, admin = workers
     port = process.port("main")
+    pids = _live_pids(admin)
     start = len(process.stderr_lines)
     process.config_path.write_text(CONFIG.format(cluster="other", **upstreams))
 
@@ -148,6 +149,9 @@ def test_sighup_reloads_every_worker(
     lines = process.stderr_lines[start:]
     assert sum("reloaded" in line for line in lines) == 1
     assert status_json(admin)["config"]["last_reload"]["outcome"] == "success"
+    # The workers installed the config in place instead of restarting.
+    assert _live_pids(admin) == pids
+    assert not any("restarting" in line for line in lines)
 
 
 def test_invalid_reload_logged_once(
