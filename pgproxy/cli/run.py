@@ -51,7 +51,8 @@ def run_command(
         raise typer.BadParameter(
             f"expected one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
         )
-    argv = [str(config), "--log-level", level, *(["--watch"] if watch else [])]
+    # "--" keeps a path such as "-edge.toml" from being read as an option.
+    argv = ["--log-level", level, *(["--watch"] if watch else []), "--", str(config)]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])

