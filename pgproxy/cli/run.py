@@ -53,6 +53,7 @@ def run_command(
         )
     # "--" keeps a path such as "-edge.toml" from being read as an option.
     argv = ["--log-level", level, *(["--watch"] if watch else []), "--", str(config)]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None when the process manager closed it
+            stream.flush()
     os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])

@@ -22,6 +22,7 @@ signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import argparse
 import logging
+import os
 import sys
 
 import anyio
@@ -55,6 +56,37 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     parser.add_argument("--watch", action="store_true")
     return parser.parse_args(argv)
+
+
+def open_standard_streams() -> None:
+    """Open /dev/null on each of descriptors 0, 1 and 2 that is closed.
+
+    A process manager or shell may start pgproxy with stdin, stdout or stderr
+    closed (`<&-`). The next socket would then get that number: libuv aborts
+    when it closes a descriptor below 3, and worker processes, which inherit
+    0-2, would write their logs into a listening socket. Python also leaves
+    sys.stdout or sys.stderr None for a closed descriptor, which the logging
+    setup cannot use.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(
+            2,
+            "w",
+            buffering=1,
+            encoding="utf-8",
+            errors="backslashreplace",
+            closefd=False,
+        )
 
 
 def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
@@ -161,6 +193,7 @@ def event_loop_options() -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run `pgproxy run` with the options it passed on."""
+    open_standard_streams()
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
     sys.exit(run(options.config, options.log_level, options.watch))
 

@@ -141,3 +141,22 @@ def test_config_path_starting_with_a_dash_is_served(
     runs.append(run)
     assert _get(run.port()) == 200
     assert run.stop() == 0, run.text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("redirect", ["<&-", ">&-"])
+def test_closed_standard_stream_does_not_stop_serving(
+    tmp_path: Path,
+    upstream_factory: UpstreamFactory,
+    runs: list[_Run],
+    redirect: str,
+    workers: int,
+) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(_config(upstream_factory().address, workers))
+    run = _Run(_closing(redirect, _pgproxy(str(config))), tmp_path, dict(os.environ))
+    runs.append(run)
+    port = run.port()
+    assert [_get(port) for _ in range(4)] == [200] * 4
+    assert run.stop() == 0, run.text()
+    assert "Traceback" not in run.text()
