@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from pgproxy.observability.logging import LOG_LEVELS
+from pgproxy.server.loading import package_environment
 
 SERVE_MODULE = "pgproxy.server.main"
 
@@ -56,4 +57,8 @@ def run_command(
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None when the process manager closed it
             stream.flush()
-    os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", SERVE_MODULE, *argv],
+        package_environment(),
+    )

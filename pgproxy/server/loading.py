@@ -39,13 +39,26 @@ def loader_command(path: str) -> list[str]:
     return [sys.executable, "-m", LOADER_MODULE, path]
 
 
-def loader_env() -> dict[str, str]:
-    """Return the child's environment: this process's, finding the same pgproxy."""
+def package_environment() -> dict[str, str]:
+    """Return this process's environment with this pgproxy first on PYTHONPATH.
+
+    A process started with `python -m pgproxy...` then imports the same
+    pgproxy as this one, also when this one was found only because a
+    launcher (a zipapp, a vendoring wrapper) put it on sys.path.
+    """
     env = dict(os.environ)
     root = str(Path(pgproxy.__file__).resolve().parent.parent)
     previous = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = root if not previous else f"{root}{os.pathsep}{previous}"
+    if not previous:
+        env["PYTHONPATH"] = root
+    elif previous.split(os.pathsep)[0] != root:
+        env["PYTHONPATH"] = f"{root}{os.pathsep}{previous}"
     return env
+
+
+def loader_env() -> dict[str, str]:
+    """Return the child's environment: this process's, finding the same pgproxy."""
+    return package_environment()
 
 
 def load_config(path: str) -> tuple[LoadedGraph, bytes]:

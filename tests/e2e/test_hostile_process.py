@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from e2e_upstream import UpstreamFactory
+
+import pgproxy
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -160,3 +163,36 @@ def test_closed_standard_stream_does_not_stop_serving(
     assert [_get(port) for _ in range(4)] == [200] * 4
     assert run.stop() == 0, run.text()
     assert "Traceback" not in run.text()
+
+
+def test_serving_process_imports_the_pgproxy_the_command_imported(
+    tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
+) -> None:
+    # A launcher (zipapp, pex, a vendoring wrapper) puts its own copy of
+    # pgproxy on sys.path. Each process records which command imported it.
+    copy = tmp_path / "vendored"
+    source = Path(pgproxy.__file__).parent
+    shutil.copytree(source, copy / "pgproxy", ignore=shutil.ignore_patterns("*.pyc"))
+    marker = tmp_path / "imports.txt"
+    with (copy / "pgproxy" / "__init__.py").open("a") as init:
+        init.write(
+            "\nimport os as _os, sys as _sys\n"
+            "with open(_os.environ['PGPROXY_IMPORT_MARKER'], 'a') as _f:\n"
+            "    _f.write(' '.join(_sys.orig_argv) + '\\n')\n"
+        )
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(_config(upstream_factory().address))
+    launcher = (
+        f"import sys; sys.path.insert(0, {str(copy)!r}); "
+        "from pgproxy.cli.app import main; "
+        f"sys.argv = ['pgproxy', 'run', {str(config)!r}]; main()"
+    )
+    env = {**os.environ, "PGPROXY_IMPORT_MARKER": str(marker)}
+    env.pop("PYTHONPATH", None)
+    run = _Run([sys.executable, "-c", launcher], tmp_path, env)
+    runs.append(run)
+    assert _get(run.port()) == 200
+    assert run.stop() == 0, run.text()
+    imported = marker.read_text()
+    assert "pgproxy.graph.compile" in imported
+    assert "pgproxy.server.main" in imported, imported
