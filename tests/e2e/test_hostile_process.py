@@ -196,3 +196,62 @@ def test_serving_process_imports_the_pgproxy_the_command_imported(
     imported = marker.read_text()
     assert "pgproxy.graph.compile" in imported
     assert "pgproxy.server.main" in imported, imported
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found.extend(int(item) for item in task.read_text().split())
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_while_the_first_config_loads_ends_the_loader(
+    tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
+) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(_config(upstream_factory().address))
+    run = _Run(_pgproxy(str(config)), tmp_path, dict(os.environ))
+    runs.append(run)
+    loader = None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while loader is None and time.monotonic() < deadline:
+        loader = next(
+            (
+                child
+                for child in _children(run.proc.pid)
+                if "pgproxy.graph.compile" in _cmdline(child)
+            ),
+            None,
+        )
+        time.sleep(0.005)
+    assert loader is not None, "the config loader child was never seen"
+    try:
+        # Stopped, the loader cannot finish on its own: only its parent can
+        # end it, as it must when it is told to stop.
+        os.kill(loader, signal.SIGSTOP)
+        assert run.stop() == 0, run.text()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _running(loader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(loader), "the loader child outlived pgproxy"
+    finally:
+        if _running(loader):
+            os.kill(loader, signal.SIGKILL)
