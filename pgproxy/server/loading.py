@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,11 +113,20 @@ def decode_loaded(payload: bytes, path: str) -> LoadedGraph:
 def _outcome(
     path: str, returncode: int, stdout: bytes, stderr: bytes
 ) -> tuple[LoadedGraph, bytes]:
+    if returncode < 0:
+        raise _loader_failed(path, f"was killed by {_signal_name(-returncode)}")
     if returncode != 0:
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
         detail = lines[-1] if lines else "no message"
         raise _loader_failed(path, f"exited with code {returncode}: {detail}")
     return decode_loaded(stdout, path), stdout
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _loader_failed(path: str, reason: str) -> ConfigError:

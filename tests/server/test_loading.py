@@ -81,6 +81,20 @@ def test_crashing_loader_is_reported_as_loader_failure(
     assert "exited with code 1: loader exploded" in diagnostic.message
 
 
+def test_killed_loader_is_reported_with_the_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(VALID)
+    killed = [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]
+    monkeypatch.setattr(loading, "loader_command", lambda _: killed)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.code == "loader-failed"
+    assert diagnostic.message == "the config loader process was killed by SIGKILL"
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"", b"not a pickle", pickle.dumps(("surprise", 1)), pickle.dumps(("ok", 1))],
