@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,21 @@ def package_environment() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(pgproxy.__file__).resolve().parent.parent)
     previous = env.get("PYTHONPATH")
+    if _site_folder(root):
+        # Found there anyway; on PYTHONPATH it would come before the standard
+        # library, and a backport installed there would shadow it.
+        return env
     if not previous:
         env["PYTHONPATH"] = root
     elif previous.split(os.pathsep)[0] != root:
         env["PYTHONPATH"] = f"{root}{os.pathsep}{previous}"
     return env
+
+
+def _site_folder(root: str) -> bool:
+    """Return whether `root` is a site-packages folder of this interpreter."""
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return any(os.path.realpath(folder) == root for folder in folders)
 
 
 def loader_env() -> dict[str, str]:
