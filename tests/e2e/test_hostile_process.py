@@ -1,10 +1,10 @@
 """`pgproxy run` started the way process managers, shells and packagers start it.
 
 Each test starts a real `pgproxy run` process in front of a real upstream on
-127.0.0.1 and checks that it serves and stops cleanly: with a config path
-that starts with a dash, with stdin or stdout closed, from a package that is
-importable only because the launcher put it on `sys.path`, and when SIGTERM
-arrives while the config loader child is still running.
+127.0.0.1 and checks that it serves and stops cleanly. The cases: a config
+path that starts with a dash, stdin or stdout closed, a pgproxy importable
+only because the launcher put it on `sys.path`, and SIGTERM while the config
+loader child still runs.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class _Run:
 
 @pytest.fixture
 def runs() -> Iterator[list[_Run]]:
-    """Processes a test started; any still running at the end are stopped."""
+    """Processes a test started. Any still running at the end are stopped."""
     started: list[_Run] = []
     yield started
     for run in started:
@@ -134,12 +134,12 @@ def _closing(redirect: str, command: list[str]) -> list[str]:
     return ["sh", "-c", f'exec "$0" "$@" {redirect}', *command]
 
 
-def test_config_path_starting_with_a_dash_is_served(
+def test_dash_config_path_is_served(
     tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
 ) -> None:
     (tmp_path / "-edge.toml").write_text(_config(upstream_factory().address))
-    # `./-edge.toml` is how a shell user names it; the path reaches the
-    # serving process as "-edge.toml", which must not be taken for an option.
+    # A shell user writes `./-edge.toml`. The path reaches the serving process
+    # as "-edge.toml", which must not be parsed as an option.
     run = _Run(_pgproxy("./-edge.toml"), tmp_path, dict(os.environ))
     runs.append(run)
     assert _get(run.port()) == 200
@@ -148,7 +148,7 @@ def test_config_path_starting_with_a_dash_is_served(
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("redirect", ["<&-", ">&-"])
-def test_closed_standard_stream_does_not_stop_serving(
+def test_closed_std_stream_keeps_serving(
     tmp_path: Path,
     upstream_factory: UpstreamFactory,
     runs: list[_Run],
@@ -165,7 +165,7 @@ def test_closed_standard_stream_does_not_stop_serving(
     assert "Traceback" not in run.text()
 
 
-def test_serving_process_imports_the_pgproxy_the_command_imported(
+def test_serving_process_uses_launcher_pgproxy(
     tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
 ) -> None:
     # A launcher (zipapp, pex, a vendoring wrapper) puts its own copy of
@@ -223,7 +223,7 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def test_sigterm_while_the_first_config_loads_ends_the_loader(
+def test_sigterm_during_first_load_ends_loader(
     tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run]
 ) -> None:
     config = tmp_path / "pgproxy.toml"
@@ -244,8 +244,8 @@ def test_sigterm_while_the_first_config_loads_ends_the_loader(
         time.sleep(0.005)
     assert loader is not None, "the config loader child was never seen"
     try:
-        # Stopped, the loader cannot finish on its own: only its parent can
-        # end it, as it must when it is told to stop.
+        # A stopped loader cannot finish on its own, so only its parent can
+        # end it, which it must do when it receives SIGTERM.
         os.kill(loader, signal.SIGSTOP)
         assert run.stop() == 0, run.text()
         deadline = time.monotonic() + STOP_TIMEOUT
