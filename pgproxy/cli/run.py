@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from pgproxy.observability.logging import LOG_LEVELS
+from pgproxy.server.loading import package_environment
 
 SERVE_MODULE = "pgproxy.server.main"
 
@@ -51,7 +52,13 @@ def run_command(
         raise typer.BadParameter(
             f"expected one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
         )
-    argv = [str(config), "--log-level", level, *(["--watch"] if watch else [])]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", SERVE_MODULE, *argv])
+    # "--" keeps a path such as "-edge.toml" from being read as an option.
+    argv = ["--log-level", level, *(["--watch"] if watch else []), "--", str(config)]
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None when the process manager closed it
+            stream.flush()
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", SERVE_MODULE, *argv],
+        package_environment(),
+    )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +41,36 @@ def loader_command(path: str) -> list[str]:
     return [sys.executable, "-m", LOADER_MODULE, path]
 
 
-def loader_env() -> dict[str, str]:
-    """Return the child's environment: this process's, finding the same pgproxy."""
+def package_environment() -> dict[str, str]:
+    """Return this process's environment with this pgproxy first on PYTHONPATH.
+
+    A process started with `python -m pgproxy...` then imports the same
+    pgproxy as this one, also when this one was found only because a
+    launcher (a zipapp, a vendoring wrapper) put it on sys.path.
+    """
     env = dict(os.environ)
     root = str(Path(pgproxy.__file__).resolve().parent.parent)
     previous = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = root if not previous else f"{root}{os.pathsep}{previous}"
+    if _site_folder(root):
+        # Found there anyway; on PYTHONPATH it would come before the standard
+        # library, and a backport installed there would shadow it.
+        return env
+    if not previous:
+        env["PYTHONPATH"] = root
+    elif previous.split(os.pathsep)[0] != root:
+        env["PYTHONPATH"] = f"{root}{os.pathsep}{previous}"
     return env
+
+
+def _site_folder(root: str) -> bool:
+    """Return whether `root` is a site-packages folder of this interpreter."""
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return any(os.path.realpath(folder) == root for folder in folders)
+
+
+def loader_env() -> dict[str, str]:
+    """Return the child's environment: this process's, finding the same pgproxy."""
+    return package_environment()
 
 
 def load_config(path: str) -> tuple[LoadedGraph, bytes]:
@@ -99,11 +124,20 @@ def decode_loaded(payload: bytes, path: str) -> LoadedGraph:
 def _outcome(
     path: str, returncode: int, stdout: bytes, stderr: bytes
 ) -> tuple[LoadedGraph, bytes]:
+    if returncode < 0:
+        raise _loader_failed(path, f"was killed by {_signal_name(-returncode)}")
     if returncode != 0:
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
         detail = lines[-1] if lines else "no message"
         raise _loader_failed(path, f"exited with code {returncode}: {detail}")
     return decode_loaded(stdout, path), stdout
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _loader_failed(path: str, reason: str) -> ConfigError:

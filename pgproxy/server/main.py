@@ -21,8 +21,11 @@ signal.signal(signal.SIGHUP, signal.SIG_IGN)
 # ruff: noqa: E402 (the imports below come after that call on purpose)
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Iterator
 
 import anyio
 
@@ -57,15 +60,81 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def open_standard_streams() -> None:
+    """Open /dev/null on each of descriptors 0, 1 and 2 that is closed.
+
+    A process manager or shell may start pgproxy with stdin, stdout or stderr
+    closed (`<&-`). The next socket would then get that number: libuv aborts
+    when it closes a descriptor below 3, and worker processes, which inherit
+    0-2, would write their logs into a listening socket. Python also leaves
+    sys.stdout or sys.stderr None for a closed descriptor, which the logging
+    setup cannot use.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(
+            2,
+            "w",
+            buffering=1,
+            encoding="utf-8",
+            errors="backslashreplace",
+            closefd=False,
+        )
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived before the process started serving."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_raises() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into StopRequested inside the block.
+
+    The first load waits for the loader child. With the default actions a
+    SIGTERM would end this process and leave the child running on its own
+    (for seconds with a large config, for ever when it is stopped); raised
+    as an exception, it makes the wait kill and reap the child first. A
+    signal that was ignored when the process started stays ignored.
+    """
+    previous = {
+        signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _raise_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
     """Load the config, bind, serve until SIGTERM or SIGINT; return the exit code."""
     tune_allocator()
     setup_logging(log_level)
     try:
-        loaded, payload = load_config(config_path)
+        with _stop_raises():
+            loaded, payload = load_config(config_path)
     except ConfigError as exc:
         logger.error("invalid config: %s", describe_config_error(config_path, exc))
         return 1
+    except StopRequested as stop:
+        logger.info("received %s while loading the config; stopped", stop)
+        return 0
     for diagnostic in loaded.diagnostics:
         logger.warning("%s", diagnostic.render())
 
@@ -161,6 +230,7 @@ def event_loop_options() -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run `pgproxy run` with the options it passed on."""
+    open_standard_streams()
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
     sys.exit(run(options.config, options.log_level, options.watch))
 

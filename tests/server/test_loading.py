@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import site
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
+import pgproxy
 from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
 from pgproxy.server import loading
@@ -79,6 +82,40 @@ def test_crashing_loader_is_reported_as_loader_failure(
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.code == "loader-failed"
     assert "exited with code 1: loader exploded" in diagnostic.message
+
+
+def test_package_root_is_put_first_on_pythonpath_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pgproxy, "__file__", str(tmp_path / "pgproxy/__init__.py"))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = loading.package_environment()
+    assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    assert loading.package_environment()["PYTHONPATH"] == env["PYTHONPATH"]
+
+
+def test_package_installed_in_site_packages_leaves_pythonpath_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = os.path.realpath(site.getsitepackages()[0])
+    monkeypatch.setattr(pgproxy, "__file__", f"{folder}/pgproxy/__init__.py")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert "PYTHONPATH" not in loading.package_environment()
+
+
+def test_killed_loader_is_reported_with_the_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(VALID)
+    killed = [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]
+    monkeypatch.setattr(loading, "loader_command", lambda _: killed)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.code == "loader-failed"
+    assert diagnostic.message == "the config loader process was killed by SIGKILL"
 
 
 @pytest.mark.parametrize(
