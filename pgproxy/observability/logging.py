@@ -5,23 +5,26 @@ one plain `LEVEL logger: message` line per record, which is what log
 collectors and tests read. Access records (logger `pgproxy.access`) go to
 stdout as bare lines, at INFO whatever the process log level is.
 
-Access lines are buffered and written together once per event loop
-iteration (or sooner when the buffer grows large), so a busy loop makes one
-write(2) for many requests.
+Access lines are buffered and handed to a writer thread once per event
+loop iteration (or sooner when the buffer grows large), so a busy loop makes
+one write(2) for many requests, and a stdout nobody reads cannot stall the
+loop: lines are dropped and counted instead.
 
 Invariants: each write ends at a line end and stays within PIPE_BUF unless
 one line is longer, so worker processes sharing one stdout pipe do not mix
-their lines. No line is lost on a clean exit: `logging.shutdown`, which runs
-at interpreter exit, flushes every handler, and a line written with no
-running loop is written at once.
+their lines. No line is lost on a clean exit while stdout is read:
+`logging.shutdown`, which runs at interpreter exit, flushes every handler,
+and a flush with no running loop waits until its lines are written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -31,13 +34,29 @@ PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 # Lines queued before a flush is forced without waiting for the next iteration.
 _MAX_PENDING_LINES = 512
+# Flushes (of up to _MAX_PENDING_LINES lines each) the writer thread may be
+# behind before lines are dropped: a few MiB, seconds of a busy proxy's log.
+_MAX_QUEUED_FLUSHES = 1024
+# How long a flush off the event loop (at exit) waits for the writer thread.
+DRAIN_TIMEOUT = 2.0
+# Seconds between two warnings about dropped lines.
+_DROP_LOG_INTERVAL = 10.0
 # PIPE_BUF on Linux: a write to a pipe up to this size is never interleaved
 # with other writers' bytes, so workers sharing stdout never split a line.
 PIPE_ATOMIC_BYTES = 4096
 
 
 class AccessLineHandler(logging.Handler):
-    """Writes access lines to a stream, batched per event loop iteration."""
+    """Writes access lines to a stream, batched per event loop iteration.
+
+    The event loop never writes to the stream itself: a flush on the loop
+    hands the batch to a writer thread through a bounded queue. A reader that
+    stops reading (`pgproxy run | less`, a stalled log shipper) then fills
+    the queue, and further lines are dropped and counted, instead of
+    blocking the loop in write(2) until no request is served. A flush with
+    no running loop waits, for up to DRAIN_TIMEOUT, until the thread has
+    written everything queued, so lines written at exit are not lost.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -47,6 +66,11 @@ class AccessLineHandler(logging.Handler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._guard = threading.Lock()
         self._failed = False
+        self._queue: queue.Queue[list[str]] = queue.Queue(_MAX_QUEUED_FLUSHES)
+        self._writer: threading.Thread | None = None
+        self.dropped_lines = 0
+        self._dropped_reported = 0
+        self._drop_logged_at = -_DROP_LOG_INTERVAL
 
     def write_line(self, line: str) -> None:
         """Queue one line, to be written by the next loop iteration."""
@@ -84,25 +108,82 @@ class AccessLineHandler(logging.Handler):
         self.write_line(line)
 
     def flush(self) -> None:
-        """Write every queued line with one write and flush the stream."""
+        """Hand every queued line to the writer thread.
+
+        Off the event loop, also wait until the thread has written them.
+        """
         with self._guard:
             self._loop = None
-            lines = self._pending
-            if not lines:
-                return
-            self._pending = []
+            lines, self._pending = self._pending, []
+            if lines:
+                self._enqueue(lines)
+        if not _loop_running():
+            self.wait_written(DRAIN_TIMEOUT)
+        self._report_drops()
+
+    def wait_written(self, timeout: float) -> bool:
+        """Wait until every queued line is written; return False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        """Write what is queued (waiting at most DRAIN_TIMEOUT), then close."""
+        self.flush()
+        super().close()
+
+    def _enqueue(self, lines: list[str]) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_forever, name="pgproxy-access-log", daemon=True
+            )
+            self._writer.start()
+        try:
+            self._queue.put_nowait(lines)
+        except queue.Full:
+            self.dropped_lines += len(lines)
+
+    def _write_forever(self) -> None:
+        while True:
+            lines = self._queue.get()
             try:
                 for batch in _batches(lines):
                     self.stream.write(batch)
                     self.stream.flush()
             except (OSError, ValueError) as exc:
                 # A closed or broken stdout must not stop the proxy. It is
-                # logged once, because every later flush would fail the same way.
+                # logged once, because every later write would fail the same way.
                 if not self._failed:
                     self._failed = True
                     logging.getLogger(__name__).error(
                         "cannot write access log lines, dropping them: %s", exc
                     )
+            finally:
+                self._queue.task_done()
+
+    def _report_drops(self) -> None:
+        dropped = self.dropped_lines - self._dropped_reported
+        now = time.monotonic()
+        if dropped and now - self._drop_logged_at >= _DROP_LOG_INTERVAL:
+            self._dropped_reported = self.dropped_lines
+            self._drop_logged_at = now
+            logging.getLogger(__name__).warning(
+                "access log output is not being read: dropped %d lines "
+                "(%d since start)",
+                dropped,
+                self.dropped_lines,
+            )
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _batches(lines: list[str]) -> Iterator[str]:

@@ -9,6 +9,7 @@ loader child still runs.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -34,7 +35,13 @@ _LISTENING_RE = re.compile(r'listener "main" listening on \S+:(\d+)')
 class _Run:
     """One `pgproxy run` process whose stderr is read by a thread."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        stdout: int = subprocess.DEVNULL,
+    ) -> None:
         self.lines: list[str] = []
         self.changed = threading.Condition()
         self.proc = subprocess.Popen(
@@ -42,7 +49,7 @@ class _Run:
             cwd=cwd,
             env={**env, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
@@ -94,8 +101,9 @@ class _Run:
     def close(self) -> None:
         """Join the reader and close the stderr pipe."""
         self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture
@@ -255,3 +263,29 @@ def test_sigterm_during_first_load_ends_loader(
     finally:
         if _running(loader):
             os.kill(loader, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unread_stdout_does_not_stop_serving(
+    tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run], workers: int
+) -> None:
+    # `pgproxy run cfg | less` with nobody scrolling: the access log fills the
+    # pipe (64 KiB) after a few hundred requests. Serving must go on.
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(_config(upstream_factory().address, workers))
+    run = _Run(_pgproxy(str(config)), tmp_path, dict(os.environ), subprocess.PIPE)
+    runs.append(run)
+    port = run.port()
+    statuses: list[int] = []
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(1500):
+            connection.request("GET", "/unread")
+            reply = connection.getresponse()
+            reply.read()
+            statuses.append(reply.status)
+    finally:
+        connection.close()
+    assert statuses == [200] * 1500
+    assert run.wait_for("access log output is not being read", 10), run.text()
+    assert run.stop() == 0, run.text()

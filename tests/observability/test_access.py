@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -180,6 +182,8 @@ def test_handler_batches_lines_per_iteration(
         before = access_stream.getvalue()
         await asyncio.sleep(0)
         await asyncio.sleep(0)
+        # The writer thread writes what the iteration handed it.
+        assert logging.getLogger(ACCESS_LOGGER).handlers[0].wait_written(5.0)
         return before, access_stream.getvalue()
 
     before, after = asyncio.run(main())
@@ -210,6 +214,7 @@ def test_handler_writes_full_buffer_at_once(access_stream: io.StringIO) -> None:
     async def main() -> int:
         for index in range(600):
             log.write(make_record(path=f"/{index}"))
+        assert logging.getLogger(ACCESS_LOGGER).handlers[0].wait_written(5.0)
         return len(access_stream.getvalue().splitlines())
 
     written = asyncio.run(main())
@@ -274,3 +279,42 @@ def test_handler_survives_broken_stream(caplog: pytest.LogCaptureFixture) -> Non
         handler.write_line("two")
     errors = [r for r in caplog.records if "cannot write access log" in r.getMessage()]
     assert len(errors) == 1
+
+
+@pytest.mark.timeout(60)
+def test_unread_stdout_drops_lines_instead_of_blocking_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w", encoding="utf-8")
+    handler = AccessLineHandler(stream)
+    line = "x" * 200
+    count = 3000
+
+    async def main() -> None:
+        # One flush per iteration: far more than the pipe and the writer
+        # thread's queue hold while nobody reads the pipe.
+        for _ in range(count):
+            handler.write_line(line)
+            await asyncio.sleep(0)
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(main())  # blocked forever if the loop wrote itself
+        assert handler.dropped_lines > 0
+        warned = [r for r in caplog.records if "not being read" in r.getMessage()]
+        assert warned
+        received = b""
+        while not handler.wait_written(0.05):
+            received += os.read(read_fd, 1 << 16)
+        stream.flush()
+        os.set_blocking(read_fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 1 << 16):
+                received += chunk
+        lines = received.decode().splitlines()
+        assert set(lines) == {line}
+        assert len(lines) + handler.dropped_lines == count
+    finally:
+        stream.close()
+        os.close(read_fd)
