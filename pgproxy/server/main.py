@@ -46,6 +46,7 @@ from pgproxy.server.operations import OperationsSettings
 from pgproxy.server.reload import describe_config_error
 from pgproxy.server.runtime import serve
 from pgproxy.server.signals import ShutdownSignals
+from pgproxy.server.worker import oversized_message, payload_fits
 from pgproxy.server.workers import Supervisor, worker_count
 
 logger = logging.getLogger("pgproxy.run")
@@ -139,6 +140,9 @@ def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
         logger.warning("%s", diagnostic.render())
 
     count = worker_count(loaded.graph.server.workers)
+    if count > 1 and not payload_fits(payload):
+        logger.error("%s", oversized_message(config_path, payload))
+        return 1
     if count > 1:
         supervisor = Supervisor(
             config_path, loaded, payload, count, log_level=log_level

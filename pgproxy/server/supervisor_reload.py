@@ -42,7 +42,7 @@ from pgproxy.server.sockets import (
     close_sockets,
 )
 from pgproxy.server.supervisor_probes import SharedProbes
-from pgproxy.server.worker import encode_config
+from pgproxy.server.worker import encode_config, oversized_message, payload_fits
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class SupervisorReload:
             loaded, payload = await load_config_async(self.config_path)
         except ConfigError as error:
             return self._reload_failed(describe_config_error(self.config_path, error))
+        if not payload_fits(payload):
+            return self._reload_failed(oversized_message(self.config_path, payload))
         plan = plan_reload(self.loaded.graph, loaded.graph)
         reused = self._reused_sockets(plan)
         try:

@@ -45,7 +45,12 @@ from pgproxy.health.shared import (
     decode_outcomes,
     decode_probe_state,
 )
-from pgproxy.server.control import Channel, ChannelClosedError, Message
+from pgproxy.server.control import (
+    MAX_MESSAGE_BYTES,
+    Channel,
+    ChannelClosedError,
+    Message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +140,20 @@ class StartMessage:
 
     payload: bytes
     probe_state: list[EndpointProbeState] | None
+
+
+def payload_fits(payload: bytes) -> bool:
+    """Return whether a loader's payload fits in one control message."""
+    encoded = (len(payload) + 2) // 3 * 4
+    return encoded + 4096 <= MAX_MESSAGE_BYTES
+
+
+def oversized_message(path: str, payload: bytes) -> str:
+    """Describe a payload that `payload_fits` rejected."""
+    return (
+        f"{path} builds a graph of {len(payload) / 2**20:.1f} MiB, too large to "
+        f"send to the workers (at most {MAX_MESSAGE_BYTES // 2**20} MiB encoded)"
+    )
 
 
 def encode_config(data: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import struct
@@ -10,7 +11,8 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from pgproxy.server.control import Channel, ChannelClosedError
+from pgproxy.server.control import MAX_MESSAGE_BYTES, Channel, ChannelClosedError
+from pgproxy.server.worker import encode_config, oversized_message, payload_fits
 
 pytestmark = pytest.mark.anyio
 
@@ -98,3 +100,25 @@ async def test_message_without_op_rejected() -> None:
         await channel.receive()
     left.close()
     await channel.aclose()
+
+
+async def test_largest_config_payload_travels(
+    pair: tuple[Channel, Channel, socket.socket],
+) -> None:
+    # The largest config file accepted (10 MiB) gives a pickled graph of
+    # about 13 MiB; with margin, 20 MiB of payload must fit in one message.
+    payload = os.urandom(20 * 2**20)
+    assert payload_fits(payload)
+    sender, receiver, _ = pair
+    async with anyio.create_task_group() as group:
+        group.start_soon(
+            sender.send, {"op": "reload", "config": encode_config(payload)}
+        )
+        message, _ = await receiver.receive()
+    assert base64.b64decode(message["config"]) == payload
+
+
+def test_payload_beyond_the_limit_is_refused_before_sending() -> None:
+    assert not payload_fits(b"\0" * (MAX_MESSAGE_BYTES // 4 * 3))
+    text = oversized_message("big.toml", b"\0" * (3 * 2**20))
+    assert text.startswith("big.toml builds a graph of 3.0 MiB")
