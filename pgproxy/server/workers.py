@@ -183,7 +183,8 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         try:
             lines = self.bind_all()
         except OSError as error:
-            logger.error("%s", error)
+            # strerror holds the whole message, without str()'s "[Errno N]".
+            logger.error("%s", error.strerror or error)
             return 1
         admin = self._bind_admin()
         if admin is False:

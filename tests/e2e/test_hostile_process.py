@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -289,3 +290,31 @@ def test_unread_stdout_does_not_stop_serving(
     assert statuses == [200] * 1500
     assert run.wait_for("access log output is not being read", 10), run.text()
     assert run.stop() == 0, run.text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_port_in_use_fails_with_one_clear_line(
+    tmp_path: Path, upstream_factory: UpstreamFactory, workers: int
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        config = tmp_path / "pgproxy.toml"
+        text = _config(upstream_factory().address, workers)
+        config.write_text(text.replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+        done = subprocess.run(
+            _pgproxy(str(config)),
+            capture_output=True,
+            text=True,
+            timeout=READY_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, done.stderr
+    assert 'listener "main"' in errors[0] and f"127.0.0.1:{port}" in errors[0]
+    assert "Errno" not in errors[0]
