@@ -2,7 +2,7 @@
 
 Routes match a normalised path, so `/%61dmin`, `/x/../admin`, `/./admin` and
 `//admin` all meet the conditions of a route for `/admin`, as they do in
-nginx's location matching. Without it, a route that answers `/admin` with
+nginx's location matching. Without it, a route that responds to `/admin` with
 403 could be bypassed by any of those spellings, which most upstream
 frameworks resolve to `/admin` themselves.
 
@@ -33,7 +33,7 @@ _PATH_SAFE = "/!$&'()*+,;=:@-._~"
 
 
 class InvalidPathError(ValueError):
-    """A request path that cannot be decoded; the proxy answers 400."""
+    """A request path that cannot be decoded; the proxy responds with 400."""
 
 
 def needs_normalizing(path: str) -> bool:

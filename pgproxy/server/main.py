@@ -1,9 +1,9 @@
 """The serving process of `pgproxy run`: `python -m pgproxy.server.main`.
 
 `pgproxy run` checks its options, then replaces itself (exec, same pid) with
-this module, so the process that serves carries neither the command-line
-stack (typer, click) nor pydantic: it loads the config through the loader
-child (`pgproxy.server.loading`) and serves the graph it returns. With
+this module. The process that serves therefore imports neither the
+command-line stack (typer, click) nor pydantic. It loads the config through
+the loader child (`pgproxy.server.loading`) and serves the graph it returns. With
 `[server] workers` above one it becomes the supervisor of that many worker
 processes; otherwise it serves itself, and SIGHUP or `--watch` reloads.
 
