@@ -29,13 +29,11 @@ import anyio
 import anyio.abc
 
 from pgproxy.graph.types import Graph, LoadedGraph
-from pgproxy.health.active import run_active_checks
 from pgproxy.health.passive import run_transition_sweeper
 from pgproxy.health.shared import EndpointProbeState
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import Metrics
 from pgproxy.proxy.service import ProxyService
-from pgproxy.server.admin import AdminServer, AdminSources
 from pgproxy.server.reload import Reloader, ReloadHistory
 from pgproxy.server.running import BindListener, ServiceState
 from pgproxy.server.status import merge_health, status_document
@@ -43,6 +41,7 @@ from pgproxy.server.watch import watch_config
 
 if TYPE_CHECKING:
     from pgproxy.observability.exposition import MetricsRenderer
+    from pgproxy.server.admin import AdminServer
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +116,10 @@ class Operations:
                 self._group = group
                 self._start_probes(self.state.graph, self.state.health)
                 if settings.admin is not None:
+                    # The caller built settings.admin, so this import is free;
+                    # workers, which have no admin listener, never load h11.
+                    from pgproxy.server.admin import AdminSources
+
                     sources = AdminSources(
                         self.metrics_text, self.status, lambda: self.draining
                     )
@@ -205,6 +208,10 @@ class Operations:
                 if shared:
                     await run_transition_sweeper(health)
                 else:
+                    # Imported here, so workers fed by the supervisor never
+                    # load the probe client (httpcore and h11, about 2 MiB).
+                    from pgproxy.health.active import run_active_checks
+
                     await run_active_checks(graph, health)
 
         self._group.start_soon(probe)

@@ -22,7 +22,6 @@ import anyio
 import anyio.lowlevel
 
 from pgproxy.graph.types import Graph
-from pgproxy.health.active import run_active_checks
 from pgproxy.health.shared import restore_probe_state
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
@@ -97,6 +96,10 @@ async def serve(
 
 
 async def _run_health(graph: Graph, health: HealthTable, stop: anyio.Event) -> None:
+    # Imported on first use: workers fed by the supervisor's probes never
+    # need the probe client (httpcore and h11, about 2 MiB).
+    from pgproxy.health.active import run_active_checks
+
     await run_active_checks(graph, health, stop=stop)
 
 

@@ -128,3 +128,18 @@ def test_serving_modules_import_no_config_models() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_worker_imports_no_probe_or_admin_client() -> None:
+    # The supervisor probes and serves the admin listener; a worker that
+    # loaded httpcore or h11 would carry about 2 MiB it never uses.
+    code = (
+        "import sys\n"
+        "import pgproxy.server.worker_main\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}\n"
+        "      & {'httpcore', 'h11', 'prometheus_client'}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
