@@ -9,6 +9,7 @@ from pgproxy.proxy.framing import (
     FramingError,
     check_request_head,
     check_response_head,
+    connection_tokens,
     host_without_port,
 )
 
@@ -191,6 +192,25 @@ def test_connection_close_and_tokens() -> None:
     info = check([HOST, (b"Connection", b"close, X-Secret")], method=b"GET")
     assert not info.keep_alive
     assert info.connection_tokens == frozenset({b"close", b"x-secret"})
+
+
+@pytest.mark.parametrize(
+    ("values", "tokens"),
+    [
+        ([], set()),
+        ([b"keep-alive"], {b"keep-alive"}),
+        ([b"Close"], {b"close"}),
+        ([b"Upgrade"], {b"upgrade"}),
+        ([b"KEEP-ALIVE"], {b"keep-alive"}),
+        ([b" close "], {b"close"}),
+        ([b"close", b"Keep-Alive"], {b"close", b"keep-alive"}),
+        ([b"Upgrade, HTTP2-Settings"], {b"upgrade", b"http2-settings"}),
+    ],
+)
+def test_connection_tokens_are_lower_cased_and_trimmed(
+    values: list[bytes], tokens: set[bytes]
+) -> None:
+    assert connection_tokens(values) == frozenset(tokens)
 
 
 def test_http10_keep_alive_token() -> None:
