@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pgproxy.proxy import framing
 from pgproxy.proxy.framing import (
     BadResponseError,
     FramingError,
@@ -251,6 +252,16 @@ def test_idempotency_key_noted() -> None:
 )
 def test_host_without_port(raw: bytes, host: str) -> None:
     assert host_without_port(raw) == host
+    assert host_without_port(raw) == host  # answered from the cache
+
+
+def test_host_cache_stays_bounded() -> None:
+    long_host = b"a" * 1000 + b".example"
+    assert host_without_port(long_host + b":80") == long_host.decode()
+    assert long_host + b":80" not in framing._HOSTS
+    for index in range(3000):
+        assert host_without_port(b"h%d.example:80" % index) == f"h{index}.example"
+    assert len(framing._HOSTS) <= 1024
 
 
 def response(
