@@ -26,7 +26,7 @@ from pgproxy.errors import NoEndpointError, UpstreamError
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.failures import ExchangeFailures
-from pgproxy.proxy.headers import build_request_head
+from pgproxy.proxy.headers import HeaderMap, build_request_head
 from pgproxy.proxy.pool import EndpointPool
 from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
 from pgproxy.proxy.upstream import UpstreamConnection
@@ -50,7 +50,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
         info = self.info
         target = info.target
         path, _, query = target.decode("latin-1").partition("?")
-        headers = self.downstream.header_map(self.headers)
+        headers = HeaderMap(self.headers)
         route = self.runtime.graph.match(
             self.downstream.listener_name,
             self.method.decode("ascii"),
@@ -260,7 +260,8 @@ class Exchange(ResponseRelay, ExchangeFailures):
         if self.done:
             return
         self.done = True
-        self.cancel_connect()
+        if self.connect_task is not None:
+            self.cancel_connect()
         metrics = self.runtime.metrics
         listener = metrics.get(self.downstream.listener_name) if metrics else None
         if listener is not None:
