@@ -29,7 +29,7 @@ from pgproxy.proxy.downstream_state import (
     _PAUSE_PIPELINE,
 )
 from pgproxy.proxy.exchange import Exchange
-from pgproxy.proxy.headers import Forwarding, HeaderMap, is_trusted
+from pgproxy.proxy.headers import Forwarding, is_trusted
 from pgproxy.proxy.respond import error_response
 from pgproxy.proxy.upstream import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 
@@ -175,10 +175,6 @@ class DownstreamProtocol(RequestParsing):
             self.close()
         elif not self._in_head:
             self._set_conn_deadline(_IDLE, self.limits.idle_timeout)
-
-    def header_map(self, headers: list[tuple[bytes, bytes]]) -> HeaderMap:
-        """Return the lower-case name -> value view used by routing."""
-        return HeaderMap(headers)
 
     # errors
 

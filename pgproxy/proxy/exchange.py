@@ -27,7 +27,7 @@ from pgproxy.graph.paths import InvalidPathError, normalize_path
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.failures import ExchangeFailures
-from pgproxy.proxy.headers import build_request_head, strip_routed_prefix
+from pgproxy.proxy.headers import HeaderMap, build_request_head, strip_routed_prefix
 from pgproxy.proxy.pool import EndpointPool
 from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
 from pgproxy.proxy.upstream import UpstreamConnection
@@ -57,7 +57,7 @@ class Exchange(ResponseRelay, ExchangeFailures):
             except InvalidPathError:
                 self.respond_error(400, "invalid percent-encoding in the request path")
                 return
-        headers = self.downstream.header_map(self.headers)
+        headers = HeaderMap(self.headers)
         route = self.runtime.graph.match(
             self.downstream.listener_name,
             self.method.decode("ascii"),
@@ -265,7 +265,8 @@ class Exchange(ResponseRelay, ExchangeFailures):
         if self.done:
             return
         self.done = True
-        self.cancel_connect()
+        if self.connect_task is not None:
+            self.cancel_connect()
         metrics = self.runtime.metrics
         listener = metrics.get(self.downstream.listener_name) if metrics else None
         if listener is not None:

@@ -46,6 +46,7 @@ _REWRITTEN_REQUEST = HOP_BY_HOP | {
 }
 _REWRITTEN_RESPONSE = HOP_BY_HOP | {b"via"}
 VIA = b"1.1 pgproxy"
+_VIA_LINE = b"Via: " + VIA + b"\r\n"
 
 
 def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
@@ -125,7 +126,9 @@ def build_request_head(
     via: list[bytes] = []
     if names is None:
         names = lower_names(headers)
-    for (name, value), lower in zip(headers, names, strict=True):
+    # Indexing `names`, not zip(strict=True): zip's keyword costs 0.15 µs a call.
+    for i, (name, value) in enumerate(headers):
+        lower = names[i]
         if lower in _REWRITTEN_REQUEST or lower in dropped:
             if lower == b"x-forwarded-for":
                 forwarded_for.append(value)
@@ -137,26 +140,26 @@ def build_request_head(
                 forwarded_host = value
             continue
         parts += (name, b": ", value, b"\r\n")
-    if not forwarding.trusted:
-        forwarded_for = []
+    if forwarding.trusted:
+        forwarded_for.append(forwarding.client_ip)
+        client_chain = b", ".join(forwarded_for)
+    else:
+        client_chain = forwarding.client_ip
         forwarded_proto = forwarded_host = b""
-    forwarded_for.append(forwarding.client_ip)
-    via.append(VIA)
     parts += (
         b"X-Forwarded-For: ",
-        b", ".join(forwarded_for),
+        client_chain,
         b"\r\nX-Forwarded-Proto: ",
         forwarded_proto or forwarding.proto,
         b"\r\nX-Forwarded-Host: ",
         forwarded_host or info.host_raw or host,
-        b"\r\nVia: ",
-        b", ".join(via),
         b"\r\n",
+        _via_line(via),
     )
     if info.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif info.content_length is not None:
-        parts += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % info.content_length)
     if info.upgrade is not None:
         parts += (b"Connection: upgrade\r\nUpgrade: ", info.upgrade, b"\r\n")
     parts.append(b"\r\n")
@@ -183,23 +186,24 @@ def build_response_head(
     `names` are the lower-case header names, parallel to `headers`.
     """
     dropped = info.connection_tokens
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
     via: list[bytes] = []
     upgrade = b""
     if names is None:
         names = lower_names(headers)
-    for (name, value), lower in zip(headers, names, strict=True):
+    # Indexing `names`, not zip(strict=True): zip's keyword costs 0.15 µs a call.
+    for i, (name, value) in enumerate(headers):
+        lower = names[i]
         if lower in _REWRITTEN_RESPONSE or lower in dropped:
             if lower == b"via":
                 via.append(value)
             elif lower == b"upgrade":
                 upgrade = value
             continue
-        if lower == b"content-length" and chunked:
+        if chunked and lower == b"content-length":
             continue
         parts += (name, b": ", value, b"\r\n")
-    via.append(VIA)
-    parts += (b"Via: ", b", ".join(via), b"\r\n")
+    parts.append(_via_line(via))
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if status == 101:
@@ -210,6 +214,13 @@ def build_response_head(
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _via_line(received: list[bytes]) -> bytes:
+    """Return the Via field: the values received, then this proxy."""
+    if not received:
+        return _VIA_LINE
+    return b"Via: %b, %b\r\n" % (b", ".join(received), VIA)
 
 
 def build_interim_head(status: int, reason: bytes, headers: Headers) -> bytes:

@@ -102,7 +102,8 @@ class EndpointPool:
             return
         # A connection paused for a slow client must read again while idle, to
         # see the upstream's EOF and to read the next response.
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from pgproxy.proxy import framing
 from pgproxy.proxy.framing import (
     BadResponseError,
     FramingError,
     check_request_head,
     check_response_head,
+    connection_tokens,
     host_without_port,
 )
 
@@ -193,6 +195,25 @@ def test_connection_close_and_tokens() -> None:
     assert info.connection_tokens == frozenset({b"close", b"x-secret"})
 
 
+@pytest.mark.parametrize(
+    ("values", "tokens"),
+    [
+        ([], set()),
+        ([b"keep-alive"], {b"keep-alive"}),
+        ([b"Close"], {b"close"}),
+        ([b"Upgrade"], {b"upgrade"}),
+        ([b"KEEP-ALIVE"], {b"keep-alive"}),
+        ([b" close "], {b"close"}),
+        ([b"close", b"Keep-Alive"], {b"close", b"keep-alive"}),
+        ([b"Upgrade, HTTP2-Settings"], {b"upgrade", b"http2-settings"}),
+    ],
+)
+def test_connection_tokens_are_lower_cased_and_trimmed(
+    values: list[bytes], tokens: set[bytes]
+) -> None:
+    assert connection_tokens(values) == frozenset(tokens)
+
+
 def test_http10_keep_alive_token() -> None:
     info = check([HOST, (b"Connection", b"Keep-Alive")], method=b"GET", version="1.0")
     assert info.keep_alive
@@ -231,6 +252,16 @@ def test_idempotency_key_noted() -> None:
 )
 def test_host_without_port(raw: bytes, host: str) -> None:
     assert host_without_port(raw) == host
+    assert host_without_port(raw) == host  # answered from the cache
+
+
+def test_host_cache_stays_bounded() -> None:
+    long_host = b"a" * 1000 + b".example"
+    assert host_without_port(long_host + b":80") == long_host.decode()
+    assert long_host + b":80" not in framing._HOSTS
+    for index in range(3000):
+        assert host_without_port(b"h%d.example:80" % index) == f"h{index}.example"
+    assert len(framing._HOSTS) <= 1024
 
 
 def response(

@@ -367,6 +367,27 @@ async def test_response_head_limit(value_size: int, status: bytes) -> None:
     await upstream.stop()
 
 
+async def test_response_head_limit_ignores_body_in_the_same_read() -> None:
+    upstream = ScriptedUpstream()
+    body = b"b" * 3000
+
+    async def reply(head: bytes) -> bytes | None:
+        filler = b"v" * 1000
+        return (
+            b"HTTP/1.1 200 OK\r\nX-Filler: " + filler + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+
+    upstream.reply = reply
+    await upstream.start()
+    graph = make_graph([upstream.port], max_response_header_bytes="2KiB")
+    async with running_proxy(graph) as (port, _):
+        answer = await exchange(port, GET)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(body)
+    await upstream.stop()
+
+
 async def test_missing_tls_ca_file_is_502(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
