@@ -131,8 +131,13 @@ class AccessLineHandler(logging.Handler):
         return True
 
     def close(self) -> None:
-        """Write what is queued (waiting at most DRAIN_TIMEOUT), then close."""
+        """Write what is queued (waiting at most DRAIN_TIMEOUT), then close.
+
+        Lines dropped since the last warning are reported now, whatever the
+        interval, so the count at exit is complete.
+        """
         self.flush()
+        self._report_drops(force=True)
         super().close()
 
     def _enqueue(self, lines: list[str]) -> None:
@@ -164,10 +169,11 @@ class AccessLineHandler(logging.Handler):
             finally:
                 self._queue.task_done()
 
-    def _report_drops(self) -> None:
+    def _report_drops(self, force: bool = False) -> None:
         dropped = self.dropped_lines - self._dropped_reported
         now = time.monotonic()
-        if dropped and now - self._drop_logged_at >= _DROP_LOG_INTERVAL:
+        due = force or now - self._drop_logged_at >= _DROP_LOG_INTERVAL
+        if dropped and due:
             self._dropped_reported = self.dropped_lines
             self._drop_logged_at = now
             logging.getLogger(__name__).warning(
