@@ -36,6 +36,7 @@ from pgproxy.observability.metrics import Metrics
 from pgproxy.proxy.service import ProxyService
 from pgproxy.server.reload import Reloader, ReloadHistory
 from pgproxy.server.running import BindListener, ServiceState
+from pgproxy.server.signals import CoalescedTrigger
 from pgproxy.server.status import merge_health, status_document
 from pgproxy.server.watch import watch_config
 
@@ -217,7 +218,13 @@ class Operations:
         self._group.start_soon(probe)
 
     async def _receive_sighup(self, signals: AsyncIterator[int]) -> None:
-        async for _ in signals:
+        async def reload() -> None:
             started = time.monotonic()
             await self.reloader.reload("SIGHUP")
             logger.debug("reload took %.3fs", time.monotonic() - started)
+
+        trigger = CoalescedTrigger(reload)
+        async with anyio.create_task_group() as group:
+            group.start_soon(trigger.run)
+            async for _ in signals:
+                trigger.request()

@@ -1,5 +1,8 @@
 """Shutdown signals: SIGTERM and SIGINT start a drain, a second one cuts it short.
 
+Reload signals go through `CoalescedTrigger`, so a burst of SIGHUPs costs
+one reload after the running one instead of one reload each.
+
 anyio's signal receiver only records the signal in the handler; the
 shutdown itself runs in the main task.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -38,3 +42,29 @@ class ShutdownSignals:
                 else:
                     logger.info("received %s again, cancelling the drain", name)
                     self.forced.set()
+
+
+class CoalescedTrigger:
+    """Runs an action once per burst of requests.
+
+    A request while the action runs queues one more run, however many
+    requests arrive, so 50 SIGHUPs during a reload cause one more reload,
+    not 50. Requests before `run` starts are kept.
+    """
+
+    def __init__(self, action: Callable[[], Awaitable[object]]) -> None:
+        self._action = action
+        self._wanted = anyio.Event()
+        self.runs = 0
+
+    def request(self) -> None:
+        """Ask for a run; a run already queued absorbs this request."""
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Run the action for each burst of requests until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = anyio.Event()
+            self.runs += 1
+            await self._action()

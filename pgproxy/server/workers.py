@@ -37,6 +37,7 @@ from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
 from pgproxy.server.admin import AdminServer, AdminSources
 from pgproxy.server.reload import ReloadHistory
+from pgproxy.server.signals import CoalescedTrigger
 from pgproxy.server.slots import (
     WorkerSlot,
     bind_slots,
@@ -208,9 +209,11 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
                 logger.info("pgproxy ready: %d workers", self.count)
                 if watch:
                     group.start_soon(self._watch)
+                reloads = CoalescedTrigger(lambda: self.reload("SIGHUP"))
+                group.start_soon(reloads.run)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        group.start_soon(self.reload, "SIGHUP")
+                        reloads.request()
                         continue
                     logger.info("received %s", signal.Signals(signum).name)
                     break

@@ -269,3 +269,27 @@ def test_watch_reloads_on_file_change(
     assert process.wait_for_stderr("reloaded", timeout=10.0, start=start) is not None
     status, _, headers = get(process.port("main"), "/")
     assert (status, headers["x-upstream"]) == (200, "green")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_burst_is_coalesced(
+    pgproxy_factory: PgproxyFactory,
+    blue_green: tuple[Upstream, Upstream],
+    workers: int,
+) -> None:
+    blue, green = blue_green
+    config = _config(blue, green, blue.address, "blue")
+    process = pgproxy_factory(
+        config.replace("[server]", f"[server]\nworkers = {workers}")
+    )
+    # 30 signals in well under a millisecond, while the first reload's loader
+    # child runs for about 0.15 s: at most one more reload may follow it.
+    for _ in range(30):
+        os.kill(process.pid, signal.SIGHUP)
+    assert process.wait_for_stderr("reloaded", timeout=20) is not None
+    time.sleep(1.5)  # any further reload would have started by now
+    reloads = process.stderr_text().count("reloading ")
+    assert 1 <= reloads <= 3, process.stderr_text()
+    status, _, headers = get(process.port("main"), "/")
+    assert status == 200
+    assert headers["x-upstream"] == "blue"
