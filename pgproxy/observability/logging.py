@@ -14,7 +14,10 @@ Invariants: each write ends at a line end and stays within PIPE_BUF unless
 one line is longer, so worker processes sharing one stdout pipe do not mix
 their lines. No line is lost on a clean exit while stdout is read:
 `logging.shutdown`, which runs at interpreter exit, flushes every handler,
-and a flush with no running loop waits until its lines are written.
+and a flush with no running loop waits until its lines are written. While
+stdout is not read, only the first such wait lasts DRAIN_TIMEOUT: later ones
+return at once until the writer thread writes again, so an exit (a flush,
+then a close) takes at most DRAIN_TIMEOUT longer than with stdout read.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class AccessLineHandler(logging.Handler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._guard = threading.Lock()
         self._failed = False
+        # Set when a wait for the writer thread timed out; cleared by the
+        # thread after each write. While set, flushes off the loop do not wait.
+        self._stalled = False
         self._queue: queue.Queue[list[str]] = queue.Queue(_MAX_QUEUED_FLUSHES)
         self._writer: threading.Thread | None = None
         self.dropped_lines = 0
@@ -117,8 +123,8 @@ class AccessLineHandler(logging.Handler):
             lines, self._pending = self._pending, []
             if lines:
                 self._enqueue(lines)
-        if not _loop_running():
-            self.wait_written(DRAIN_TIMEOUT)
+        if not _loop_running() and not self._stalled:
+            self._stalled = not self.wait_written(DRAIN_TIMEOUT)
         self._report_drops()
 
     def wait_written(self, timeout: float) -> bool:
@@ -158,6 +164,7 @@ class AccessLineHandler(logging.Handler):
                 for batch in _batches(lines):
                     self.stream.write(batch)
                     self.stream.flush()
+                    self._stalled = False
             except (OSError, ValueError) as exc:
                 # A closed or broken stdout must not stop the proxy. It is
                 # logged once, because every later write would fail the same way.

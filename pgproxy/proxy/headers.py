@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
+from urllib.parse import unquote_to_bytes
 
 from pgproxy.graph.paths import encode_path, needs_normalizing, normalize_path
 from pgproxy.proxy.framing import RequestInfo, ResponseInfo, lower_names
@@ -67,11 +68,15 @@ def strip_routed_prefix(target: bytes, prefix: bytes) -> bytes:
     client's spelling differs from it (`/api/./v1`, `/%61pi/v1`), the prefix
     is removed from the normalised path, which is then encoded again, as
     nginx does for a `proxy_pass` with a URI. Otherwise the target keeps the
-    client's bytes.
+    client's bytes. `prefix` is the route's prefix encoded the same way; a
+    target without `%` that matched holds that prefix unencoded when the
+    prefix has characters the encoding escapes, such as `{` or `|`.
     """
     path, mark, query = target.partition(b"?")
     text = path.decode("latin-1")
     if not needs_normalizing(text):
+        if b"%" in prefix and not target.startswith(prefix):
+            prefix = unquote_to_bytes(prefix)
         return strip_path_prefix(target, prefix)
     routed = encode_path(normalize_path(text)).encode("ascii")
     return strip_path_prefix(routed + mark + query, prefix)

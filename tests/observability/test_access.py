@@ -320,3 +320,52 @@ def test_unread_stdout_drops_lines_instead_of_blocking_the_loop(
             handler.close()  # its last drop report goes to caplog, not stderr
         stream.close()
         os.close(read_fd)
+
+
+@pytest.mark.timeout(60)
+def test_exit_waits_for_an_unread_stdout_only_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("pgproxy.observability.logging.DRAIN_TIMEOUT", 0.05)
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w", encoding="utf-8")
+    handler = AccessLineHandler(stream)
+    waits: list[bool] = []
+    wait_written = handler.wait_written
+
+    def recorded_wait(timeout: float) -> bool:
+        waits.append(wait_written(timeout))
+        return waits[-1]
+
+    def read_all() -> bytes:
+        received = b""
+        while not wait_written(0.05):
+            received += os.read(read_fd, 1 << 16)
+        stream.flush()
+        os.set_blocking(read_fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 1 << 16):
+                received += chunk
+        os.set_blocking(read_fd, True)
+        return received
+
+    monkeypatch.setattr(handler, "wait_written", recorded_wait)
+    big = "x" * (1 << 20)  # far more than a pipe holds: the writer blocks
+    received = b""
+    try:
+        with caplog.at_level(logging.WARNING):
+            handler.write_line(big)
+            handler.flush()
+            handler.write_line("more")
+            handler.close()
+        # Exit runs a flush and then a close: one timed-out wait, not four.
+        assert waits == [False]
+        received = read_all()
+        handler.write_line("after")  # the reader is back: this one waits again
+        assert waits[-1] is True
+        received += read_all()
+        assert received.decode().splitlines() == [big, "more", "after"]
+    finally:
+        read_all()  # unblocks the writer thread, which holds the stream's lock
+        stream.close()
+        os.close(read_fd)
