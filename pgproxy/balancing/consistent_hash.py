@@ -71,8 +71,12 @@ def ring_points(name: str, weight: int) -> list[int]:
 
 
 def key_hash(key: str) -> int:
-    """Return the ring position of a key: CRC32 of its UTF-8 bytes."""
-    return zlib.crc32(key.encode())
+    """Return the ring position of a key: CRC32 of its UTF-8 bytes.
+
+    A key from a path that decoded to bytes that are not UTF-8 carries them
+    as surrogates (`pgproxy.graph.paths`), which become those bytes again.
+    """
+    return zlib.crc32(key.encode("utf-8", "surrogateescape"))
 
 
 class ConsistentHashBalancer:

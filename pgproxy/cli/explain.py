@@ -78,6 +78,11 @@ def parse_request(
         if not sep or not name.strip() or name != name.strip():
             raise ValueError(f'invalid header "{line}": expected "Name: value"')
         headers[name.lower()] = value.strip()
+    if "#" in target:
+        raise ValueError(
+            f'invalid URL "{target}": a request target has no fragment "#" '
+            "(pgproxy answers 400)"
+        )
     url = urllib.parse.urlsplit(target)
     if url.scheme and url.scheme not in ("http", "https"):
         raise ValueError(f'invalid URL "{target}": the scheme must be http or https')

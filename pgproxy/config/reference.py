@@ -51,7 +51,11 @@ locations: every `%XX` escape is decoded once, dot segments are removed and
 repeated slashes merged, so `/%61dmin`, `/x/../admin` and `//admin` all match
 `path = "/admin"`. A bad escape or an escaped NUL gets 400. The upstream
 receives the path exactly as the client sent it; with `strip_prefix`, it
-receives the normalised path without the prefix, percent-encoded again.
+receives the normalised path without the prefix, percent-encoded again. A
+target with `#` gets 400. Upstreams that read a path differently still see
+the raw form: `;` parameters (`/admin;x` reaches Tomcat or Spring as
+`/admin`), `\\` taken as `/`, or `%2F` decoded after routing. Deny such paths
+at the upstream too, or match those spellings with a `path_regex` route.
 """
 
 

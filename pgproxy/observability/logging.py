@@ -37,8 +37,9 @@ PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 # Lines queued before a flush is forced without waiting for the next iteration.
 _MAX_PENDING_LINES = 512
-# Flushes (of up to _MAX_PENDING_LINES lines each) the writer thread may be
-# behind before lines are dropped: a few MiB, seconds of a busy proxy's log.
+# Flushes the writer thread may be behind before lines are dropped. A flush
+# carries the lines of one loop iteration: one line each at low load, so
+# about 1,000 lines; up to _MAX_PENDING_LINES each when busy.
 _MAX_QUEUED_FLUSHES = 1024
 # How long a flush off the event loop (at exit) waits for the writer thread.
 DRAIN_TIMEOUT = 2.0

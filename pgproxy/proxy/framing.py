@@ -26,8 +26,11 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _INVALID_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS_RE = re.compile(rb"^[0-9]{1,18}$")
 # RFC 9112 section 3.2: origin-form, absolute-form, authority-form, asterisk-form.
-_ORIGIN_FORM_RE = re.compile(rb"^/[!-~]*$")
-_ABSOLUTE_FORM_RE = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-~]*)$")
+# Origin-form is absolute-path ["?" query], and neither allows "#": a fragment
+# is never sent. Servers behind the proxy cut the path at "#", so a target
+# with one could match one route here and reach another path there: 400.
+_ORIGIN_FORM_RE = re.compile(rb"^/[!-\"$-~]*$")
+_ABSOLUTE_FORM_RE = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)$")
 # Userinfo, a path or a space has no place in a Host value. One regex search:
 # `b"@" in raw` on bytes costs a failed int conversion first (4x slower).
 _INVALID_HOST_RE = re.compile(rb"[@/ ]")

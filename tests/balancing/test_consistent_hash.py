@@ -14,6 +14,7 @@ from pgproxy.balancing.consistent_hash import (
     ring_points,
     split_server_name,
 )
+from pgproxy.graph.paths import normalize_path
 from tests.balancing.endpoints import endpoints
 
 KEYS = [f"key-{i}" for i in range(10_000)]
@@ -50,6 +51,12 @@ def test_server_name_drops_scheme() -> None:
 
 def test_key_hash_is_crc32() -> None:
     assert key_hash("user-1") == zlib.crc32(b"user-1")
+
+
+def test_key_hash_of_a_path_that_is_not_utf8() -> None:
+    # `/%FF` decodes to a surrogate; its hash is that of the byte sent.
+    path = normalize_path("/%FF")
+    assert key_hash(path) == zlib.crc32(b"/\xff")
 
 
 def test_same_key_same_endpoint_across_instances() -> None:

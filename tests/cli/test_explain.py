@@ -175,6 +175,7 @@ def test_path_is_routed_after_normalisation(config: Path) -> None:
     "args",
     [
         ["GET /%zz"],
+        ["GET /admin#x"],
         ["GET"],
         ["GET ftp://x/"],
         ["GET x/y"],

@@ -116,7 +116,10 @@ def test_other_paths_reach_the_upstream_as_sent(
     assert (echo["upstream"], echo["target"]) == ("all", target)
 
 
-@pytest.mark.parametrize("target", ["/a%zz", "/a%", "/a%2", "/%00", "/api/x%00"])
+@pytest.mark.parametrize(
+    "target",
+    ["/a%zz", "/a%", "/a%2", "/%00", "/api/x%00", "/admin#x", "/x#/../admin"],
+)
 def test_invalid_escapes_get_400(
     proxy: PgproxyProcess, upstreams: dict[str, Upstream], target: str
 ) -> None:

@@ -158,6 +158,10 @@ def test_obs_text_in_value_is_accepted() -> None:
         (b"GET", b"ftp://example.com/"),
         (b"GET", b"http://user@example.com/"),
         (b"GET", b"http:///x"),
+        (b"GET", b"/admin#x"),
+        (b"GET", b"/#"),
+        (b"GET", b"/x?a=1#/../admin"),
+        (b"GET", b"http://example.com/admin#x"),
     ],
 )
 def test_invalid_targets_are_400(method: bytes, target: bytes) -> None:
