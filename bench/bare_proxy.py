@@ -180,7 +180,7 @@ class Upstream(Relay):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            # connection_lost then tells the client connection.
+            # connection_lost then reports the loss to the client connection.
             self.reusable = False
             if self.transport is not None:
                 self.transport.close()

@@ -30,8 +30,7 @@ from pgproxy.server.demo import (
     send_requests,
 )
 from pgproxy.server.listeners import BoundListener
-from pgproxy.server.main import event_loop_options
-from pgproxy.server.runtime import serve
+from pgproxy.server.runtime import event_loop_options, serve
 from pgproxy.server.signals import ShutdownSignals
 
 REFRESH_PER_SECOND = 4

@@ -81,7 +81,7 @@ def parse_request(
     if "#" in target:
         raise ValueError(
             f'invalid URL "{target}": a request target has no fragment "#" '
-            "(pgproxy answers 400)"
+            "(pgproxy responds with 400)"
         )
     url = urllib.parse.urlsplit(target)
     if url.scheme and url.scheme not in ("http", "https"):
@@ -97,7 +97,7 @@ def parse_request(
         routed_path = normalize_path(path)
     except InvalidPathError as error:
         raise ValueError(
-            f'invalid URL "{target}": {error} (pgproxy answers 400)'
+            f'invalid URL "{target}": {error} (pgproxy responds with 400)'
         ) from None
     return ExplainRequest(
         method=method.upper(),

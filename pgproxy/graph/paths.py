@@ -10,7 +10,7 @@ Steps, in order:
 1. Every `%XX` is decoded (RFC 3986 section 2.1), `%2F` included, and the
    bytes are read as UTF-8, so a route for `/café` matches `/caf%C3%A9`. An
    invalid escape (`%zz`, a lone `%`) or a decoded NUL makes the path
-   invalid: the proxy answers 400.
+   invalid: the proxy responds with 400.
 2. Dot segments are removed as in RFC 3986 section 5.2.4; `..` above the root
    stays at the root.
 3. Runs of `/` become one.

@@ -68,8 +68,8 @@ def strip_routed_prefix(target: bytes, prefix: bytes) -> bytes:
     client's spelling differs from it (`/api/./v1`, `/%61pi/v1`), the prefix
     is removed from the normalised path, which is then encoded again, as
     nginx does for a `proxy_pass` with a URI. Otherwise the target keeps the
-    client's bytes. `prefix` is the route's prefix encoded the same way; a
-    target without `%` that matched holds that prefix unencoded when the
+    client's bytes. `prefix` is the route's prefix encoded the same way. A
+    target without `%` that matched contains the prefix unencoded when the
     prefix has characters the encoding escapes, such as `{` or `|`.
     """
     path, mark, query = target.partition(b"?")

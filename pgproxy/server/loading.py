@@ -52,8 +52,9 @@ def package_environment() -> dict[str, str]:
     root = str(Path(pgproxy.__file__).resolve().parent.parent)
     previous = env.get("PYTHONPATH")
     if _site_folder(root):
-        # Found there anyway; on PYTHONPATH it would come before the standard
-        # library, and a backport installed there would shadow it.
+        # The child finds site-packages anyway. On PYTHONPATH it would come
+        # before the standard library, so a backport installed there would
+        # shadow it.
         return env
     if not previous:
         env["PYTHONPATH"] = root
@@ -76,8 +77,8 @@ def loader_env() -> dict[str, str]:
 def load_config(path: str) -> tuple[LoadedGraph, bytes]:
     """Load `path` in a child process; return the graph and its pickled form.
 
-    Raises ConfigError with every diagnostic of the file, or one that says
-    why the loader failed.
+    Raises ConfigError with every diagnostic of the file, or with one that
+    gives the reason the loader failed.
     """
     try:
         done = subprocess.run(
@@ -109,7 +110,7 @@ async def load_config_async(path: str) -> tuple[LoadedGraph, bytes]:
 
 
 def decode_loaded(payload: bytes, path: str) -> LoadedGraph:
-    """Unpickle a loader's output; raise ConfigError when it holds diagnostics."""
+    """Unpickle a loader's output; raise ConfigError when it contains diagnostics."""
     try:
         kind, value = pickle.loads(payload)
     except Exception as error:  # any unpickling failure means a broken loader

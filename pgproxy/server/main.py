@@ -44,7 +44,7 @@ from pgproxy.server.listeners import (
 from pgproxy.server.loading import load_config
 from pgproxy.server.operations import OperationsSettings
 from pgproxy.server.reload import describe_config_error
-from pgproxy.server.runtime import serve
+from pgproxy.server.runtime import event_loop_options, serve
 from pgproxy.server.signals import ShutdownSignals
 from pgproxy.server.worker import oversized_message, payload_fits
 from pgproxy.server.workers import Supervisor, worker_count
@@ -104,11 +104,12 @@ def _raise_stop(signum: int, _frame: object) -> None:
 def _stop_raises() -> Iterator[None]:
     """Turn SIGTERM and SIGINT into StopRequested inside the block.
 
-    The first load waits for the loader child. With the default actions a
-    SIGTERM would end this process and leave the child running on its own
-    (for seconds with a large config, for ever when it is stopped); raised
-    as an exception, it makes the wait kill and reap the child first. A
-    signal that was ignored when the process started stays ignored.
+    The first load waits for the loader child. With the default actions, a
+    SIGTERM would end this process and leave the child running on its own:
+    for seconds with a large config, and without end when it is stopped.
+    Raised as an exception, the signal makes the wait kill and reap the
+    child first. A signal that was ignored when the process started stays
+    ignored.
     """
     previous = {
         signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
@@ -221,15 +222,6 @@ def run_until_signal(
             group.cancel_scope.cancel()
 
     anyio.run(main, backend="asyncio", backend_options=event_loop_options())
-
-
-def event_loop_options() -> dict[str, bool]:
-    """Return anyio's asyncio options, using uvloop when it imports."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
 
 
 def main(argv: list[str] | None = None) -> None:

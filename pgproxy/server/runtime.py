@@ -133,3 +133,12 @@ async def _shutdown(
 async def _cancel_when(trigger: ShutdownTrigger, scope: anyio.CancelScope) -> None:
     await trigger()
     scope.cancel()
+
+
+def event_loop_options() -> dict[str, bool]:
+    """Return anyio's asyncio options, using uvloop when it imports."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}

@@ -54,17 +54,17 @@ class CoalescedTrigger:
 
     def __init__(self, action: Callable[[], Awaitable[object]]) -> None:
         self._action = action
-        self._wanted = anyio.Event()
+        self._requested = anyio.Event()
         self.runs = 0
 
     def request(self) -> None:
         """Ask for a run; a run already queued absorbs this request."""
-        self._wanted.set()
+        self._requested.set()
 
     async def run(self) -> None:
         """Run the action for each burst of requests until cancelled."""
         while True:
-            await self._wanted.wait()
-            self._wanted = anyio.Event()
+            await self._requested.wait()
+            self._requested = anyio.Event()
             self.runs += 1
             await self._action()

@@ -49,7 +49,7 @@ from pgproxy.server.listeners import BindError, BoundListener, server_ssl_contex
 from pgproxy.server.loading import decode_loaded
 from pgproxy.server.operations import Operations, OperationsSettings
 from pgproxy.server.reload import describe_config_error
-from pgproxy.server.runtime import serve
+from pgproxy.server.runtime import event_loop_options, serve
 from pgproxy.server.signals import ShutdownSignals
 from pgproxy.server.worker import WorkerSettings, receive_start, serve_control
 
@@ -208,18 +208,10 @@ def main() -> None:
         handler.addFilter(_WorkerPrefix())
     started = time.monotonic()
     code = anyio.run(
-        run_worker, settings, backend="asyncio", backend_options=_loop_options()
+        run_worker, settings, backend="asyncio", backend_options=event_loop_options()
     )
     logger.debug("worker %d ran %.1fs", settings.index, time.monotonic() - started)
     sys.exit(code)
-
-
-def _loop_options() -> dict[str, bool]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         try:
             lines = self.bind_all()
         except OSError as error:
-            # strerror holds the whole message, without str()'s "[Errno N]".
+            # strerror contains the whole message, without str()'s "[Errno N]".
             logger.error("%s", error.strerror or error)
             return 1
         admin = self._bind_admin()

@@ -53,7 +53,7 @@ def test_key_hash_is_crc32() -> None:
     assert key_hash("user-1") == zlib.crc32(b"user-1")
 
 
-def test_key_hash_of_a_path_that_is_not_utf8() -> None:
+def test_key_hash_non_utf8_path() -> None:
     # `/%FF` decodes to a surrogate; its hash is that of the byte sent.
     path = normalize_path("/%FF")
     assert key_hash(path) == zlib.crc32(b"/\xff")

@@ -1,7 +1,7 @@
 """Hostile spellings of a request path against routes that deny /admin.
 
 One pgproxy process serves the module: `/admin` and the exact path `/secret`
-answer 403 in front of a catch-all cluster, and two strip_prefix routes
+respond with 403 in front of a catch-all cluster, and two strip_prefix routes
 forward to their own cluster. Each spelling of a denied path must meet the
 deny route; the spellings that do not name it reach the catch-all with the
 client's target unchanged.

@@ -270,7 +270,7 @@ def test_sigterm_during_first_load_ends_loader(
 def test_unread_stdout_does_not_stop_serving(
     tmp_path: Path, upstream_factory: UpstreamFactory, runs: list[_Run], workers: int
 ) -> None:
-    # `pgproxy run cfg | less` with nobody scrolling: the access log fills the
+    # `pgproxy run cfg | less` left unscrolled: the access log fills the
     # pipe (64 KiB) after a few hundred requests. Serving must go on.
     config = tmp_path / "pgproxy.toml"
     config.write_text(_config(upstream_factory().address, workers))
@@ -316,5 +316,6 @@ def test_port_in_use_fails_with_one_clear_line(
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, done.stderr
-    assert 'listener "main"' in errors[0] and f"127.0.0.1:{port}" in errors[0]
+    assert 'listener "main"' in errors[0]
+    assert f"127.0.0.1:{port}" in errors[0]
     assert "Errno" not in errors[0]

@@ -343,7 +343,7 @@ def test_other_spellings_reach_the_same_route(
     assert all(not upstream.requests for upstream in upstreams.values())
 
 
-def test_upstream_gets_the_target_as_the_client_sent_it(
+def test_upstream_gets_raw_target(
     proxy: PgproxyProcess, upstreams: dict[str, Upstream]
 ) -> None:
     target = "/api/%7Euser/./x?q=%41"

@@ -282,7 +282,7 @@ def test_handler_survives_broken_stream(caplog: pytest.LogCaptureFixture) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_unread_stdout_drops_lines_instead_of_blocking_the_loop(
+def test_unread_stdout_drops_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     read_fd, write_fd = os.pipe()
@@ -293,7 +293,7 @@ def test_unread_stdout_drops_lines_instead_of_blocking_the_loop(
 
     async def main() -> None:
         # One flush per iteration: far more than the pipe and the writer
-        # thread's queue hold while nobody reads the pipe.
+        # thread's queue hold while the pipe is not read.
         for _ in range(count):
             handler.write_line(line)
             await asyncio.sleep(0)

@@ -256,7 +256,7 @@ def test_idempotency_key_noted() -> None:
 )
 def test_host_without_port(raw: bytes, host: str) -> None:
     assert host_without_port(raw) == host
-    assert host_without_port(raw) == host  # answered from the cache
+    assert host_without_port(raw) == host  # returned from the cache
 
 
 def test_host_cache_stays_bounded() -> None:

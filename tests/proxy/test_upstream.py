@@ -367,7 +367,7 @@ async def test_response_head_limit(value_size: int, status: bytes) -> None:
     await upstream.stop()
 
 
-async def test_response_head_limit_ignores_body_in_the_same_read() -> None:
+async def test_head_limit_ignores_same_read_body() -> None:
     upstream = ScriptedUpstream()
     body = b"b" * 3000
 
