@@ -1,0 +1,145 @@
+"""Count the instructions pgproxy runs per proxied request, under callgrind.
+
+    python bench/instructions.py [--target pgproxy|bare] [--requests N]
+                                 [--warmup N] [--path PATH]
+
+Wall-clock benchmarks on a shared 2-core machine move by several percent
+from run to run; instruction counts do not. This starts the benchmark's
+upstream nginx and pgproxy's serving process (one worker, access log off)
+under `valgrind --tool=callgrind`, with instrumentation off. It sends the
+warm-up requests over one keep-alive connection, then counts only the
+measured requests and prints user-space instructions per request.
+`--target bare` counts bench/bare_proxy.py instead, the floor of the
+stack. Use it to compare two commits (`PYTHONPATH=/other/checkout`); compare
+counts taken on the same machine and Python only.
+
+Needs valgrind (Debian package `valgrind`), which also provides
+`callgrind_control`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from harness.bare import READY as BARE_READY
+from harness.bare import SCRIPT as BARE_SCRIPT
+from harness.nginx import Upstream, start_upstream
+from harness.pgproxy import pgproxy_config
+from harness.processes import BenchError, Process, wait_for_line
+
+_PORT_RE = re.compile(r"listening on (\S+):(\d+)")
+_TOTALS_RE = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
+READY_TIMEOUT_S = 120.0
+
+
+def _read_response(sock: socket.socket, pending: bytes) -> bytes:
+    """Read one Content-Length framed response; return the bytes after it."""
+    while b"\r\n\r\n" not in pending:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise BenchError("pgproxy closed the connection")
+        pending += chunk
+    head, _, rest = pending.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise BenchError(f"unexpected response: {head[:80]!r}")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if match is None:
+        raise BenchError("response without Content-Length")
+    length = int(match.group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise BenchError("pgproxy closed the connection mid-body")
+        rest += chunk
+    return rest[length:]
+
+
+def _send_requests(port: int, path: str, count: int) -> None:
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30.0) as sock:
+        pending = b""
+        for _ in range(count):
+            sock.sendall(request)
+            pending = _read_response(sock, pending)
+
+
+def _callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
+
+
+def _target_command(target: str, upstream: Upstream, workdir: Path) -> list[str]:
+    """Return the command that serves `target` in front of `upstream`."""
+    if target == "bare":
+        upstream_address = f"127.0.0.1:{upstream.port}"
+        return [sys.executable, str(BARE_SCRIPT), "--upstream", upstream_address]
+    config = workdir / "pgproxy.toml"
+    config.write_text(pgproxy_config(upstream, workers=1, access_log="off"))
+    return [sys.executable, "-m", "pgproxy.server.main", str(config)]
+
+
+def count(target: str, requests: int, warmup: int, path: str, workdir: Path) -> int:
+    """Return the instructions `target` ran for `requests` requests."""
+    upstream = start_upstream(workdir, cpu=None)
+    # %p: a forked child would otherwise write its counts to the same file.
+    out_pattern = workdir / "callgrind.out.%p"
+    ready = BARE_READY if target == "bare" else "pgproxy ready"
+    try:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out_pattern}",
+            *_target_command(target, upstream, workdir),
+        ]
+        proxy = Process(target, command, workdir)
+        try:
+            lines = wait_for_line(proxy, ready, timeout_s=READY_TIMEOUT_S)
+            port = next(
+                int(match.group(2)) for match in map(_PORT_RE.search, lines) if match
+            )
+            _send_requests(port, path, warmup)
+            _callgrind_control("--instr=on", str(proxy.pid))
+            _send_requests(port, path, requests)
+            _callgrind_control("--instr=off", str(proxy.pid))
+        finally:
+            proxy.stop(timeout_s=60.0)
+    finally:
+        upstream.process.stop()
+    out_file = workdir / f"callgrind.out.{proxy.pid}"
+    match = _TOTALS_RE.search(out_file.read_text())
+    if match is None:
+        raise BenchError(f"no totals in {out_file}")
+    return int(match.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--path", default="/small")
+    parser.add_argument("--target", choices=("pgproxy", "bare"), default="pgproxy")
+    options = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} is not installed", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="pgproxy-instr-") as tmp:
+        total = count(
+            options.target, options.requests, options.warmup, options.path, Path(tmp)
+        )
+    print(
+        f"{total:,} instructions for {options.requests:,} requests: "
+        f"{total / options.requests:,.0f} per request"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Smoke test of bench/instructions.py: a short count must finish and be sane.
+
+The count itself is not asserted beyond being positive, because it depends on
+the Python build. What must not rot is that the counter starts pgproxy under
+callgrind, switches instrumentation on and off, and finds the totals line.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_short_count_prints_per_request() -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "bench/instructions.py",
+            "--requests", "30", "--warmup", "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    match = re.search(r"for 30 requests: ([\d,]+) per request", result.stdout)
+    assert match is not None, result.stdout
+    assert int(match.group(1).replace(",", "")) > 0
