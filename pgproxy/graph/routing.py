@@ -264,6 +264,11 @@ class RouteTable:
     def __repr__(self) -> str:
         return f"<RouteTable routes={len(self.routes)} listeners={len(self._tables)}>"
 
+    def __reduce__(self) -> tuple[type[RouteTable], tuple[tuple[Route, ...]]]:
+        # Pickled as its routes, and indexed again when loaded: a class that
+        # mypyc compiles has no instance __dict__ for pickle to restore.
+        return (RouteTable, (self.routes,))
+
     def match(
         self,
         listener: str,

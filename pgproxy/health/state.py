@@ -104,9 +104,17 @@ class EndpointHealth:
 
     def copy_from(self, other: EndpointHealth) -> None:
         """Take over every counter of `other` (same endpoint in an older table)."""
-        for name in self.__slots__:
-            if name != "endpoint":
-                setattr(self, name, getattr(other, name))
+        # Field by field: a class compiled by mypyc has no __slots__ to loop over.
+        self.healthy = other.healthy
+        self.consecutive_probe_successes = other.consecutive_probe_successes
+        self.consecutive_probe_failures = other.consecutive_probe_failures
+        self.consecutive_failures = other.consecutive_failures
+        self.ejected_until = other.ejected_until
+        self.ejection_ended_at = other.ejection_ended_at
+        self.ejections = other.ejections
+        self.status = other.status
+        self.reason = other.reason
+        self.since = other.since
 
     def current_status(self, now: float) -> Status:
         """Return the status at `now`; active failure outranks ejection."""

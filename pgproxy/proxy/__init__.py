@@ -1,1 +1,1 @@
-"""proxy."""
+"""The request path: downstream parsing, the exchange, upstream connections."""

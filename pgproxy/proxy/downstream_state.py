@@ -123,12 +123,17 @@ class DownstreamState(asyncio.Protocol):
             f"queued={len(self._queue)} closed={self._closed}>"
         )
 
-    if TYPE_CHECKING:
+    # Implemented by DownstreamProtocol. Real methods, not declarations under
+    # TYPE_CHECKING, so that mypyc compiles the calls through the class's vtable.
 
-        def _run_queue(self) -> None: ...
+    def _run_queue(self) -> None:
+        raise NotImplementedError
 
-        def _reject(self, status: int, message: str) -> None: ...
+    def _reject(self, status: int, message: str) -> None:
+        raise NotImplementedError
 
-        def _pause(self, reason: int) -> None: ...
+    def _pause(self, reason: int) -> None:
+        raise NotImplementedError
 
-        def _set_conn_deadline(self, kind: int, timeout: float) -> None: ...
+    def _set_conn_deadline(self, kind: int, timeout: float) -> None:
+        raise NotImplementedError

@@ -26,7 +26,6 @@ from pgproxy.errors import NoEndpointError, UpstreamError
 from pgproxy.graph.paths import InvalidPathError, normalize_path
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
-from pgproxy.proxy.failures import ExchangeFailures
 from pgproxy.proxy.headers import HeaderMap, build_request_head, strip_routed_prefix
 from pgproxy.proxy.pool import EndpointPool
 from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
@@ -39,7 +38,7 @@ REPLAY_LIMIT = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Exchange(ResponseRelay, ExchangeFailures):
+class Exchange(ResponseRelay):
     """One request and its response, from the parsed head to the access log."""
 
     __slots__ = ()

@@ -134,16 +134,18 @@ class ExchangeState:
         """Name of the routed cluster, if any."""
         return self.cluster.name if self.cluster is not None else None
 
-    if TYPE_CHECKING:
+    # Implemented further down the class chain (ExchangeFailures, then
+    # ResponseRelay, then Exchange). Real methods, not declarations under
+    # TYPE_CHECKING, so that mypyc compiles the calls through the vtable.
 
-        def next_attempt(self) -> None: ...
+    def next_attempt(self) -> None:
+        raise NotImplementedError
 
-        async def connect(self, pool: EndpointPool) -> None: ...
+    async def connect(self, pool: EndpointPool) -> None:
+        raise NotImplementedError
 
-        def finish(self) -> None: ...
+    def finish(self) -> None:
+        raise NotImplementedError
 
-        def release_upstream(self, *, reuse: bool) -> None: ...
-
-        def record_failure(
-            self, endpoint: Endpoint, reason: str, flag: str
-        ) -> None: ...
+    def release_upstream(self, *, reuse: bool) -> None:
+        raise NotImplementedError

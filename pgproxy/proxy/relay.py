@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, cast
 
-from pgproxy.proxy.exchange_state import ExchangeState
+from pgproxy.proxy.failures import ExchangeFailures
 from pgproxy.proxy.framing import BadResponseError, ResponseInfo, check_response_head
 from pgproxy.proxy.headers import build_interim_head, build_response_head
 from pgproxy.proxy.retry import may_retry_status
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class ResponseRelay(ExchangeState):
+class ResponseRelay(ExchangeFailures):
     """Relays the upstream response, or the tunnel after a 101, to the client."""
 
     __slots__ = ()

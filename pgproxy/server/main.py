@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import anyio
 
+from pgproxy import compiled
 from pgproxy.errors import ConfigError
 from pgproxy.graph.types import Listener, LoadedGraph
 from pgproxy.observability.logging import LOG_LEVELS, setup_logging
@@ -92,6 +93,20 @@ def open_standard_streams() -> None:
         )
 
 
+def log_request_path() -> None:
+    """Log whether the request path runs compiled, and warn about a stale build."""
+    if compiled.STALE_REASON is not None:
+        logger.warning(
+            "running the request path from its Python source, which is slower, "
+            "because %s; reinstall pgproxy (pip install -e .) to compile it again",
+            compiled.STALE_REASON,
+        )
+    elif compiled.REQUEST_PATH != "compiled":
+        logger.info("request path: %s", compiled.REQUEST_PATH)
+    else:
+        logger.debug("request path: compiled")
+
+
 class StopRequested(Exception):
     """SIGTERM or SIGINT arrived before the process started serving."""
 
@@ -128,6 +143,7 @@ def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
     """Load the config, bind, serve until SIGTERM or SIGINT; return the exit code."""
     tune_allocator()
     setup_logging(log_level)
+    log_request_path()
     try:
         with _stop_raises():
             loaded, payload = load_config(config_path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import pgproxy
 import pgproxy.health.state as state_module
 from pgproxy.config.models import (
     ClusterConfig,
@@ -16,6 +17,7 @@ from pgproxy.config.models import (
 from pgproxy.graph.settings import ClusterSettings, settings_from_config
 from pgproxy.graph.types import Cluster, Endpoint
 from pgproxy.health.state import (
+    EndpointHealth,
     HealthTable,
     Status,
     Transition,
@@ -540,7 +542,8 @@ def test_ejection_time_formula() -> None:
 
 
 def test_state_module_is_sans_io() -> None:
-    tree = ast.parse(Path(state_module.__file__).read_text())
+    # The source, also when the module runs compiled (its __file__ is a .so).
+    tree = ast.parse((Path(pgproxy.__file__).parent / "health/state.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -549,3 +552,42 @@ def test_state_module_is_sans_io() -> None:
             imported.add(node.module.split(".")[0])
     forbidden = {"anyio", "asyncio", "socket", "ssl", "httpcore", "logging", "time"}
     assert imported & forbidden == set()
+
+
+def _slots_in_source() -> set[str]:
+    source = (Path(pgproxy.__file__).parent / "health/state.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == "EndpointHealth":
+            for statement in node.body:
+                if (
+                    isinstance(statement, ast.Assign)
+                    and isinstance(statement.targets[0], ast.Name)
+                    and statement.targets[0].id == "__slots__"
+                ):
+                    return set(ast.literal_eval(statement.value))
+    raise AssertionError("EndpointHealth.__slots__ not found")
+
+
+def test_copy_from_takes_every_field() -> None:
+    endpoint = Endpoint("127.0.0.1:8080", "127.0.0.1", 8080, False, 1, "api")
+    old, new = EndpointHealth(endpoint, 1.0), EndpointHealth(endpoint, 2.0)
+    values = {
+        "healthy": False,
+        "consecutive_probe_successes": 3,
+        "consecutive_probe_failures": 4,
+        "consecutive_failures": 5,
+        "ejected_until": 6.0,
+        "ejection_ended_at": 7.0,
+        "ejections": 8,
+        "status": Status.EJECTED,
+        "reason": "reset",
+        "since": 9.0,
+    }
+    for name, value in values.items():
+        setattr(old, name, value)
+
+    new.copy_from(old)
+
+    assert set(values) | {"endpoint"} == _slots_in_source()
+    for name, value in values.items():
+        assert getattr(new, name) == value, name

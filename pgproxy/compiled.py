@@ -1,0 +1,148 @@
+"""The modules mypyc compiles, and the switch back to their Python source.
+
+setup.py compiles COMPILED_MODULES into C extension modules that sit next to
+their .py files and share one library, named after GROUP_NAME. Python's
+import system prefers an extension module to a .py file of the same name, so
+a module edited after its build would silently run the old code. So
+`choose_modules()`, run when pgproxy is imported, installs an import
+hook that loads every compiled module from its .py file instead when:
+
+- PGPROXY_PURE=1 is set, or
+- a .py file differs from the one its module was compiled from (setup.py
+  records their SHA-256 in SOURCES_RECORD), or
+- a compiled module is missing while others are built (the compiled classes
+  derive from each other, so the set is used whole or not at all).
+
+`REQUEST_PATH` then says which code runs, for the start-up log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+COMPILED_MODULES = (
+    "pgproxy.proxy.framing",
+    "pgproxy.proxy.headers",
+    "pgproxy.proxy.pool",
+    "pgproxy.proxy.upstream",
+    "pgproxy.proxy.retry",
+    "pgproxy.proxy.exchange_state",
+    "pgproxy.proxy.failures",
+    "pgproxy.proxy.relay",
+    "pgproxy.proxy.exchange",
+    "pgproxy.proxy.downstream_state",
+    "pgproxy.proxy.downstream_parsing",
+    "pgproxy.proxy.downstream",
+    "pgproxy.graph.paths",
+    "pgproxy.graph.routing",
+    "pgproxy.balancing.round_robin",
+    "pgproxy.health.state",
+    "pgproxy.observability.metrics",
+)
+GROUP_NAME = "pgproxy._native"
+PURE_ENV = "PGPROXY_PURE"
+# Next to this file: {module name: SHA-256 of the .py file it was compiled from}.
+SOURCES_RECORD = "_native_sources.json"
+
+# "compiled", "python", or "python (REASON)" once choose_modules() has run.
+REQUEST_PATH = "python"
+# Set when compiled modules exist but are not used for a reason to warn about.
+STALE_REASON: str | None = None
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_path(name: str, root: str = _ROOT) -> str:
+    """Return the .py file of module `name` under `root`."""
+    return os.path.join(root, *name.split(".")) + ".py"
+
+
+def built_path(name: str, root: str = _ROOT) -> str | None:
+    """Return the compiled extension of module `name` under `root`, if any."""
+    base = os.path.join(root, *name.split("."))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(base + suffix):
+            return base + suffix
+    return None
+
+
+def source_digest(path: str) -> str:
+    """Return the SHA-256 of a file, in hex."""
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def record_sources(names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT) -> None:
+    """Write the digest of each module's source next to this file (setup.py)."""
+    digests = {name: source_digest(source_path(name, root)) for name in names}
+    record = os.path.join(root, "pgproxy", SOURCES_RECORD)
+    with open(record, "w", encoding="utf-8") as file:
+        json.dump(digests, file, indent=1, sort_keys=True)
+
+
+def stale_reason(
+    names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT
+) -> str | None:
+    """Return why the built modules must not be used, or None if they may be.
+
+    None also when nothing is built: the .py files are then used anyway.
+    """
+    missing = [name for name in names if built_path(name, root) is None]
+    if len(missing) == len(names):
+        return None
+    if missing:
+        return f"{missing[0]} is not compiled while others are"
+    try:
+        with open(
+            os.path.join(root, "pgproxy", SOURCES_RECORD), encoding="utf-8"
+        ) as file:
+            digests = json.load(file)
+    except (OSError, ValueError):
+        return f"pgproxy/{SOURCES_RECORD} is missing or unreadable"
+    for name in names:
+        source = source_path(name, root)
+        if digests.get(name) != source_digest(source):
+            return f"{source} changed after it was compiled"
+    return None
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Finds the .py file of each compiled module, ahead of the extension."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED_MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_path(fullname))
+
+
+def choose_modules() -> None:
+    """Decide once whether the compiled modules or their source are imported."""
+    global REQUEST_PATH, STALE_REASON
+    if any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
+        return
+    if os.environ.get(PURE_ENV) == "1":
+        REQUEST_PATH = f"python ({PURE_ENV}=1)"
+        sys.meta_path.insert(0, _SourceFinder())
+        return
+    if built_path(COMPILED_MODULES[0]) is None:
+        REQUEST_PATH = "python (not compiled)"
+        return
+    STALE_REASON = stale_reason()
+    if STALE_REASON is not None:
+        REQUEST_PATH = f"python ({STALE_REASON})"
+        sys.meta_path.insert(0, _SourceFinder())
+        return
+    REQUEST_PATH = "compiled"

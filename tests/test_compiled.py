@@ -1,0 +1,134 @@
+"""Tests of the choice between the compiled request path and its source.
+
+The suite is meant to run against the compiled modules, which is what an
+install with a C compiler serves with; `PGPROXY_PURE=1` runs it against the
+.py files instead.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pgproxy
+from pgproxy import compiled
+
+PACKAGE = Path(pgproxy.__file__).resolve().parent
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+NAMES = ("pgproxy.alpha", "pgproxy.beta")
+
+
+def _tree(root: Path, built: tuple[str, ...]) -> None:
+    """Write a source per name in NAMES, an extension per `built` name, the record."""
+    (root / "pgproxy").mkdir()
+    for name in NAMES:
+        (root / (name.replace(".", "/") + ".py")).write_text(f"NAME = {name!r}\n")
+    for name in built:
+        (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"")
+    compiled.record_sources(NAMES, str(root))
+
+
+def test_stale_reason_none_when_nothing_built(tmp_path: Path) -> None:
+    _tree(tmp_path, built=())
+
+    assert compiled.stale_reason(NAMES, str(tmp_path)) is None
+
+
+def test_stale_reason_none_for_recorded_sources(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+
+    assert compiled.stale_reason(NAMES, str(tmp_path)) is None
+
+
+def test_stale_reason_names_edited_source(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+    edited = tmp_path / "pgproxy" / "beta.py"
+    edited.write_text("NAME = 'edited'\n")
+
+    reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == f"{edited} changed after it was compiled"
+
+
+def test_stale_reason_names_missing_build(tmp_path: Path) -> None:
+    _tree(tmp_path, built=("pgproxy.alpha",))
+
+    reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == "pgproxy.beta is not compiled while others are"
+
+
+def test_stale_reason_names_missing_record(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+    (tmp_path / "pgproxy" / compiled.SOURCES_RECORD).unlink()
+
+    reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == f"pgproxy/{compiled.SOURCES_RECORD} is missing or unreadable"
+
+
+def _import_report(env: dict[str, str], cwd: Path) -> list[str]:
+    """Import one compiled module in a new interpreter; return its file and state."""
+    code = (
+        "import pgproxy.compiled as c, pgproxy.proxy.exchange as m; "
+        "print(m.__file__); print(c.REQUEST_PATH); print(c.STALE_REASON)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "PGPROXY_PURE"}
+    env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
+
+
+def test_installed_request_path_is_compiled() -> None:
+    # Fails on an install without a C compiler: the suite must test the
+    # compiled modules unless it is asked to test the source.
+    if os.environ.get("PGPROXY_PURE") == "1":
+        assert compiled.REQUEST_PATH == "python (PGPROXY_PURE=1)"
+        return
+    assert compiled.REQUEST_PATH == "compiled", (
+        f"the request path runs as {compiled.REQUEST_PATH!r}: install pgproxy "
+        "with a C compiler (pip install -e .), or run the tests with PGPROXY_PURE=1"
+    )
+
+
+def test_pure_environment_imports_source(tmp_path: Path) -> None:
+    env = _environment(PGPROXY_PURE="1", PYTHONPATH=str(PACKAGE.parent))
+
+    module_file, request_path, stale = _import_report(env, tmp_path)
+
+    assert module_file == str(PACKAGE / "proxy" / "exchange.py")
+    assert request_path == "python (PGPROXY_PURE=1)"
+    assert stale == "None"
+
+
+def test_edited_source_wins_over_build(tmp_path: Path) -> None:
+    copy = tmp_path / "copy" / "pgproxy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    built = compiled.built_path("pgproxy.proxy.headers", str(copy.parent))
+    assert built is not None, "the package under test is not compiled"
+    edited = copy / "proxy" / "headers.py"
+    edited.write_text(edited.read_text() + "\n# edited\n")
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    module_file, request_path, stale = _import_report(env, tmp_path)
+
+    assert module_file == str(copy / "proxy" / "exchange.py")
+    assert request_path == f"python ({edited} changed after it was compiled)"
+    assert stale == f"{edited} changed after it was compiled"
