@@ -18,11 +18,9 @@ hook that loads every compiled module from its .py file instead when:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.abc
+# Imported by every pgproxy command: only modules that the interpreter has
+# loaded already at start-up, and hashlib and json once a build exists.
 import importlib.machinery
-import importlib.util
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -76,12 +74,16 @@ def built_path(name: str, root: str = _ROOT) -> str | None:
 
 def source_digest(path: str) -> str:
     """Return the SHA-256 of a file, in hex."""
+    import hashlib
+
     with open(path, "rb") as file:
         return hashlib.sha256(file.read()).hexdigest()
 
 
 def record_sources(names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT) -> None:
     """Write the digest of each module's source next to this file (setup.py)."""
+    import json
+
     digests = {name: source_digest(source_path(name, root)) for name in names}
     record = os.path.join(root, "pgproxy", SOURCES_RECORD)
     with open(record, "w", encoding="utf-8") as file:
@@ -100,6 +102,8 @@ def stale_reason(
         return None
     if missing:
         return f"{missing[0]} is not compiled while others are"
+    import json
+
     try:
         with open(
             os.path.join(root, "pgproxy", SOURCES_RECORD), encoding="utf-8"
@@ -114,8 +118,12 @@ def stale_reason(
     return None
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the .py file of each compiled module, ahead of the extension."""
+class _SourceFinder:
+    """Finds the .py file of each compiled module, ahead of the extension.
+
+    A meta path finder by its find_spec method: importlib.abc would import
+    importlib.resources and pathlib into every command.
+    """
 
     def find_spec(
         self,
@@ -125,7 +133,11 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in COMPILED_MODULES:
             return None
-        return importlib.util.spec_from_file_location(fullname, source_path(fullname))
+        path = source_path(fullname)
+        loader = importlib.machinery.SourceFileLoader(fullname, path)
+        spec = importlib.machinery.ModuleSpec(fullname, loader, origin=path)
+        spec.has_location = True
+        return spec
 
 
 def choose_modules() -> None:
