@@ -8,8 +8,12 @@ The pick is the first candidate of a freshly built balancer. It is
 deterministic for consistent_hash and round_robin, and drawn from a
 generator seeded with 0 for least_request and random. Health is not checked.
 
-Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404);
-2 a usage error or an invalid config.
+A path with a spelling that the listener's `reject_ambiguous_paths` lists
+is answered with 400 before routing, so the command names the spelling and
+shows no routes.
+
+Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404) or
+the listener rejects the path (400); 2 a usage error or an invalid config.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pgproxy.cli.render import fail, make_console
 from pgproxy.cli.validate_formats import FileResult, write_text
 from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
-from pgproxy.graph.paths import InvalidPathError, normalize_path
+from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
 from pgproxy.graph.types import Graph, Route
 
@@ -158,8 +162,8 @@ def explain_command(
 ) -> None:
     """Show which route a request matches, why others do not, and the endpoint.
 
-    Exit status: 0 a route matches, 1 no route matches, 2 usage error or
-    invalid config.
+    Exit status: 0 a route matches, 1 no route matches or the listener
+    rejects the path, 2 usage error or invalid config.
     """
     try:
         request = parse_request(request_line, header or [], client_ip)
@@ -182,6 +186,10 @@ def explain_command(
         raise fail(
             f'listener "{listener}" is not defined (defined: {known})', EXIT_USAGE
         )
+    console = make_console()
+    _print_request(console, request, listener, note)
+    if _print_rejected_path(console, graph, listener, request.path):
+        raise typer.Exit(EXIT_NO_MATCH)
     result = explain_match(
         graph.routes,
         listener,
@@ -190,8 +198,6 @@ def explain_command(
         request.routed_path,
         request.headers,
     )
-    console = make_console()
-    _print_request(console, request, listener, note)
     _print_verdicts(console, result, show_all)
     if result.winner is None:
         console.print("no route matches: pgproxy answers 404", style="bold red")
@@ -212,6 +218,26 @@ def _print_request(
         console.print(f"routed as: {request.routed_path}")
     if note:
         console.print(f"note: {note}", style="yellow")
+
+
+def _print_rejected_path(
+    console: Console, graph: Graph, listener: str, path: str
+) -> bool:
+    """Print why the listener rejects `path` before routing; return whether it does."""
+    names = graph.listeners[listener].settings.reject_ambiguous_paths
+    found = AmbiguousPathRule(names).find(path) if names else None
+    if found is None:
+        return False
+    name, text = found
+    console.print(
+        Text(
+            f'rejected: the path contains "{text}" and listener {listener} has '
+            f'"{name}" in reject_ambiguous_paths, so pgproxy answers 400 '
+            "before routing",
+            style="bold red",
+        )
+    )
+    return True
 
 
 def _print_verdicts(console: Console, result: MatchExplanation, show_all: bool) -> None:

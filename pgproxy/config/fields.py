@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
@@ -108,4 +108,10 @@ HashKey = Annotated[
     str,
     AfterValidator(_check_hash_key),
     Field(json_schema_extra={"pattern": _HASH_KEY_PATTERN}),
+]
+
+# Names of the path spellings that `reject_ambiguous_paths` can list;
+# pgproxy.graph.paths.AMBIGUOUS_SPELLINGS has the spellings of each.
+AmbiguousPathName = Literal[
+    "semicolon", "backslash", "escaped_slash", "escaped_percent"
 ]

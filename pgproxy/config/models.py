@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from pgproxy.config.fields import (
+    AmbiguousPathName,
     EndpointAddress,
     HashKey,
     HeaderName,
@@ -114,6 +115,14 @@ class ListenerConfig(_Model):
     max_body_bytes: SizeBytes = Field(
         default=100 * 1024 * 1024,
         description="Max request body size (413 above it); 0 means no limit.",
+    )
+    reject_ambiguous_paths: list[AmbiguousPathName] = Field(
+        default_factory=list,
+        description="Request path spellings rejected with 400 before routing, "
+        "because some upstreams read them differently from the route match: "
+        '"semicolon" (`;`, `%3B`), "backslash" (`\\`, `%5C`), "escaped_slash" '
+        '(`%2F`) and "escaped_percent" (`%25`, for upstreams that decode twice). '
+        "Escapes match in either case; the query string is not checked.",
     )
     tls: TlsConfig | None = Field(default=None, description="TLS termination.")
 

@@ -52,10 +52,41 @@ repeated slashes merged, so `/%61dmin`, `/x/../admin` and `//admin` all match
 `path = "/admin"`. A bad escape or an escaped NUL gets 400. The upstream
 receives the path exactly as the client sent it; with `strip_prefix`, it
 receives the normalised path without the prefix, percent-encoded again. A
-target with `#` gets 400. Upstreams that read a path differently still see
-the raw form: `;` parameters (`/admin;x` reaches Tomcat or Spring as
-`/admin`), `\\` taken as `/`, or `%2F` decoded after routing. Deny such paths
-at the upstream too, or match those spellings with a `path_regex` route.
+target with `#` gets 400.
+
+An upstream that reads a path differently from this normalisation can still
+be reached by spellings that the route match does not see. A listener's
+`reject_ambiguous_paths` rejects each spelling it names with 400 before
+routing, so no upstream receives it:
+
+```toml
+[listeners.public]
+address = "0.0.0.0:8080"
+reject_ambiguous_paths = ["semicolon", "backslash", "escaped_slash"]
+```
+
+- `"semicolon"` rejects `;` and `%3B`. Tomcat and Spring read `/admin;x`
+  as `/admin`, because `;` starts path parameters there.
+- `"backslash"` rejects `\\` and `%5C`, which some servers take as `/`.
+- `"escaped_slash"` rejects `%2F`. Routes read `/admin/x%2F..%2F..%2Fpublic`
+  as `/public`, but an upstream that splits the path before it decodes
+  treats it as one segment under `/admin/`.
+- `"escaped_percent"` rejects `%25`, for upstreams that decode twice and so
+  read `%252F` as `/`.
+
+Escapes match in either case, so `%2f` is rejected too. The query string is
+not checked: `;`, `%2F` and `%25` after `?` are forwarded. `%252F` is not an
+escaped slash: routes and an upstream that decodes once (RFC 3986 section
+2.4) both read it as the text `%2F`. An upstream that decodes twice reads
+any `%25` escape differently (`%2561` as `a`), so `"escaped_percent"`
+rejects them all. Leave out a name whose spelling your upstreams need:
+GitLab's API takes project paths as `group%2Fproject`, and servlet
+containers may put `;jsessionid=` in URLs. The default, `[]`, forwards every
+spelling as sent; then deny such paths at the upstream too, or match them
+with a `path_regex` route. A rejected request is logged at DEBUG level, and
+its access log record has the failure flag `ambiguous_path`. A reload that
+changes the list applies to the next request, on connections already open
+too.
 """
 
 

@@ -19,11 +19,19 @@ Escapes are decoded once, as nginx does: a double-encoded `%2561` matches
 as `%61`. The result starts with "/" whenever the input does. Paths that
 contain no `%`, `/.` or `//` are returned as they are without any work,
 which is nearly every request.
+
+The upstream receives the raw path. A spelling that an upstream reads
+differently from these steps therefore reaches it unseen by the route
+match: `;` parameters, `\\` taken as `/`, `%2F` decoded after routing, or an
+escape decoded a second time. `AmbiguousPathRule` finds the spellings that
+a listener's `reject_ambiguous_paths` names in the raw path, before any
+decoding, and the proxy rejects them with 400 before routing.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import quote, unquote_to_bytes
 
 _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -32,8 +40,67 @@ _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
 
 
+# The spellings of each `reject_ambiguous_paths` name, as they appear in a raw
+# path. An escape matches in either case of its hex digits.
+AMBIGUOUS_SPELLINGS: dict[str, tuple[str, ...]] = {
+    # Path parameters: Tomcat and Spring read `/admin;x` as `/admin`. An
+    # upstream that decodes before it splits off parameters does so for
+    # `%3B` too.
+    "semicolon": (";", "%3B"),
+    # Taken as `/` by servers that accept Windows path syntax.
+    "backslash": ("\\", "%5C"),
+    # Routes read `%2F` as `/`, so `/admin/x%2F..%2F..%2Fpublic` is routed as
+    # `/public`. An upstream that splits the path before it decodes treats it
+    # as one segment under `/admin/`.
+    "escaped_slash": ("%2F",),
+    # RFC 3986 section 2.4 forbids decoding twice, but an upstream that does
+    # reads `%252F` as `/` and `%2561` as `a`, whatever the routes saw.
+    "escaped_percent": ("%25",),
+}
+
+
 class InvalidPathError(ValueError):
     """A request path that cannot be decoded; the proxy responds with 400."""
+
+
+class AmbiguousPathRule:
+    """The ambiguous spellings one listener rejects, compiled into one search.
+
+    `search` scans a raw path, without its query, in one regular expression
+    search however many names are listed, and returns a match object or
+    None. The proxy calls it on every request, and `find` only to name what
+    it found.
+    """
+
+    __slots__ = ("_names_by_spelling", "names", "search")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = tuple(dict.fromkeys(names))
+        unknown = [name for name in self.names if name not in AMBIGUOUS_SPELLINGS]
+        if unknown or not self.names:
+            known = ", ".join(AMBIGUOUS_SPELLINGS)
+            raise ValueError(
+                f"invalid ambiguous path names {unknown or '(none given)'}: "
+                f"expected one or more of {known}"
+            )
+        self._names_by_spelling = {
+            spelling: name
+            for name in self.names
+            for spelling in AMBIGUOUS_SPELLINGS[name]
+        }
+        pattern = "|".join(map(_spelling_pattern, self._names_by_spelling))
+        self.search = re.compile(pattern).search
+
+    def __repr__(self) -> str:
+        return f"<AmbiguousPathRule {' '.join(self.names)}>"
+
+    def find(self, path: str) -> tuple[str, str] | None:
+        """Return the name and the text of the first spelling in `path`, or None."""
+        match = self.search(path)
+        if match is None:
+            return None
+        text = match.group()
+        return self._names_by_spelling[text.upper()], text
 
 
 def needs_normalizing(path: str) -> bool:
@@ -55,6 +122,13 @@ def normalize_path(path: str) -> str:
 def encode_path(path: str) -> str:
     """Percent-encode a normalised path again, for a request line."""
     return quote(path, safe=_PATH_SAFE, errors="surrogateescape")
+
+
+def _spelling_pattern(spelling: str) -> str:
+    return "".join(
+        f"[{char.upper()}{char.lower()}]" if char.isalpha() else re.escape(char)
+        for char in spelling
+    )
 
 
 def _decode(path: str) -> str:

@@ -48,6 +48,8 @@ class ListenerSettings:
     idle_timeout: float
     max_header_bytes: int
     max_body_bytes: int
+    # Names from pgproxy.graph.paths.AMBIGUOUS_SPELLINGS; empty forwards all.
+    reject_ambiguous_paths: tuple[str, ...]
     tls: TlsSettings | None
 
 

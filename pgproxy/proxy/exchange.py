@@ -23,7 +23,7 @@ import time
 
 from pgproxy.balancing import hash_key_value
 from pgproxy.errors import NoEndpointError, UpstreamError
-from pgproxy.graph.paths import InvalidPathError, normalize_path
+from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.headers import HeaderMap, build_request_head, strip_routed_prefix
@@ -50,6 +50,12 @@ class Exchange(ResponseRelay):
         info = self.info
         target = info.target
         path, _, query = target.decode("latin-1").partition("?")
+        rules = self.runtime.path_rules
+        if rules:
+            rule = rules.get(self.downstream.listener_name)
+            if rule is not None and rule.search(path) is not None:
+                self.reject_path(rule, path)
+                return
         if "%" in path or "/." in path or "//" in path:
             try:
                 path = normalize_path(path)
@@ -90,6 +96,25 @@ class Exchange(ResponseRelay):
         self.candidates = cluster.balancer.candidates(key)
         self.set_deadline(self.downstream.loop.time() + route.timeout)
         self.next_attempt()
+
+    def reject_path(self, rule: AmbiguousPathRule, path: str) -> None:
+        """Respond 400 to a path with a spelling that the listener rejects."""
+        found = rule.find(path)
+        assert found is not None
+        name, text = found
+        logger.debug(
+            "rejecting request from %s with 400: the path contains %r (%s), "
+            "which listener %s rejects",
+            self.downstream.client,
+            text,
+            name,
+            self.downstream.listener_name,
+        )
+        self.respond_error(
+            400,
+            f'ambiguous request path: it contains "{text}"',
+            flag="ambiguous_path",
+        )
 
     def pick(self) -> Endpoint | None:
         """Return the next endpoint to try: untried and available, in balancer order."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pgproxy.balancing import Balancer, build_balancer
-from pgproxy.graph.paths import encode_path
+from pgproxy.graph.paths import AmbiguousPathRule, encode_path
 from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
@@ -88,6 +88,14 @@ class RuntimeGraph:
                 # Encoded as `strip_routed_prefix` encodes a normalised path.
                 self.strip[route.index] = encode_path(route.path).encode("ascii")
         self.trusted_proxies = tuple(graph.server.trusted_proxies)
+        # Only listeners that reject a spelling, so that with none an exchange
+        # pays one truth test. Read per request, not per connection: a reload
+        # that adds a spelling covers open keep-alive connections too.
+        self.path_rules = {
+            name: AmbiguousPathRule(listener.settings.reject_ambiguous_paths)
+            for name, listener in graph.listeners.items()
+            if listener.settings.reject_ambiguous_paths
+        }
         # Metrics bound to this graph, by listener name; None without metrics.
         self.metrics: dict[str, ListenerMetrics] | None = None
 

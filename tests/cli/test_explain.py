@@ -77,6 +77,20 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def strict_config(tmp_path: Path) -> Path:
+    """CONFIG with listener public rejecting `;` and `%2F` in paths."""
+    path = tmp_path / "strict.toml"
+    path.write_text(
+        CONFIG.replace(
+            'address = "0.0.0.0:8080"\n',
+            'address = "0.0.0.0:8080"\n'
+            'reject_ambiguous_paths = ["semicolon", "escaped_slash"]\n',
+        )
+    )
+    return path
+
+
 def _explain(*args: str) -> Result:
     return CliRunner().invoke(app, ["explain", *args])
 
@@ -169,6 +183,39 @@ def test_path_is_routed_after_normalisation(config: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "routed as: /status" in result.output
     assert "response: 200 sent by pgproxy itself" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "text", "name"),
+    [
+        ("http://api.example.com:8080/v1;x/users", ";", "semicolon"),
+        ("http://api.example.com:8080/v1%2fusers?a=1", "%2f", "escaped_slash"),
+    ],
+)
+def test_rejected_path_exits_1(
+    strict_config: Path, url: str, text: str, name: str
+) -> None:
+    result = _explain(str(strict_config), f"GET {url}")
+    assert result.exit_code == 1, result.output
+    assert (
+        f'rejected: the path contains "{text}" and listener public has "{name}" '
+        "in reject_ambiguous_paths, so pgproxy answers 400 before routing"
+    ) in " ".join(result.output.split())
+    assert "routes, most specific first" not in result.output
+    assert "endpoint:" not in result.output
+
+
+def test_query_and_other_listener_pass(strict_config: Path) -> None:
+    in_query = _explain(
+        str(strict_config), "GET http://api.example.com:8080/v1?a;b=%2F"
+    )
+    assert in_query.exit_code == 0, in_query.output
+    assert "=> v1 (routes[1]): matches" in in_query.output
+    other = _explain(str(strict_config), "GET http://www.example.com:9000/a;b%2Fc")
+    assert other.exit_code == 0, other.output
+    assert "listener admin" in other.output
+    assert "rejected" not in other.output
+    assert "=> site (routes[4]): matches" in other.output
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,23 @@
-"""Path normalisation before routing: decoding, dot segments, merged slashes."""
+"""Path normalisation before routing, and the ambiguous spellings a listener rejects."""
 
 from __future__ import annotations
 
 import random
+import typing
 
 import pytest
 
+from pgproxy.config.fields import AmbiguousPathName
 from pgproxy.graph.paths import (
+    AMBIGUOUS_SPELLINGS,
+    AmbiguousPathRule,
     InvalidPathError,
     encode_path,
     needs_normalizing,
     normalize_path,
 )
+
+ALL_NAMES = tuple(AMBIGUOUS_SPELLINGS)
 
 
 @pytest.mark.parametrize(
@@ -77,3 +83,105 @@ def test_random_paths_keep_their_invariants() -> None:
         # Without escapes left in it, a result is its own normal form.
         if "%" not in result:
             assert normalize_path(result) == result
+
+
+def test_spelling_names_match_the_config_names() -> None:
+    assert ALL_NAMES == typing.get_args(AmbiguousPathName)
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "text"),
+    [
+        ("/admin;x", "semicolon", ";"),
+        ("/admin;jsessionid=1/x", "semicolon", ";"),
+        ("/admin%3Bx", "semicolon", "%3B"),
+        ("/admin%3bx", "semicolon", "%3b"),
+        ("/admin\\x", "backslash", "\\"),
+        ("\\admin", "backslash", "\\"),
+        ("/admin%5Cx", "backslash", "%5C"),
+        ("/admin%5cx", "backslash", "%5c"),
+        ("/admin%2Fx", "escaped_slash", "%2F"),
+        ("/x/..%2fadmin", "escaped_slash", "%2f"),
+        ("/%252F", "escaped_percent", "%25"),
+        ("/%2561dmin", "escaped_percent", "%25"),
+        ("/a%2Fb;c", "escaped_slash", "%2F"),  # the first spelling in the path
+        ("/a;b%2Fc", "semicolon", ";"),
+    ],
+)
+def test_rule_finds_each_spelling(path: str, name: str, text: str) -> None:
+    assert AmbiguousPathRule(ALL_NAMES).find(path) == (name, text)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/admin",
+        "/a%20b/caf%C3%A9",
+        "/%2E%2E/admin",
+        "/a%3Ab%5Dc%2Dd",  # escapes that only look like listed ones
+        "/%3",
+        "/2F/5C/3B/25",
+        "*",
+    ],
+)
+def test_rule_passes_unambiguous_paths(path: str) -> None:
+    assert AmbiguousPathRule(ALL_NAMES).find(path) is None
+
+
+def test_rule_finds_only_the_names_listed() -> None:
+    paths = {
+        "semicolon": "/a;b",
+        "backslash": "/a%5Cb",
+        "escaped_slash": "/a%2fb",
+        "escaped_percent": "/a%2541",
+    }
+    for listed in ALL_NAMES:
+        rule = AmbiguousPathRule([listed])
+        for name, path in paths.items():
+            found = rule.find(path)
+            if name == listed:
+                assert found is not None, (listed, path)
+                assert found[0] == listed
+            else:
+                assert found is None, (listed, path)
+
+
+def test_double_encoded_slash_is_not_an_escaped_slash() -> None:
+    # Routes and an upstream that decodes once both read `%252F` as the
+    # text `%2F`; only an upstream that decodes twice reads a slash.
+    assert AmbiguousPathRule(["escaped_slash"]).find("/a%252Fb") is None
+    assert normalize_path("/a%252Fb") == "/a%2Fb"
+    assert AmbiguousPathRule(["escaped_percent"]).find("/a%252Fb") == (
+        "escaped_percent",
+        "%25",
+    )
+
+
+def test_rule_lists_each_name_once() -> None:
+    rule = AmbiguousPathRule(["semicolon", "backslash", "semicolon"])
+    assert rule.names == ("semicolon", "backslash")
+    assert repr(rule) == "<AmbiguousPathRule semicolon backslash>"
+
+
+@pytest.mark.parametrize("names", [[], ["encoded_slash"], ["semicolon", "Semicolon"]])
+def test_rule_rejects_unknown_or_no_names(names: list[str]) -> None:
+    with pytest.raises(
+        ValueError, match="expected one or more of semicolon, backslash"
+    ):
+        AmbiguousPathRule(names)
+
+
+def test_rule_agrees_with_a_plain_substring_search() -> None:
+    rng = random.Random(11)
+    alphabet = ["a", "/", ";", "\\", "%", "2", "5", "3", "F", "f", "c", "C", "B", "b"]
+    for _ in range(3000):
+        names = rng.sample(ALL_NAMES, rng.randint(1, len(ALL_NAMES)))
+        path = "/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        spellings = [s for name in names for s in AMBIGUOUS_SPELLINGS[name]]
+        expected = any(s.upper() in path.upper() for s in spellings)
+        found = AmbiguousPathRule(names).find(path)
+        assert (found is not None) == expected, (names, path, found)
+        if found is not None:
+            assert found[0] in names
+            assert found[1].upper() in AMBIGUOUS_SPELLINGS[found[0]]

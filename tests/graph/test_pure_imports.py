@@ -20,6 +20,7 @@ import pytest
 
 FORBIDDEN = {"anyio", "asyncio", "socket", "httpcore", "httptools"}
 CORE = [
+    "pgproxy.graph.paths",
     "pgproxy.graph.routing",
     "pgproxy.balancing",
     "pgproxy.balancing.round_robin",

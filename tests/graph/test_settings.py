@@ -89,6 +89,21 @@ def test_lists_and_tables_become_tuples() -> None:
         respond.status = 200  # type: ignore[misc]
 
 
+def test_listener_settings_keep_the_rejected_path_names() -> None:
+    default = settings_from_config(
+        ListenerSettings, ListenerConfig(address="127.0.0.1:0")
+    )
+    assert default.reject_ambiguous_paths == ()
+    listener = settings_from_config(
+        ListenerSettings,
+        ListenerConfig(
+            address="127.0.0.1:0",
+            reject_ambiguous_paths=["backslash", "escaped_slash"],
+        ),
+    )
+    assert listener.reject_ambiguous_paths == ("backslash", "escaped_slash")
+
+
 def test_default_health_check_matches_the_model_defaults() -> None:
     model = settings_from_config(
         HealthCheckSettings,
