@@ -36,7 +36,7 @@ from pgproxy.observability.metrics import Metrics
 from pgproxy.proxy.service import ProxyService
 from pgproxy.server.reload import Reloader, ReloadHistory
 from pgproxy.server.running import BindListener, ServiceState
-from pgproxy.server.signals import CoalescedTrigger
+from pgproxy.server.signals import CoalescedTrigger, open_reload_receiver
 from pgproxy.server.status import merge_health, status_document
 from pgproxy.server.watch import watch_config
 
@@ -105,14 +105,14 @@ class Operations:
     ) -> None:
         """Run probes, the admin listener, SIGHUP and file watching until cancelled.
 
-        With `TaskGroup.start`, it returns once SIGHUP is handled, because
-        SIGHUP's default action would end the process.
+        With `TaskGroup.start`, it returns once SIGHUP is handled. A SIGHUP
+        held since start-up then causes one reload right away.
         """
         settings = self.settings
         with contextlib.ExitStack() as stack:
             signals = None
             if settings.sighup:
-                signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGHUP))
+                signals = stack.enter_context(open_reload_receiver(signal.SIGHUP))
             async with anyio.create_task_group() as group:
                 self._group = group
                 self._start_probes(self.state.graph, self.state.health)
