@@ -30,12 +30,12 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
 
 import anyio
 
 from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
+from pgproxy.observability.scrape import ThreadedRenderer
 from pgproxy.server.admin import AdminServer, AdminSources
 from pgproxy.server.reload import ReloadHistory
 from pgproxy.server.signals import CoalescedTrigger, open_reload_receiver
@@ -50,9 +50,6 @@ from pgproxy.server.supervisor_metrics import SupervisorMetrics
 from pgproxy.server.supervisor_probes import SharedProbes
 from pgproxy.server.supervisor_reload import SupervisorReload
 from pgproxy.server.watch import watch_config
-
-if TYPE_CHECKING:
-    from pgproxy.observability.exposition import MetricsRenderer
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +96,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         self.draining = False
         self.stopping = False
         self.retired = Snapshot(processes=0)
-        self._renderer: MetricsRenderer | None = None  # created on first scrape
+        self._renderer = ThreadedRenderer()
         self._reload_lock = anyio.Lock()
         self._all_ready = anyio.Event()
         self._startup_failed = anyio.Event()
