@@ -7,15 +7,16 @@ lists it, so `pgproxy run` does not load what the other commands need
 
 from __future__ import annotations
 
-import signal
 import sys
+
+from pgproxy.server.sighup import hold_sighup
 
 # SIGHUP's default action ends a process. A process manager may send its
 # reload signal right after starting `pgproxy run`, while the imports below
-# still run, so run ignores it from here on (the serving process installs
-# its reload handler later).
+# still run, so run holds it pending from here on: the serving process that
+# replaces this one reloads once it has installed its handler.
 if sys.argv[1:2] == ["run"]:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hold_sighup()
 
 import importlib
 

@@ -10,7 +10,6 @@ what it does and its exit codes.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ import typer
 
 from pgproxy.observability.logging import LOG_LEVELS
 from pgproxy.server.loading import package_environment
+from pgproxy.server.sighup import hold_sighup
 
 SERVE_MODULE = "pgproxy.server.main"
 
@@ -44,9 +44,10 @@ def run_command(
 
     SIGHUP reloads the config; an invalid one keeps the running config.
     """
-    # SIGHUP's default action ends the process; ignoring it now also covers
-    # the serving process, which inherits the setting across exec.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP's default action ends the process. Held pending now (the entry
+    # point usually did it already), it stays so across exec until the
+    # serving process handles it.
+    hold_sighup()
     level = log_level.upper()
     if level not in LOG_LEVELS:
         raise typer.BadParameter(

@@ -4,13 +4,14 @@
 state (reloads, workers) into the text format version 0.0.4. It adds the
 standard `process_*` and `python_*` metrics of the rendering process and,
 with several workers, each worker's process metrics as
-`pgproxy_worker_process_*` with a `worker` label.
+`pgproxy_worker_process_*` with a `worker` label. The serving processes call
+it in a worker thread, through `pgproxy.observability.scrape`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,22 +29,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pgproxy.observability.metrics import LATENCY_BUCKETS, Snapshot
+from pgproxy.observability.scrape import ServerState
 
 _REQUEST_LABELS = ["listener", "route", "cluster"]
 _ENDPOINT_LABELS = ["cluster", "endpoint"]
-
-
-@dataclass
-class ServerState:
-    """State of the serving process that is not in the data plane's snapshot."""
-
-    config_hash: str = ""
-    reloads: Mapping[str, int] = field(default_factory=dict)
-    last_reload_time: float | None = None
-    last_reload_ok: bool = True
-    workers: int = 1
-    worker_restarts: int = 0
-    worker_pids: Mapping[str, int] = field(default_factory=dict)
 
 
 class MetricsRenderer:
@@ -56,16 +45,18 @@ class MetricsRenderer:
         PlatformCollector(registry=self._registry)
         GCCollector(registry=self._registry)
         self._registry.register(self._collector)
+        # The collector takes its inputs from an attribute, so two renders
+        # from different threads must not interleave.
+        self._lock = threading.Lock()
 
     def render(self, snapshot: Snapshot, server: ServerState) -> bytes:
         """Return the Prometheus text of `snapshot` and `server`."""
-        # Rendering runs on the event loop thread, so nothing interleaves
-        # between setting the inputs and collecting them.
-        self._collector.inputs = (snapshot, server)
-        try:
-            return generate_latest(self._registry)
-        finally:
-            self._collector.inputs = None
+        with self._lock:
+            self._collector.inputs = (snapshot, server)
+            try:
+                return generate_latest(self._registry)
+            finally:
+                self._collector.inputs = None
 
 
 class _SnapshotCollector(Collector):

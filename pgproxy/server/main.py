@@ -13,17 +13,19 @@ listener cannot be bound.
 
 from __future__ import annotations
 
-import signal
+from pgproxy.server.sighup import hold_sighup
 
-# SIGHUP's default action ends the process. It stays ignored until the reload
-# handler is installed, so an early one is lost instead of fatal.
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# SIGHUP's default action ends the process. Until the reload handler is
+# installed it is held pending (usually since `pgproxy run` started, across
+# exec), so an early one causes a reload right after start-up.
+hold_sighup()
 # ruff: noqa: E402 (the imports below come after that call on purpose)
 
 import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 

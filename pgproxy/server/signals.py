@@ -1,7 +1,10 @@
 """Shutdown signals: SIGTERM and SIGINT start a drain, a second one cuts it short.
 
 Reload signals go through `CoalescedTrigger`, so a burst of SIGHUPs costs
-one reload after the running one instead of one reload each.
+one reload after the running one instead of one reload each. The SIGHUP
+receiver is opened with `open_reload_receiver`, which delivers a SIGHUP held
+since start-up (see `pgproxy.server.sighup`) and never leaves SIGHUP with
+its default action, which would end the process.
 
 anyio's signal receiver only records the signal in the handler; the
 shutdown itself runs in the main task.
@@ -9,11 +12,14 @@ shutdown itself runs in the main task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
+
+from pgproxy.server.sighup import sighup_held
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +74,29 @@ class CoalescedTrigger:
             self._requested = anyio.Event()
             self.runs += 1
             await self._action()
+
+
+@contextlib.contextmanager
+def open_reload_receiver(
+    *signums: signal.Signals,
+) -> Iterator[AsyncIterator[signal.Signals]]:
+    """Open anyio's receiver for `signums` (SIGHUP among them), then unblock SIGHUP.
+
+    A SIGHUP held since start-up reaches the receiver here, once however
+    many were sent. On exit SIGHUP gets back the action and mask it had on
+    entry, because closing the receiver alone would restore the default
+    action, which ends the process.
+    """
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with anyio.open_signal_receiver(*signums) as receiver:
+            held = sighup_held()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            try:
+                yield receiver
+            finally:
+                if held:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)

@@ -9,18 +9,16 @@ replaced.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
+from pgproxy.observability.scrape import ServerState, ThreadedRenderer
 from pgproxy.server.control import Message
 from pgproxy.server.reload import ReloadHistory
 from pgproxy.server.slots import WorkerSlot
 from pgproxy.server.status import merge_health, status_document
-
-if TYPE_CHECKING:
-    from pgproxy.observability.exposition import MetricsRenderer
 
 REQUEST_TIMEOUT = 5.0  # seconds a worker has to reply to a snapshot request
 
@@ -34,7 +32,7 @@ class SupervisorMetrics:
     history: ReloadHistory
     draining: bool
     retired: Snapshot
-    _renderer: MetricsRenderer | None
+    _renderer: ThreadedRenderer
 
     async def _gather(self) -> dict[int, Message]:
         replies: dict[int, Message] = {}
@@ -51,19 +49,14 @@ class SupervisorMetrics:
         return replies
 
     async def metrics(self) -> bytes:
-        """Return the Prometheus text of every worker, merged."""
-        # Imported here, as in Operations, so `pgproxy run` without an admin
-        # listener does not load prometheus-client.
-        from pgproxy.observability.exposition import MetricsRenderer, ServerState
-
-        if self._renderer is None:
-            self._renderer = MetricsRenderer()
+        """Return the Prometheus text of every worker, merged; formatted in a thread."""
         await self._gather()
         live = [slot.last_snapshot for slot in self.slots if slot.last_snapshot]
+        # A new snapshot, and copies of the state, for the rendering thread.
         merged = merge_snapshots([self.retired, *live])
         server = ServerState(
             config_hash=self.history.config_hash,
-            reloads=self.history.counts,
+            reloads=dict(self.history.counts),
             last_reload_time=self.history.last_attempt_at,
             last_reload_ok=self.history.last_outcome != "failure",
             workers=self.count,
@@ -74,7 +67,7 @@ class SupervisorMetrics:
                 if slot.process is not None
             },
         )
-        return self._renderer.render(merged, server)
+        return await self._renderer.render(merged, server)
 
     async def status(self) -> dict[str, Any]:
         """Return the /status document with every worker's endpoint health."""

@@ -10,7 +10,8 @@ Invariants:
   seconds) and resets once a worker has run for `STABLE_AFTER` seconds. A
   worker that exits before it was ever ready stops start-up.
 - A reload is validated here, then installed in every worker or in none
-  (see `pgproxy.server.supervisor_reload`).
+  (see `pgproxy.server.supervisor_reload`). SIGHUPs received before every
+  worker is ready, and one held since start-up, cause one reload then.
 - Active health probes run here, once for all workers, and every outcome
   goes to every worker (see `pgproxy.server.supervisor_probes`). Workers
   keep their own passive health.
@@ -28,16 +29,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
 from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
+from pgproxy.observability.scrape import ThreadedRenderer
 from pgproxy.server.admin import AdminServer, AdminSources
 from pgproxy.server.reload import ReloadHistory
-from pgproxy.server.signals import CoalescedTrigger
+from pgproxy.server.signals import CoalescedTrigger, open_reload_receiver
 from pgproxy.server.slots import (
     WorkerSlot,
     bind_slots,
@@ -49,9 +50,6 @@ from pgproxy.server.supervisor_metrics import SupervisorMetrics
 from pgproxy.server.supervisor_probes import SharedProbes
 from pgproxy.server.supervisor_reload import SupervisorReload
 from pgproxy.server.watch import watch_config
-
-if TYPE_CHECKING:
-    from pgproxy.observability.exposition import MetricsRenderer
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         self.draining = False
         self.stopping = False
         self.retired = Snapshot(processes=0)
-        self._renderer: MetricsRenderer | None = None  # created on first scrape
+        self._renderer = ThreadedRenderer()
         self._reload_lock = anyio.Lock()
         self._all_ready = anyio.Event()
         self._startup_failed = anyio.Event()
@@ -180,7 +178,11 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
     # -- lifecycle ------------------------------------------------------------
 
     async def run(self, watch: bool = False) -> int:
-        """Serve until SIGTERM or SIGINT; return the process exit code."""
+        """Serve until SIGTERM or SIGINT; return the process exit code.
+
+        SIGHUPs received before every worker is ready, and one held since
+        start-up, cause one reload once they are.
+        """
         try:
             lines = self.bind_all()
         except OSError as error:
@@ -193,10 +195,13 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             return 1
         for line in lines:
             logger.info("%s", line)
-        with anyio.open_signal_receiver(
+        reloads = CoalescedTrigger(lambda: self.reload("SIGHUP"))
+        stop = anyio.Event()
+        with open_reload_receiver(
             signal.SIGTERM, signal.SIGINT, signal.SIGHUP
         ) as signals:
             async with anyio.create_task_group() as group:
+                group.start_soon(_receive_signals, signals, reloads, stop)
                 self.probes.start(group)
                 if isinstance(admin, AdminServer):
                     group.start_soon(admin.serve)
@@ -209,14 +214,10 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
                 logger.info("pgproxy ready: %d workers", self.count)
                 if watch:
                     group.start_soon(self._watch)
-                reloads = CoalescedTrigger(lambda: self.reload("SIGHUP"))
+                # Reloads run from now on, so the SIGHUPs received while the
+                # workers started were coalesced into one request.
                 group.start_soon(reloads.run)
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        reloads.request()
-                        continue
-                    logger.info("received %s", signal.Signals(signum).name)
-                    break
+                await stop.wait()
                 await self.drain()
                 group.cancel_scope.cancel()
         logger.info("pgproxy stopped")
@@ -269,3 +270,16 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
                 )
                 send_signal(process, signal.SIGKILL)
                 await process.wait()
+
+
+async def _receive_signals(
+    signals: AsyncIterator[signal.Signals], reloads: CoalescedTrigger, stop: anyio.Event
+) -> None:
+    """Request a reload for each SIGHUP; set `stop` at the first SIGTERM or SIGINT."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            reloads.request()
+            continue
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+        return

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,8 +34,14 @@ PgproxyFactory = Callable[..., "PgproxyProcess"]
 class PgproxyProcess:
     """One `pgproxy run` child process and the lines it has written."""
 
-    def __init__(self, config_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        extra_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.env = dict(env or {})
         self.args = [
             sys.executable,
             "-m",
@@ -62,7 +68,7 @@ class PgproxyProcess:
 
     def start(self) -> None:
         """Start the process and its output readers, without waiting for readiness."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", **self.env)
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,

@@ -6,8 +6,9 @@ import os
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgproxy.observability.exposition import MetricsRenderer, ServerState
+from pgproxy.observability.exposition import MetricsRenderer
 from pgproxy.observability.metrics import EndpointReading, Metrics
+from pgproxy.observability.scrape import ServerState
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

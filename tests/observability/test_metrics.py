@@ -105,6 +105,31 @@ def test_snapshot_is_a_copy() -> None:
     assert snapshot.requests[("public", "api", "api")].statuses == {200: 1}
 
 
+def test_snapshot_unchanged_by_later_records() -> None:
+    # The /metrics thread formats a snapshot while the loop keeps recording,
+    # so no dict or list of the snapshot may be one the loop still changes.
+    metrics = Metrics()
+    stats = metrics.request_stats("public", "api", "api")
+    stats.observe(200, 0.01)
+    connections = metrics.connection_stats("public")
+    connections.connection_opened()
+    metrics.record_upstream_failure("api", "127.0.0.1:9", "connect_failure")
+    metrics.record_ejection("api", "127.0.0.1:9")
+    snapshot = metrics.snapshot()
+    before = snapshot.to_wire()
+
+    stats.observe(502, 2.0, attempts=3)
+    metrics.request_stats("public", "other", "other").observe(200, 0.01)
+    connections.connection_opened()
+    metrics.record_upstream_failure("api", "127.0.0.1:9", "connect_failure")
+    metrics.record_upstream_failure("api", "127.0.0.1:8", "connect_timeout")
+    metrics.record_ejection("api", "127.0.0.1:9")
+    metrics.record_ejection("api", "127.0.0.1:8")
+
+    assert snapshot.to_wire() == before
+    assert snapshot.requests[("public", "api", "api")] is not stats
+
+
 def test_snapshot_wire_round_trip() -> None:
     metrics = Metrics()
     metrics.request_stats("public", "api", "api").observe(404, 0.2, attempts=2)

@@ -1,6 +1,13 @@
-"""Reload requests are coalesced: a burst during a run queues one more run."""
+"""Reload requests are coalesced, and a SIGHUP held since start-up is delivered.
+
+A burst of requests during a run queues one more run. The reload receiver
+delivers the SIGHUPs held before it opened as one signal.
+"""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -58,3 +65,54 @@ async def test_requests_before_run_are_kept() -> None:
         await anyio.sleep(0.05)
         group.cancel_scope.cancel()
     assert trigger.runs == 1
+
+
+# Holds SIGHUP and sends three, as an operator may during start-up, then opens
+# the reload receiver. SIGUSR1, sent once the receiver is open, marks the end
+# of what the held SIGHUPs delivered. After the receiver closes, one more
+# SIGHUP must find it ignored again.
+RECEIVER_SCRIPT = """
+import os, signal, anyio
+from pgproxy.server.sighup import hold_sighup, sighup_held
+from pgproxy.server.signals import open_reload_receiver
+
+hold_sighup()
+for _ in range(3):
+    os.kill(os.getpid(), signal.SIGHUP)
+
+async def main():
+    received = 0
+    with open_reload_receiver(signal.SIGHUP, signal.SIGUSR1) as signals:
+        print(sighup_held())
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with anyio.fail_after(10):
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    break
+                received += 1
+    print(received)
+
+anyio.run(main, backend="asyncio")
+print(sighup_held())
+print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)
+os.kill(os.getpid(), signal.SIGHUP)
+print("alive")
+"""
+
+
+def test_reload_receiver_delivers_held_sighup_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RECEIVER_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    held_inside, received, held_after, ignored_after, alive = done.stdout.split()
+    assert held_inside == "False"
+    assert received == "1"
+    assert held_after == "True"
+    assert ignored_after == "True"
+    assert alive == "alive"
