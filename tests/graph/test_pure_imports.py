@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pgproxy.compiled import source_path
+
 FORBIDDEN = {"anyio", "asyncio", "socket", "httpcore", "httptools"}
 CORE = [
     "pgproxy.graph.paths",
@@ -38,7 +40,11 @@ def _present(modules: list[str]) -> list[str]:
 def _imports(module: str) -> set[str]:
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin is not None
-    tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
+    origin = spec.origin
+    if not origin.endswith(".py"):
+        # Compiled by mypyc: walk the source it was compiled from.
+        origin = source_path(module)
+    tree = ast.parse(Path(origin).read_text(), origin)
     package = module if spec.submodule_search_locations else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
