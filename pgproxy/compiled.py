@@ -42,6 +42,8 @@ COMPILED_MODULES = (
     "pgproxy.graph.paths",
     "pgproxy.graph.routing",
     "pgproxy.balancing.round_robin",
+    "pgproxy.health.endpoint",
+    "pgproxy.health.reports",
     "pgproxy.health.state",
     "pgproxy.observability.metrics",
 )

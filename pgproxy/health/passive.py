@@ -4,12 +4,15 @@ The data plane records real traffic outcomes in the pure `HealthTable`, which
 only queues the resulting transitions, so the request path never logs. The
 sweeper pops them and logs each once: WARNING when an endpoint stops serving,
 INFO when it serves again, DEBUG when it moves between two down states (from
-ejected to unhealthy, for example).
+ejected to unhealthy, for example). A worker process whose supervisor
+decides its health passes `log_applied_transition` instead, because the
+supervisor logs each change once for all workers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -52,11 +55,26 @@ def log_transition(transition: Transition) -> None:
         )
 
 
-def flush_transitions(table: HealthTable) -> int:
+def log_applied_transition(transition: Transition) -> None:
+    """Log at DEBUG a change that another process decided and logged."""
+    endpoint = transition.endpoint
+    logger.debug(
+        "endpoint %s of cluster %s went from %s to %s as the supervisor decided: %s",
+        endpoint,
+        endpoint.cluster,
+        transition.old.value,
+        transition.new.value,
+        transition.reason,
+    )
+
+
+def flush_transitions(
+    table: HealthTable, log: Callable[[Transition], None] = log_transition
+) -> int:
     """End finished ejections and log every pending transition; return the count."""
     transitions = table.pop_transitions() + table.expire_ejections()
     for transition in transitions:
-        log_transition(transition)
+        log(transition)
     dropped = table.dropped_transitions
     if dropped:
         table.dropped_transitions = 0
@@ -65,9 +83,11 @@ def flush_transitions(table: HealthTable) -> int:
 
 
 async def run_transition_sweeper(
-    table: HealthTable, period: float = SWEEP_PERIOD_S
+    table: HealthTable,
+    period: float = SWEEP_PERIOD_S,
+    log: Callable[[Transition], None] = log_transition,
 ) -> None:
     """Call `flush_transitions` every `period` seconds until cancelled."""
     while True:
-        flush_transitions(table)
+        flush_transitions(table, log)
         await anyio.sleep(period)

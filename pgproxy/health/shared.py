@@ -1,4 +1,4 @@
-"""Active probe results that a supervisor shares with its worker processes.
+"""Health state that a supervisor shares with its worker processes.
 
 With `[server] workers` above one, only the supervisor probes, so each
 endpoint gets one probe per interval whatever the number of workers. The
@@ -21,15 +21,24 @@ probe, or that fell too far behind, first gets the supervisor's active
 state of every endpoint (verdict and probe counts), then the outcomes
 recorded after it.
 
-Passive health (ejection on real traffic) is not shared: each worker
-receives only its own traffic, and sharing it would cost a message per
-failed request.
+Passive health is decided by the supervisor too, from the traffic outcomes
+that workers report (`pgproxy.health.reports`). Here the direction is the
+other way: decisions, not outcomes, because only the supervisor counts
+failures. An `Ejection` gives the seconds an ejection has left (0 when it
+ended), not a clock reading, so the two processes need no common clock. A
+worker ends an ejection when its time is over without waiting for the
+message that ends it, so an ejection outlives its time by at most the
+message's delay on the channel, and a lost message cannot keep an
+endpoint out.
 
 Messages, JSON objects on the control channel:
 - `{"op": "probes", "outcomes": [[cluster, address, ok, reason], ...]}`
 - `{"op": "probe_state", "state": [[cluster, address, healthy, successes,
   failures, reason], ...]}`; a worker's `start` message carries the same
   list under `probe_state`.
+- `{"op": "ejections", "ejections": [[cluster, address, remaining_s,
+  reason], ...]}`; a worker's `start` message carries the ejections in
+  force under `ejections`.
 
 This module is sans-IO.
 """
@@ -44,6 +53,7 @@ from pgproxy.health.state import HealthTable, Status, Transition
 
 OUTCOMES_OP = "probes"
 STATE_OP = "probe_state"
+EJECTIONS_OP = "ejections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,16 @@ class EndpointProbeState:
     healthy: bool
     successes: int
     failures: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """An ejection decided by the supervisor: seconds left, 0 when it ended."""
+
+    cluster: str
+    address: str
+    remaining: float
     reason: str
 
 
@@ -157,6 +177,54 @@ def restore_probe_state(
     return transitions
 
 
+def capture_ejections(table: HealthTable) -> list[Ejection]:
+    """Return the ejections running in `table`, with the seconds each has left."""
+    now = table.now()
+    ejections = []
+    for cluster, endpoints in table.snapshot().items():
+        for address, state in endpoints.items():
+            until = state["ejected_until"]
+            if isinstance(until, float) and until > now:
+                ejections.append(
+                    Ejection(cluster, address, until - now, str(state["reason"]))
+                )
+    return ejections
+
+
+def encode_ejections(ejections: Iterable[Ejection]) -> list[list[Any]]:
+    """Return `ejections` as JSON-ready rows."""
+    return [
+        [item.cluster, item.address, item.remaining, item.reason] for item in ejections
+    ]
+
+
+def decode_ejections(data: object) -> list[Ejection]:
+    """Return the ejections in `encode_ejections` rows; raise ValueError when bad."""
+    rows = _rows(data, (str, str, float, str))
+    for row in rows:
+        if not 0 <= row[2] < float("inf"):
+            raise ValueError(f"invalid remaining ejection time in {row!r}")
+    return [Ejection(row[0], row[1], float(row[2]), row[3]) for row in rows]
+
+
+def apply_ejections(
+    table: HealthTable, ejections: Iterable[Ejection]
+) -> list[Transition]:
+    """Take over the supervisor's ejections in `table`; return the changes.
+
+    Endpoints the table does not track are skipped, as in `apply_outcomes`.
+    """
+    transitions = []
+    for item in ejections:
+        endpoint = table.endpoint(item.cluster, item.address)
+        if endpoint is None:
+            continue
+        transition = table.apply_ejection(endpoint, item.remaining, item.reason)
+        if transition is not None:
+            transitions.append(transition)
+    return transitions
+
+
 def _count(value: object) -> int:
     assert isinstance(value, int)  # HealthTable.snapshot stores ints here
     return value
@@ -170,9 +238,11 @@ def _rows(data: object, types: Sequence[type]) -> list[list[Any]]:
         if not isinstance(row, list) or len(row) != len(types):
             raise ValueError(f"expected a row of {len(types)} items, got {row!r}")
         for value, expected in zip(row, types, strict=True):
-            # bool is a subclass of int, so a count must not be a bool.
-            if not isinstance(value, expected) or (
-                expected is int and isinstance(value, bool)
+            # JSON writes a float without a fraction as an int.
+            accepted = (int, float) if expected is float else expected
+            # bool is a subclass of int, so a number must not be a bool.
+            if not isinstance(value, accepted) or (
+                expected in (int, float) and isinstance(value, bool)
             ):
                 raise ValueError(f"expected {expected.__name__} in {row!r}")
     return data

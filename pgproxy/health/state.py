@@ -21,6 +21,9 @@ Invariants kept by this module:
   unavailable.
 - A failed probe does not extend an ejection and a good probe does not end one:
   ejection ends only when its time is over.
+- A table that takes over ejections decided elsewhere (`apply_ejection`, in
+  a worker process) ends each one when its time is over as well, so a lost
+  message cannot keep an endpoint out for longer.
 
 This module is sans-IO: time comes from the injected clock, and state changes
 are returned (or queued) as `Transition` values for the caller to log.
@@ -28,111 +31,31 @@ are returned (or queued) as `Transition` values for the caller to log.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from pgproxy.graph.settings import (
     DEFAULT_HEALTH_CHECK,
     OutlierDetectionSettings,
 )
 from pgproxy.graph.types import Cluster, Endpoint
+from pgproxy.health.endpoint import EndpointHealth, Status, Transition
+
+# EndpointHealth, Status and Transition are defined in pgproxy.health.endpoint
+# and imported from here by the rest of the package.
+__all__ = [
+    "MAX_PENDING_TRANSITIONS",
+    "EndpointHealth",
+    "HealthTable",
+    "Status",
+    "Transition",
+    "ejection_time",
+    "max_ejected",
+]
 
 # Queued passive transitions beyond this are dropped and counted, so the queue
 # stays bounded when no service pops it.
 MAX_PENDING_TRANSITIONS = 1024
-
-
-class Status(str, enum.Enum):
-    """Health of one endpoint, as used by the data plane."""
-
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"  # failed its active checks
-    EJECTED = "ejected"  # removed by outlier detection for a while
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A change of an endpoint's status, with the reason, for the caller to log."""
-
-    endpoint: Endpoint
-    old: Status
-    new: Status
-    reason: str
-
-    @property
-    def went_down(self) -> bool:
-        """Whether the endpoint stopped serving with this change."""
-        return self.old is Status.HEALTHY and self.new is not Status.HEALTHY
-
-    @property
-    def came_back(self) -> bool:
-        """Whether the endpoint serves again after this change."""
-        return self.new is Status.HEALTHY
-
-
-class EndpointHealth:
-    """Mutable health record of one endpoint; `HealthTable` owns and mutates it."""
-
-    __slots__ = (
-        "consecutive_failures",
-        "consecutive_probe_failures",
-        "consecutive_probe_successes",
-        "ejected_until",
-        "ejection_ended_at",
-        "ejections",
-        "endpoint",
-        "healthy",
-        "reason",
-        "since",
-        "status",
-    )
-
-    def __init__(self, endpoint: Endpoint, now: float) -> None:
-        self.endpoint = endpoint
-        self.healthy = True  # by active checks
-        self.consecutive_probe_successes = 0
-        self.consecutive_probe_failures = 0
-        self.consecutive_failures = 0  # passive: real traffic
-        self.ejected_until = 0.0  # 0.0 when no ejection is running
-        self.ejection_ended_at = 0.0
-        self.ejections = 0  # multiplier of the next ejection time, after decay
-        self.status = Status.HEALTHY  # last status reported in a Transition
-        self.reason = ""
-        self.since = now
-
-    def copy_from(self, other: EndpointHealth) -> None:
-        """Take over every counter of `other` (same endpoint in an older table)."""
-        # Field by field: a class compiled by mypyc has no __slots__ to loop over.
-        self.healthy = other.healthy
-        self.consecutive_probe_successes = other.consecutive_probe_successes
-        self.consecutive_probe_failures = other.consecutive_probe_failures
-        self.consecutive_failures = other.consecutive_failures
-        self.ejected_until = other.ejected_until
-        self.ejection_ended_at = other.ejection_ended_at
-        self.ejections = other.ejections
-        self.status = other.status
-        self.reason = other.reason
-        self.since = other.since
-
-    def current_status(self, now: float) -> Status:
-        """Return the status at `now`; active failure outranks ejection."""
-        if not self.healthy:
-            return Status.UNHEALTHY
-        if self.ejected_until and now < self.ejected_until:
-            return Status.EJECTED
-        return Status.HEALTHY
-
-    def decayed_ejections(self, now: float, base_ejection_time: float) -> int:
-        """Return the ejection multiplier after decay for the good time so far."""
-        if self.ejections == 0 or base_ejection_time <= 0:
-            return self.ejections
-        ended_at = self.ejected_until or self.ejection_ended_at
-        if now < ended_at:
-            return self.ejections
-        good_periods = int((now - ended_at) // base_ejection_time)
-        return max(0, self.ejections - good_periods)
 
 
 def max_ejected(endpoint_count: int, max_ejection_percent: int) -> int:
@@ -182,6 +105,10 @@ class HealthTable:
             f"unhealthy={counts[Status.UNHEALTHY]} ejected={counts[Status.EJECTED]}>"
         )
 
+    def now(self) -> float:
+        """Return the table's clock reading, the time base of its deadlines."""
+        return self._clock()
+
     def is_available(self, endpoint: Endpoint) -> bool:
         """Return whether active checks pass and no ejection is running.
 
@@ -211,13 +138,14 @@ class HealthTable:
         if state is not None:
             state.consecutive_failures = 0
 
-    def record_failure(self, endpoint: Endpoint, reason: str) -> None:
-        """Record a connect failure or a 502-504 from `endpoint` in real traffic.
+    def record_failure(self, endpoint: Endpoint, reason: str, count: int = 1) -> None:
+        """Record `count` connect failures or 502-504s in a row from `endpoint`.
 
         Ejects the endpoint once the failures in a row reach the cluster's
         `consecutive_failures`, unless the cap on ejected endpoints is reached.
         In that case the count stays, so a later failure ejects the endpoint
-        once a slot is free.
+        once a slot is free. `count` above one has the effect of as many
+        calls in a row at the same time, with `reason` as the last one's.
         """
         state = self._state(endpoint)
         if state is None:
@@ -226,7 +154,8 @@ class HealthTable:
         self._queue(self._end_ejection(state, now))
         if state.ejected_until:
             return  # an outcome of a request sent before the ejection
-        state.consecutive_failures += 1
+        before = state.consecutive_failures
+        state.consecutive_failures += count
         outlier = self._clusters[endpoint.cluster].settings.outlier_detection
         if (
             not outlier.enabled
@@ -235,6 +164,9 @@ class HealthTable:
             return
         if not self._may_eject(endpoint.cluster, now, outlier):
             return
+        # One call at a time would eject at the failure that reaches the
+        # threshold and ignore the rest, which come from an ejected endpoint.
+        state.consecutive_failures = max(before + 1, outlier.consecutive_failures)
         self._eject(state, now, outlier, reason)
 
     def record_probe(
@@ -289,6 +221,46 @@ class HealthTable:
         state.consecutive_probe_failures = failures
         return self._settle(state, self._clock(), reason)
 
+    def ejection_deadline(self, endpoint: Endpoint) -> float:
+        """Return when the ejection of `endpoint` ends (clock reading), or 0.0.
+
+        An ejection whose time is over counts until the table ends it
+        (`expire_ejections` or the endpoint's next outcome).
+        """
+        state = self._state(endpoint)
+        return 0.0 if state is None else state.ejected_until
+
+    def reason(self, endpoint: Endpoint) -> str:
+        """Return the reason of the last status change of `endpoint`."""
+        state = self._state(endpoint)
+        return "" if state is None else state.reason
+
+    def apply_ejection(
+        self, endpoint: Endpoint, remaining: float, reason: str
+    ) -> Transition | None:
+        """Take over an ejection decided by another table; return the change.
+
+        `remaining` is the seconds the ejection has left; 0 ends any ejection
+        of the endpoint now. The ejection counts and the failure count stay
+        with the table that decides.
+        """
+        state = self._state(endpoint)
+        if state is None:
+            return None
+        now = self._clock()
+        if remaining > 0:
+            state.ejected_until = now + remaining
+        elif state.ejected_until:
+            state.ejection_ended_at = min(now, state.ejected_until)
+            state.ejected_until = 0.0
+        return self._settle(state, now, reason)
+
+    def successor(self, clusters: Mapping[str, Cluster]) -> HealthTable:
+        """Return a table of the same kind for `clusters`, with `carry_over` done."""
+        table = self._create(clusters)
+        table.carry_over(self)
+        return table
+
     def endpoint(self, cluster: str, address: str) -> Endpoint | None:
         """Return the tracked endpoint of `cluster` at `address`, if any."""
         state = self._states.get(cluster, {}).get(address)
@@ -338,6 +310,10 @@ class HealthTable:
                 previous = old_states.get(address)
                 if previous is not None:
                     state.copy_from(previous)
+
+    def _create(self, clusters: Mapping[str, Cluster]) -> HealthTable:
+        """Return an empty table of this kind, on the same clock."""
+        return HealthTable(clusters, self._clock)
 
     def _state(self, endpoint: Endpoint) -> EndpointHealth | None:
         states = self._states.get(endpoint.cluster)

@@ -6,7 +6,8 @@ graph, reloads on SIGHUP (and on file changes with `--watch`), and serves
 the admin listener. A worker process uses it without SIGHUP or admin: its
 supervisor sends reloads and scrapes over the control channel, and with
 `shared_probes` it runs no probes of its own (the supervisor sends their
-outcomes) but still ends passive ejections on time.
+outcomes) and decides no ejections (the supervisor sends them), but still
+ends ejections on time.
 
 Draining: `begin_drain` turns /healthz to 503 and logs it before the
 runtime closes its listeners, so an outer load balancer can stop sending
@@ -29,8 +30,9 @@ import anyio
 import anyio.abc
 
 from pgproxy.graph.types import Graph, LoadedGraph
-from pgproxy.health.passive import run_transition_sweeper
-from pgproxy.health.shared import EndpointProbeState
+from pgproxy.health.passive import log_applied_transition, run_transition_sweeper
+from pgproxy.health.reports import OutcomeReport
+from pgproxy.health.shared import Ejection, EndpointProbeState
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import Metrics
 from pgproxy.observability.scrape import ServerState, ThreadedRenderer
@@ -54,8 +56,9 @@ class OperationsSettings:
     `admin` is an admin listener already bound (or None); `bind` binds the
     listeners that a reload adds. A worker process sets `sighup`, `watch` and
     `log_outcome` to False, because its supervisor does those. It sets
-    `shared_probes` when its supervisor probes for it, and `probe_state` to
-    the supervisor's active-check state at the worker's start.
+    `shared_probes` when its supervisor decides health for it, `probe_state`
+    and `ejections` to the supervisor's state at the worker's start, and
+    `report` to the report its health tables add traffic outcomes to.
     """
 
     config_path: str
@@ -68,6 +71,8 @@ class OperationsSettings:
     on_start: Callable[[Operations], None] | None = None
     shared_probes: bool = False
     probe_state: tuple[EndpointProbeState, ...] = ()
+    ejections: tuple[Ejection, ...] = ()
+    report: OutcomeReport | None = None
 
 
 class Operations:
@@ -200,7 +205,7 @@ class Operations:
         async def probe() -> None:
             with scope:
                 if shared:
-                    await run_transition_sweeper(health)
+                    await run_transition_sweeper(health, log=log_applied_transition)
                 else:
                     # Imported here, so workers fed by the supervisor never
                     # load the probe client (httpcore and h11, about 2 MiB).

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -227,13 +226,11 @@ class Reloader:
         state: RunningState,
         history: ReloadHistory,
         *,
-        clock: Callable[[], float] = time.monotonic,
         log_outcome: bool = True,
     ) -> None:
         self.path = str(path)
         self._state = state
         self.history = history
-        self._clock = clock
         self._level = logging.INFO if log_outcome else logging.DEBUG
         self._lock = anyio.Lock()
 
@@ -281,8 +278,8 @@ class Reloader:
             self._log_failure(message)
             return ReloadOutcome(False, None, message, plan)
 
-        health = HealthTable(loaded.graph.clusters, self._clock)
-        health.carry_over(self._state.health)
+        # The same kind of table: a worker's keeps reporting to its supervisor.
+        health = self._state.health.successor(loaded.graph.clusters)
         self._state.install(loaded, health, plan)
         self._state.retire(plan)
 

@@ -22,7 +22,8 @@ import anyio
 import anyio.lowlevel
 
 from pgproxy.graph.types import Graph
-from pgproxy.health.shared import restore_probe_state
+from pgproxy.health.reports import ReportingHealthTable
+from pgproxy.health.shared import apply_ejections, restore_probe_state
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.proxy.service import ProxyService
@@ -53,11 +54,12 @@ async def serve(
     """
     bound = list(listeners) if listeners is not None else bind_listeners(graph)
     loop = asyncio.get_running_loop()
-    health = HealthTable(graph.clusters, time.monotonic)
+    health = _health_table(graph, operations)
     if operations is not None:
         # Before the first accept, so a worker never sends to an endpoint
-        # that its supervisor's probes already found down.
+        # that its supervisor already found down or ejected.
         restore_probe_state(health, operations.probe_state)
+        apply_ejections(health, operations.ejections)
     service = ProxyService(graph, health, AccessLog(graph.server.access_log))
     servers: dict[str, asyncio.Server] = {}
     for item in bound:
@@ -93,6 +95,13 @@ async def serve(
         stop_probes.set()
         group.cancel_scope.cancel()
     logger.info("pgproxy stopped")
+
+
+def _health_table(graph: Graph, operations: OperationsSettings | None) -> HealthTable:
+    """Return the process's first health table; reloads create its successors."""
+    if operations is not None and operations.report is not None:
+        return ReportingHealthTable(graph.clusters, time.monotonic, operations.report)
+    return HealthTable(graph.clusters, time.monotonic)
 
 
 async def _run_health(graph: Graph, health: HealthTable, stop: anyio.Event) -> None:

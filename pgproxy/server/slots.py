@@ -3,8 +3,9 @@
 A slot outlives its processes: a replacement worker starts in the same slot,
 on the same listening sockets, with the same index (the `worker` label of
 the metrics). Requests to the worker carry an id; the slot's reader task
-hands each reply to the caller waiting for that id. The slot's probe feed,
-when it has one, forwards the supervisor's probe outcomes to the worker.
+hands each reply to the caller waiting for that id. The slot's health feed,
+when it has one, forwards the supervisor's probe outcomes and ejections to
+the worker and takes the worker's traffic reports to the supervisor.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import anyio
 import anyio.abc
 
 from pgproxy.graph.types import Listener
+from pgproxy.health.reports import REPORT_OP
 from pgproxy.observability.metrics import Snapshot
 from pgproxy.server.control import Channel, ChannelClosedError, Message
 from pgproxy.server.sockets import bind_listener, bound_address
-from pgproxy.server.supervisor_probes import ProbeFeed
+from pgproxy.server.supervisor_health import HealthFeed
 from pgproxy.server.worker import ENVIRONMENT_VARIABLE, WorkerSettings, encode_config
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class WorkerSlot:
     """One worker position and the process currently running in it."""
 
     index: int
-    feed: ProbeFeed | None = None
+    feed: HealthFeed | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     process: anyio.abc.Process | None = None
     channel: Channel | None = None
@@ -80,7 +82,7 @@ class WorkerSlot:
         """Start a worker in this slot, wait for it to exit, return its status.
 
         `config` returns the hash of the config in force and its loader
-        payload, sent to the worker as its first message with the probe
+        payload, sent to the worker as its first message with the health
         state from the feed; `config_hash` records the hash.
         """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -108,11 +110,11 @@ class WorkerSlot:
             child.close()
         channel = await Channel.open(parent)
         # One step without an await: the config the worker starts with, the
-        # probe state it starts from, and the queueing of later outcomes.
+        # health state it starts from, and the queueing of later changes.
         self.config_hash, payload = config()
         start: Message = {"op": "start", "config": encode_config(payload)}
         if self.feed is not None:
-            start["probe_state"] = self.feed.open()
+            start.update(self.feed.open())
         self.process, self.pid, self.channel = process, process.pid, channel
         self.started_at = time.monotonic()
         logger.debug("started worker %d (pid %d)", self.index, process.pid)
@@ -192,6 +194,10 @@ class WorkerSlot:
                 if message["op"] == "ready":
                     self.ready = True
                     on_ready(self)
+                    continue
+                if message["op"] == REPORT_OP:
+                    if self.feed is not None:
+                        self.feed.receive_report(message)
                     continue
                 waiter = self._pending.pop(int(message.get("id") or -1), None)
                 if waiter is not None:

@@ -1,8 +1,10 @@
 """The /status document: config in force, reloads, workers, endpoint health.
 
-With several workers each one keeps its own health table (passive ejection
-counts only that worker's traffic). `merge_health` reports an endpoint with
-the least healthy status any worker has for it, and the status per worker.
+With several workers each one keeps its own health table. `merge_health`
+reports an endpoint with the least healthy status any worker has for it,
+and the status per worker. The supervisor decides passive ejections for its
+workers, so `overlay_passive` takes the failure and ejection counts from the
+supervisor's table: a worker's table does not count them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ HealthSnapshot = Mapping[str, Mapping[str, Mapping[str, Any]]]
 # Worse statuses rank higher; a worker that marks an endpoint unhealthy
 # outweighs another one that still uses it.
 _RANK = {"healthy": 0, "ejected": 1, "unhealthy": 2}
+
+# Fields of `HealthTable.snapshot()` that only the deciding table counts.
+_PASSIVE_FIELDS = ("consecutive_failures", "ejections")
 
 
 def merge_health(snapshots: Mapping[str, HealthSnapshot]) -> dict[str, Any]:
@@ -30,6 +35,19 @@ def merge_health(snapshots: Mapping[str, HealthSnapshot]) -> dict[str, Any]:
                     entry = merged[address] = {**state, "workers": by_worker}
                 entry["workers"][worker] = state.get("status")
     return clusters
+
+
+def overlay_passive(
+    clusters: Mapping[str, Mapping[str, dict[str, Any]]], decided: HealthSnapshot
+) -> None:
+    """Set the passive counts of the merged `clusters` to those in `decided`."""
+    for cluster, endpoints in clusters.items():
+        decided_endpoints = decided.get(cluster, {})
+        for address, entry in endpoints.items():
+            state = decided_endpoints.get(address)
+            if state is not None:
+                for name in _PASSIVE_FIELDS:
+                    entry[name] = state.get(name)
 
 
 def _rank(state: Mapping[str, Any]) -> int:

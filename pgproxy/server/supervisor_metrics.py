@@ -4,7 +4,8 @@ Invariant: each scrape asks every worker for a snapshot over its control
 channel and waits up to `REQUEST_TIMEOUT` seconds for the replies. A worker
 that does not reply counts with its last snapshot. /metrics adds the
 counters of workers that exited, so totals do not go back when a worker is
-replaced.
+replaced. Passive ejections are counted by the supervisor, which decides
+them: once per ejection, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pgproxy.observability.scrape import ServerState, ThreadedRenderer
 from pgproxy.server.control import Message
 from pgproxy.server.reload import ReloadHistory
 from pgproxy.server.slots import WorkerSlot
-from pgproxy.server.status import merge_health, status_document
+from pgproxy.server.status import merge_health, overlay_passive, status_document
+from pgproxy.server.supervisor_health import SharedHealth
 
 REQUEST_TIMEOUT = 5.0  # seconds a worker has to reply to a snapshot request
 
@@ -32,6 +34,7 @@ class SupervisorMetrics:
     history: ReloadHistory
     draining: bool
     retired: Snapshot
+    health: SharedHealth
     _renderer: ThreadedRenderer
 
     async def _gather(self) -> dict[int, Message]:
@@ -53,7 +56,8 @@ class SupervisorMetrics:
         await self._gather()
         live = [slot.last_snapshot for slot in self.slots if slot.last_snapshot]
         # A new snapshot, and copies of the state, for the rendering thread.
-        merged = merge_snapshots([self.retired, *live])
+        decided = Snapshot(processes=0, ejections=dict(self.health.ejection_counts))
+        merged = merge_snapshots([self.retired, *live, decided])
         server = ServerState(
             config_hash=self.history.config_hash,
             reloads=dict(self.history.counts),
@@ -73,9 +77,11 @@ class SupervisorMetrics:
         """Return the /status document with every worker's endpoint health."""
         replies = await self._gather()
         health = {str(index): reply["health"] for index, reply in replies.items()}
+        clusters = merge_health(health)
+        overlay_passive(clusters, self.health.table.snapshot())
         return status_document(
             self.history.as_dict(),
-            merge_health(health),
+            clusters,
             [slot.describe() for slot in self.slots],
             draining=self.draining,
         )

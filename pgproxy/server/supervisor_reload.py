@@ -8,8 +8,8 @@ Invariants:
 - It becomes the supervisor's config (the one /status reports and a
   restarted worker gets) only when every ready worker installed it. If one
   rejects it, the others get the old config back and the new sockets are
-  closed. The outcome is logged once, here. The supervisor's health probes
-  switch to the new graph in the same step.
+  closed. The outcome is logged once, here. The supervisor's health table
+  and probes switch to the new graph in the same step.
 - One reload runs at a time (`_reload_lock`).
 """
 
@@ -41,7 +41,7 @@ from pgproxy.server.sockets import (
     check_tls,
     close_sockets,
 )
-from pgproxy.server.supervisor_probes import SharedProbes
+from pgproxy.server.supervisor_health import SharedHealth
 from pgproxy.server.worker import encode_config, oversized_message, payload_fits
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class SupervisorReload:
     count: int
     slots: list[WorkerSlot]
     history: ReloadHistory
-    probes: SharedProbes
+    health: SharedHealth
     _reload_lock: anyio.Lock
 
     if TYPE_CHECKING:
@@ -194,9 +194,9 @@ class SupervisorReload:
                 'listener "%s" listening on %s', name, bound_address(sockets[0])
             )
         # From here on a worker that starts gets the new config, and the
-        # probe state of the new graph with it.
+        # health state of the new graph with it.
         self.loaded, self.payload = loaded, payload
-        self.probes.install(loaded.graph)
+        self.health.install(loaded.graph)
         for slot in self.slots:
             if slot.process is not None and slot.config_hash != loaded.config_hash:
                 # It was starting during the reload and got the old config.

@@ -7,19 +7,24 @@ message on the channel, `start`, carries the graph in force as the config
 loader pickled it (see `pgproxy.server.loading`), so a worker restarted after
 the file was edited still runs the config that the supervisor validated, and
 no worker imports pydantic. It also carries the supervisor's active-check
-state, so a worker starts with the endpoints that are down already marked
-down. The worker then serves the data plane on those sockets and replies to
-the supervisor's requests:
+state and the ejections in force, so a worker starts with the endpoints
+that are down already marked down. The worker then serves the data plane on
+those sockets and replies to the supervisor's requests:
 
 - `snapshot`: metrics snapshot and health table snapshot of this worker;
 - `reload`: install the graph the supervisor loaded,
   with the sockets of added listeners attached.
 
-Two messages get no reply and are applied in the order they arrive, because
-the health state depends on that order (see `pgproxy.health.shared`):
+Three messages get no reply and are applied in the order they arrive,
+because the health state depends on that order (see
+`pgproxy.health.shared`):
 
 - `probes`: outcomes of the supervisor's probes, to record;
-- `probe_state`: the supervisor's whole active-check state, to take over.
+- `probe_state`: the supervisor's whole active-check state, to take over;
+- `ejections`: ejections the supervisor started or ended, to take over.
+
+The worker sends one message of its own, `outcomes`: the outcomes of its
+traffic, batched by `ReportSender` (see `pgproxy.health.reports`).
 
 When the channel closes (the supervisor is gone) the worker drains and exits.
 """
@@ -37,11 +42,15 @@ from typing import Any, Protocol
 
 import anyio
 
+from pgproxy.health.reports import FLUSH_DELAY_S, OutcomeReport, encode_report
 from pgproxy.health.shared import (
+    EJECTIONS_OP,
     OUTCOMES_OP,
     STATE_OP,
+    Ejection,
     EndpointProbeState,
     ProbeOutcome,
+    decode_ejections,
     decode_outcomes,
     decode_probe_state,
 )
@@ -125,6 +134,10 @@ class WorkerHost(Protocol):
         """Take over the supervisor's active-check state of every endpoint."""
         ...
 
+    def apply_ejections(self, ejections: list[Ejection]) -> None:
+        """Take over ejections that the supervisor started or ended."""
+        ...
+
     def request_shutdown(self) -> None:
         """Start draining, as on SIGTERM."""
         ...
@@ -132,14 +145,15 @@ class WorkerHost(Protocol):
 
 @dataclass(frozen=True)
 class StartMessage:
-    """The supervisor's first message: the config and the probe state to start from.
+    """The supervisor's first message: the config and the health to start from.
 
-    `probe_state` is None when the supervisor does not probe for the worker;
-    the worker then runs its own probes.
+    `probe_state` is None when the supervisor does not decide health for the
+    worker; the worker then runs its own probes and ejections.
     """
 
     payload: bytes
     probe_state: list[EndpointProbeState] | None
+    ejections: list[Ejection]
 
 
 def payload_fits(payload: bytes) -> bool:
@@ -165,7 +179,7 @@ async def receive_start(channel: Channel) -> StartMessage:
     """Wait for the supervisor's `start` message and decode it.
 
     Raises ChannelClosedError when the channel closes, another op comes
-    first, or the probe state is malformed.
+    first, or the health state is malformed.
     """
     message, fds = await channel.receive()
     for fd in fds:
@@ -175,9 +189,11 @@ async def receive_start(channel: Channel) -> StartMessage:
     state = message.get("probe_state")
     try:
         probe_state = None if state is None else decode_probe_state(state)
+        ejections = decode_ejections(message.get("ejections", []))
     except ValueError as error:
-        raise ChannelClosedError(f"malformed probe state: {error}") from None
-    return StartMessage(base64.b64decode(message["config"]), probe_state)
+        raise ChannelClosedError(f"malformed health state: {error}") from None
+    payload = base64.b64decode(message["config"])
+    return StartMessage(payload, probe_state, ejections)
 
 
 async def serve_control(channel: Channel, host: WorkerHost) -> None:
@@ -197,22 +213,68 @@ async def serve_control(channel: Channel, host: WorkerHost) -> None:
             except ChannelClosedError:
                 _supervisor_gone(host)
                 return
-            if message["op"] in (OUTCOMES_OP, STATE_OP) and not fds:
-                _apply_probes(host, message)
+            if message["op"] in _HEALTH_OPS and not fds:
+                _apply_health(host, message)
             else:
                 group.start_soon(_answer, channel, host, message, fds)
 
 
-def _apply_probes(host: WorkerHost, message: Message) -> None:
-    """Apply a probe message at once, so the next one finds its effect."""
+class ReportSender:
+    """Sends the worker's traffic report to the supervisor, batched.
+
+    A report goes out `delay` seconds after its first outcome, or at once
+    when it is full, so the request path only adds to it and one message
+    carries every outcome of that time.
+    """
+
+    def __init__(self, report: OutcomeReport, delay: float = FLUSH_DELAY_S) -> None:
+        self._report = report
+        self._delay = delay
+        self._wake = anyio.Event()
+        report.on_pending = self._notify
+        self.sent = 0  # messages
+
+    def __repr__(self) -> str:
+        return f"<ReportSender sent={self.sent} {self._report!r}>"
+
+    def _notify(self) -> None:
+        self._wake.set()
+
+    async def run(self, channel: Channel) -> None:
+        """Send each report when it is due, until the channel closes."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            if not self._report.full:
+                # Set again only when the report becomes full.
+                with anyio.move_on_after(self._delay):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+            outcomes = self._report.take()
+            if not outcomes:
+                continue
+            try:
+                await channel.send(encode_report(outcomes))
+            except ChannelClosedError:
+                return  # serve_control gets ChannelClosedError too, and drains
+            self.sent += 1
+
+
+_HEALTH_OPS = (OUTCOMES_OP, STATE_OP, EJECTIONS_OP)
+
+
+def _apply_health(host: WorkerHost, message: Message) -> None:
+    """Apply a health message at once, so the next one finds its effect."""
     try:
         if message["op"] == OUTCOMES_OP:
             host.apply_probe_outcomes(decode_outcomes(message))
-        else:
+        elif message["op"] == STATE_OP:
             host.restore_probe_state(decode_probe_state(message.get("state")))
+        else:
+            host.apply_ejections(decode_ejections(message.get("ejections")))
     except ValueError as error:
         # Skipping it can leave this worker's verdicts behind the supervisor's
-        # until the thresholds are crossed again.
+        # until the thresholds are crossed again or the ejection ends.
         logger.error(
             "ignored an invalid %s message from the supervisor: %s",
             message["op"],

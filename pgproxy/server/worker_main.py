@@ -7,10 +7,11 @@ to requests on the control channel. SIGTERM drains it like a single-process
 pgproxy; so does the channel closing, which means the supervisor is gone.
 SIGHUP is ignored.
 
-A worker sends no health probes: it records the outcomes of the
-supervisor's probes, and logs the changes they cause at DEBUG only, because
-the supervisor logs them once for all workers. Passive ejections are the
-worker's own and are logged by it.
+A worker sends no health probes and decides no ejections: it records the
+outcomes of the supervisor's probes, reports the outcomes of its traffic
+(`ReportSender`), takes over the ejections the supervisor decides, and logs
+the changes all this causes at DEBUG only, because the supervisor logs them
+once for all workers.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ import anyio
 
 from pgproxy.errors import ConfigError
 from pgproxy.graph.types import Listener
+from pgproxy.health.passive import log_applied_transition
+from pgproxy.health.reports import OutcomeReport
 from pgproxy.health.shared import (
+    Ejection,
     EndpointProbeState,
     ProbeOutcome,
+    apply_ejections,
     apply_outcomes,
     restore_probe_state,
 )
@@ -51,7 +56,12 @@ from pgproxy.server.operations import Operations, OperationsSettings
 from pgproxy.server.reload import describe_config_error
 from pgproxy.server.runtime import event_loop_options, serve
 from pgproxy.server.signals import ShutdownSignals
-from pgproxy.server.worker import WorkerSettings, receive_start, serve_control
+from pgproxy.server.worker import (
+    ReportSender,
+    WorkerSettings,
+    receive_start,
+    serve_control,
+)
 
 logger = logging.getLogger("pgproxy.worker")
 
@@ -111,6 +121,12 @@ class WorkerRuntime:
             table = self.operations.state.health
             _log_applied(restore_probe_state(table, states))
 
+    def apply_ejections(self, ejections: list[Ejection]) -> None:
+        """Take over ejections that the supervisor started or ended."""
+        if self.operations is not None:
+            table = self.operations.state.health
+            _log_applied(apply_ejections(table, ejections))
+
     def request_shutdown(self) -> None:
         """Start draining."""
         self.shutdown.set()
@@ -118,15 +134,7 @@ class WorkerRuntime:
 
 def _log_applied(transitions: list[Transition]) -> None:
     for transition in transitions:
-        logger.debug(
-            "endpoint %s of cluster %s went from %s to %s by the supervisor's "
-            "probes: %s",
-            transition.endpoint,
-            transition.endpoint.cluster,
-            transition.old.value,
-            transition.new.value,
-            transition.reason,
-        )
+        log_applied_transition(transition)
 
 
 async def run_worker(settings: WorkerSettings) -> int:
@@ -145,6 +153,8 @@ async def run_worker(settings: WorkerSettings) -> int:
     runtime = WorkerRuntime(settings, settings.listener_sockets())
     listeners = [runtime.bind(item) for item in loaded.graph.listeners.values()]
     signals = ShutdownSignals()
+    shared = start.probe_state is not None
+    report = OutcomeReport() if shared else None
 
     async def stop() -> None:
         async with anyio.create_task_group() as group:
@@ -161,6 +171,8 @@ async def run_worker(settings: WorkerSettings) -> int:
         def on_start(operations: Operations) -> None:
             runtime.attach(operations)
             group.start_soon(serve_control, channel, runtime)
+            if report is not None:
+                group.start_soon(ReportSender(report).run, channel)
 
         group.start_soon(signals.receive)
         await serve(
@@ -175,8 +187,10 @@ async def run_worker(settings: WorkerSettings) -> int:
                 sighup=False,
                 log_outcome=False,
                 on_start=on_start,
-                shared_probes=start.probe_state is not None,
+                shared_probes=shared,
                 probe_state=tuple(start.probe_state or ()),
+                ejections=tuple(start.ejections),
+                report=report,
             ),
         )
         group.cancel_scope.cancel()

@@ -12,9 +12,10 @@ Invariants:
 - A reload is validated here, then installed in every worker or in none
   (see `pgproxy.server.supervisor_reload`). SIGHUPs received before every
   worker is ready, and one held since start-up, cause one reload then.
-- Active health probes run here, once for all workers, and every outcome
-  goes to every worker (see `pgproxy.server.supervisor_probes`). Workers
-  keep their own passive health.
+- Health is decided here, once for all workers (see
+  `pgproxy.server.supervisor_health`): active probes run here and every
+  outcome goes to every worker; workers report the outcomes of their
+  traffic, and every ejection and its end go to every worker.
 - SIGTERM or SIGINT: /healthz turns 503, the supervisor closes its copies of
   the listening sockets, forwards SIGTERM to every worker, waits for them
   (each drains within `drain_timeout`), and exits 0.
@@ -46,8 +47,8 @@ from pgproxy.server.slots import (
     describe_exit,
     send_signal,
 )
+from pgproxy.server.supervisor_health import SharedHealth
 from pgproxy.server.supervisor_metrics import SupervisorMetrics
-from pgproxy.server.supervisor_probes import SharedProbes
 from pgproxy.server.supervisor_reload import SupervisorReload
 from pgproxy.server.watch import watch_config
 
@@ -91,8 +92,8 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             worker_command or [sys.executable, "-m", "pgproxy.server.worker_main"]
         )
         self.history = ReloadHistory(config_path, loaded.config_hash)
-        self.probes = SharedProbes(loaded.graph)
-        self.slots = [WorkerSlot(index, self.probes.feed()) for index in range(count)]
+        self.health = SharedHealth(loaded.graph)
+        self.slots = [WorkerSlot(index, self.health.feed()) for index in range(count)]
         self.draining = False
         self.stopping = False
         self.retired = Snapshot(processes=0)
@@ -202,7 +203,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         ) as signals:
             async with anyio.create_task_group() as group:
                 group.start_soon(_receive_signals, signals, reloads, stop)
-                self.probes.start(group)
+                self.health.start(group)
                 if isinstance(admin, AdminServer):
                     group.start_soon(admin.serve)
                 for slot in self.slots:

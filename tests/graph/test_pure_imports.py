@@ -1,4 +1,4 @@
-"""The pure core (route matching, balancers, health state) does no I/O.
+"""The pure core (route matching, balancers, health state, reports) does no I/O.
 
 Two checks: an AST walk over every pgproxy module the core imports, which
 rejects any direct import of an I/O library, and a fresh interpreter that
@@ -30,6 +30,8 @@ CORE = [
     "pgproxy.balancing.least_request",
     "pgproxy.balancing.random",
     "pgproxy.health.state",
+    "pgproxy.health.reports",
+    "pgproxy.health.shared",
 ]
 
 

@@ -14,12 +14,17 @@ from pgproxy.config.models import ClusterConfig, HealthCheckConfig
 from pgproxy.graph.settings import ClusterSettings, settings_from_config
 from pgproxy.graph.types import Cluster, Endpoint
 from pgproxy.health.shared import (
+    Ejection,
     EndpointProbeState,
     ProbeOutcome,
+    apply_ejections,
     apply_outcomes,
+    capture_ejections,
     capture_probe_state,
+    decode_ejections,
     decode_outcomes,
     decode_probe_state,
+    encode_ejections,
     encode_outcomes,
     encode_probe_state,
     restore_probe_state,
@@ -231,6 +236,76 @@ def test_captured_state_counts_ejected_as_passing() -> None:
     states = {item.address: item for item in capture_probe_state(table)}
 
     assert states[ADDRESSES[0]].healthy is True
+
+
+# Ejections decided by the supervisor.
+
+
+def test_ejections_round_trip() -> None:
+    ejections = [
+        Ejection("api", ADDRESSES[0], 29.5, "3 failures in a row"),
+        Ejection("api", ADDRESSES[1], 0.0, "ejection time is over"),
+    ]
+
+    rows = json.loads(json.dumps(encode_ejections(ejections)))
+
+    assert decode_ejections(rows) == ejections
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        None,
+        [["api", ADDRESSES[0], 1.0]],
+        [["api", ADDRESSES[0], "1", "x"]],
+        [["api", ADDRESSES[0], True, "x"]],
+        [["api", ADDRESSES[0], -1.0, "x"]],
+        [["api", ADDRESSES[0], float("nan"), "x"]],
+        [["api", ADDRESSES[0], float("inf"), "x"]],
+    ],
+)
+def test_malformed_ejections_rejected(rows: object) -> None:
+    with pytest.raises(ValueError):
+        decode_ejections(json.loads(json.dumps(rows)))
+
+
+def test_whole_seconds_accepted() -> None:
+    [ejection] = decode_ejections([["api", ADDRESSES[0], 30, "x"]])
+
+    assert ejection.remaining == 30.0
+    assert isinstance(ejection.remaining, float)
+
+
+def test_capture_and_apply_ejections() -> None:
+    cluster = make_cluster()
+    clock = FakeClock()
+    supervisor = HealthTable({"api": cluster}, clock)
+    for _ in range(5):
+        supervisor.record_failure(cluster.endpoints[0], "connection refused")
+    clock.now += 4.0
+    worker = HealthTable({"api": cluster}, clock)
+
+    captured = capture_ejections(supervisor)
+    transitions = apply_ejections(worker, captured)
+
+    [ejection] = captured
+    assert ejection.address == ADDRESSES[0]
+    assert ejection.remaining == pytest.approx(26.0)
+    assert "5 failures in a row" in ejection.reason
+    assert [item.new for item in transitions] == [Status.EJECTED]
+    assert worker.ejection_deadline(cluster.endpoints[0]) == pytest.approx(1030.0)
+    assert worker.is_available(cluster.endpoints[1])
+
+
+def test_apply_ejections_skips_unknown_endpoints() -> None:
+    table = make_table(make_cluster())
+    ejections = [
+        Ejection("web", ADDRESSES[0], 30.0, "x"),
+        Ejection("api", "10.9.9.9:80", 30.0, "x"),
+    ]
+
+    assert apply_ejections(table, ejections) == []
+    assert capture_ejections(table) == []
 
 
 def test_shared_module_is_sans_io() -> None:

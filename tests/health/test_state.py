@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import random
 from pathlib import Path
 
 import pytest
@@ -531,6 +532,105 @@ def test_carry_over_ignores_other_clusters() -> None:
     assert new.is_available(moved.endpoints[0])
 
 
+def test_successor_carries_state() -> None:
+    cluster = make_cluster(count=2, failures=1)
+    table, clock = make_table(cluster)
+    fail(table, cluster.endpoints[0], 1)
+
+    successor = table.successor({"api": cluster})
+    clock.advance(10)
+
+    assert type(successor) is HealthTable
+    assert successor.ejection_deadline(cluster.endpoints[0]) == 1010.0
+    assert successor.is_available(cluster.endpoints[0])  # the same clock
+
+
+# Failure runs and ejections decided by another table.
+
+
+def test_failure_run_ejects_at_threshold() -> None:
+    cluster = make_cluster(failures=3)
+    endpoint = cluster.endpoints[0]
+    table, _ = make_table(cluster)
+
+    table.record_failure(endpoint, "http_503", 2)
+    available = table.is_available(endpoint)
+    table.record_failure(endpoint, "http_503", 5)
+
+    assert available
+    [transition] = table.pop_transitions()
+    assert transition.new is Status.EJECTED
+    assert "3 failures in a row, last: http_503" in transition.reason
+    assert table.snapshot()["api"][endpoint.address]["consecutive_failures"] == 0
+
+
+def test_failure_run_matches_single_failures() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        cluster = make_cluster(count=3, failures=rng.randint(1, 4), percent=40)
+        singles, singles_clock = make_table(cluster)
+        runs, runs_clock = make_table(cluster)
+        for _ in range(rng.randint(1, 12)):
+            endpoint = rng.choice(cluster.endpoints)
+            count = rng.randint(0, 5)
+            if count == 0:
+                singles.record_success(endpoint)
+                runs.record_success(endpoint)
+            else:
+                fail(singles, endpoint, count)
+                runs.record_failure(endpoint, "connection refused", count)
+            step = rng.choice([0.0, 3.0, 10.0])
+            singles_clock.advance(step)
+            runs_clock.advance(step)
+        assert runs.snapshot() == singles.snapshot()
+        assert runs.pop_transitions() == singles.pop_transitions()
+        assert runs.ejections_total == singles.ejections_total
+
+
+def test_apply_ejection_starts_and_ends() -> None:
+    cluster = make_cluster(count=2)
+    endpoint = cluster.endpoints[0]
+    table, clock = make_table(cluster)
+
+    started = table.apply_ejection(endpoint, 30.0, "3 failures in a row")
+    deadline = table.ejection_deadline(endpoint)
+    clock.advance(5)
+    ended = table.apply_ejection(endpoint, 0.0, "ejection time is over")
+
+    assert started is not None
+    assert (started.new, started.reason) == (Status.EJECTED, "3 failures in a row")
+    assert deadline == 1030.0
+    assert ended is not None
+    assert ended.new is Status.HEALTHY
+    assert table.is_available(endpoint)
+    assert table.ejection_deadline(endpoint) == 0.0
+    assert table.reason(endpoint) == "ejection time is over"
+    assert table.ejections_total == 0  # counted by the table that decided
+
+
+def test_applied_ejection_ends_on_own_clock() -> None:
+    cluster = make_cluster(count=2)
+    endpoint = cluster.endpoints[0]
+    table, clock = make_table(cluster)
+    table.apply_ejection(endpoint, 10.0, "ejected")
+    table.pop_transitions()
+
+    clock.advance(10)
+
+    assert table.is_available(endpoint)
+    [transition] = table.expire_ejections()
+    assert transition.new is Status.HEALTHY
+
+
+def test_apply_ejection_unknown_endpoint() -> None:
+    table, _ = make_table(make_cluster("api"))
+    other = make_cluster("web").endpoints[0]
+
+    assert table.apply_ejection(other, 10.0, "ejected") is None
+    assert table.ejection_deadline(other) == 0.0
+    assert table.reason(other) == ""
+
+
 def test_ejection_time_formula() -> None:
     outlier = OutlierDetectionConfig(base_ejection_time="30s", max_ejection_time="5m")
     assert [ejection_time(n, outlier) for n in (1, 2, 10, 11)] == [
@@ -555,7 +655,7 @@ def test_state_module_is_sans_io() -> None:
 
 
 def _slots_in_source() -> set[str]:
-    source = (Path(pgproxy.__file__).parent / "health/state.py").read_text()
+    source = (Path(pgproxy.__file__).parent / "health/endpoint.py").read_text()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == "EndpointHealth":
             for statement in node.body:
@@ -585,9 +685,11 @@ def test_copy_from_takes_every_field() -> None:
     }
     for name, value in values.items():
         setattr(old, name, value)
+    old.success_reported = True
 
     new.copy_from(old)
 
-    assert set(values) | {"endpoint"} == _slots_in_source()
+    assert set(values) | {"endpoint", "success_reported"} == _slots_in_source()
     for name, value in values.items():
         assert getattr(new, name) == value, name
+    assert new.success_reported is False

@@ -88,7 +88,7 @@ def _setup(tmp_path: Path) -> tuple[Path, _State, Reloader, list[float]]:
     clock = [100.0]
     state = _State(loaded, clock)
     history = ReloadHistory(str(path), loaded.config_hash)
-    return path, state, Reloader(path, state, history, clock=lambda: clock[0]), clock
+    return path, state, Reloader(path, state, history), clock
 
 
 def test_plan_endpoints_and_listeners(tmp_path: Path) -> None:

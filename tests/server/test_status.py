@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgproxy.server.status import merge_health, status_document
+from pgproxy.server.status import merge_health, overlay_passive, status_document
 
 
 def _state(status: str) -> dict[str, object]:
@@ -52,3 +52,32 @@ def test_status_document_shape() -> None:
         "workers": [{"id": 0}],
         "clusters": {},
     }
+
+
+def test_overlay_takes_passive_counts_from_supervisor() -> None:
+    merged = merge_health(
+        {
+            "0": {"api": {"a:1": _state("ejected"), "b:1": _state("healthy")}},
+            "1": {"api": {"a:1": _state("ejected"), "b:1": _state("healthy")}},
+        }
+    )
+    decided = {
+        "api": {
+            "a:1": {**_state("ejected"), "ejections": 2},
+            "b:1": {**_state("healthy"), "consecutive_failures": 3, "ejections": 0},
+        },
+    }
+
+    overlay_passive(merged, decided)
+
+    assert merged["api"]["a:1"]["ejections"] == 2
+    assert merged["api"]["b:1"]["consecutive_failures"] == 3
+    assert merged["api"]["b:1"]["workers"] == {"0": "healthy", "1": "healthy"}
+
+
+def test_overlay_skips_endpoints_supervisor_lacks() -> None:
+    merged = merge_health({"0": {"api": {"a:1": _state("healthy")}}})
+
+    overlay_passive(merged, {"web": {"a:1": {"consecutive_failures": 9}}})
+
+    assert merged["api"]["a:1"]["consecutive_failures"] == 0
