@@ -1,9 +1,10 @@
 """Build hook: compile the request path with mypyc when a C compiler is present.
 
-Every other setting lives in pyproject.toml. The modules below run once or
-more per proxied request. mypyc turns their typed Python into C extension
-modules, which cuts the instructions pgproxy runs per request by about a
-third (see docs/benchmarks.md). The .py files stay the source of truth:
+Every other setting is in pyproject.toml. The modules listed in
+pgproxy/compiled.py run once or more per proxied request. mypyc turns their
+typed Python into C extension modules, which cuts the instructions pgproxy
+runs per request by almost half (see docs/architecture.md, "The compiled
+request path"). The .py files stay the source of truth:
 
 - `PGPROXY_COMPILE=0` at install time skips compiling.
 - A failed compile (no compiler, no Python headers) only warns, and the

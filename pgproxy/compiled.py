@@ -13,7 +13,7 @@ hook that loads every compiled module from its .py file instead when:
 - a compiled module is missing while others are built (the compiled classes
   derive from each other, so the set is used whole or not at all).
 
-`REQUEST_PATH` then says which code runs, for the start-up log.
+`REQUEST_PATH` then names the code that runs, for the start-up log.
 """
 
 from __future__ import annotations

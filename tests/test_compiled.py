@@ -1,8 +1,7 @@
 """Tests of the choice between the compiled request path and its source.
 
-The suite is meant to run against the compiled modules, which is what an
-install with a C compiler serves with; `PGPROXY_PURE=1` runs it against the
-.py files instead.
+The suite runs against the compiled modules, because an install with a C
+compiler serves with them. `PGPROXY_PURE=1` runs it against the .py files.
 """
 
 from __future__ import annotations
