@@ -37,7 +37,7 @@ def compiled_extensions() -> list[object]:
         extensions = mypycify(paths, opt_level="3", group_name=GROUP_NAME)
     except (Exception, SystemExit) as exc:
         # mypy exits on a type error; the package still installs, as Python.
-        print(f"warning: not compiling the request path: {exc!r}", file=sys.stderr)
+        sys.stderr.write(f"warning: not compiling the request path: {exc!r}\n")
         return []
     for extension in extensions:
         # setuptools then warns about a failed compile instead of failing.
