@@ -53,6 +53,14 @@ def test_stale_reason_names_edited_source(tmp_path: Path) -> None:
     assert reason == f"{edited} changed after it was compiled"
 
 
+def test_stale_reason_none_without_sources(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+    for name in NAMES:
+        (tmp_path / (name.replace(".", "/") + ".py")).unlink()
+
+    assert compiled.stale_reason(NAMES, str(tmp_path)) is None
+
+
 def test_stale_reason_names_missing_build(tmp_path: Path) -> None:
     _tree(tmp_path, built=("pgproxy.alpha",))
 
