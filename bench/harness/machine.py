@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from harness.nginx import nginx_binary, nginx_version
-from harness.pgproxy import pgproxy_version
+from harness.pgproxy import pgproxy_version, request_path
 from harness.processes import BenchError
 from harness.wrk import wrk_binary
 
@@ -91,6 +91,7 @@ def describe() -> dict[str, str]:
         "uvloop": _package_version("uvloop"),
         "httptools": _package_version("httptools"),
         "pgproxy": pgproxy_version(),
+        "pgproxy request path": request_path(),
         "nginx": nginx_version(),
         "wrk": _wrk_version(),
     }

@@ -82,6 +82,18 @@ def start_pgproxy(
     raise BenchError(f'pgproxy logged no "listener {LISTENER} listening on" line')
 
 
+def request_path() -> str:
+    """Return how pgproxy's request path runs here: compiled, or Python and why."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import pgproxy.compiled as c; print(c.REQUEST_PATH)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.stdout.strip() or f"unknown ({result.stderr.strip()[-200:]})"
+
+
 def pgproxy_version() -> str:
     """Return the installed pgproxy version and the git commit of its tree."""
     version = metadata.version("pgproxy")
