@@ -84,8 +84,19 @@ def _target_command(target: str, upstream: Upstream, workdir: Path) -> list[str]
     return [sys.executable, "-m", "pgproxy.server.main", str(config)]
 
 
-def count(target: str, requests: int, warmup: int, path: str, workdir: Path) -> int:
-    """Return the instructions `target` ran for `requests` requests."""
+def count(
+    target: str,
+    requests: int,
+    warmup: int,
+    path: str,
+    workdir: Path,
+    save_to: Path | None = None,
+) -> int:
+    """Return the instructions `target` ran for `requests` requests.
+
+    With `save_to`, callgrind's output file is copied there, for
+    `callgrind_annotate`.
+    """
     upstream = start_upstream(workdir, cpu=None)
     # %p: a forked child would otherwise write its counts to the same file.
     out_pattern = workdir / "callgrind.out.%p"
@@ -113,6 +124,8 @@ def count(target: str, requests: int, warmup: int, path: str, workdir: Path) -> 
     finally:
         upstream.process.stop()
     out_file = workdir / f"callgrind.out.{proxy.pid}"
+    if save_to is not None:
+        shutil.copyfile(out_file, save_to)
     match = _TOTALS_RE.search(out_file.read_text())
     if match is None:
         raise BenchError(f"no totals in {out_file}")
@@ -125,6 +138,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--path", default="/small")
     parser.add_argument("--target", choices=("pgproxy", "bare"), default="pgproxy")
+    parser.add_argument(
+        "--save", type=Path, help="copy callgrind's output here, for callgrind_annotate"
+    )
     options = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if shutil.which(tool) is None:
@@ -132,7 +148,12 @@ def main() -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="pgproxy-instr-") as tmp:
         total = count(
-            options.target, options.requests, options.warmup, options.path, Path(tmp)
+            options.target,
+            options.requests,
+            options.warmup,
+            options.path,
+            Path(tmp),
+            save_to=options.save,
         )
     print(
         f"{total:,} instructions for {options.requests:,} requests: "

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
-_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986 section 3.3: pchar and "/" stay as they are when a normalised path
 # is encoded again for the upstream.
-_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+_PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 
 
 # The spellings of each `reject_ambiguous_paths` name, as they appear in a raw

@@ -29,12 +29,13 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from pgproxy.graph.types import Route
 
 _HOST_EXACT, _HOST_WILDCARD, _HOST_ANY = 0, 1, 2
-_PATH_RANK = {"exact": 0, "prefix": 1, "regex": 2, "any": 3}
-_REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()")
+_PATH_RANK: Final = {"exact": 0, "prefix": 1, "regex": 2, "any": 3}
+_REGEX_SPECIAL: Final = frozenset("\\.^$*+?{}[]|()")
 
 RankKey = tuple[int, int, int, int, int, int, int]
 

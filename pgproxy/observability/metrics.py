@@ -17,12 +17,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pgproxy.graph.types import Graph
 
 # Upper bounds of the latency histogram, in seconds (the +Inf bucket follows).
-LATENCY_BUCKETS: tuple[float, ...] = (
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
     0.0025,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_TOKEN_AND_SPACE_RE = re.compile(rb"^(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
+_TOKEN_AND_SPACE_RE: Final = re.compile(rb"^(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
 
 
 class RequestParsing(DownstreamState):

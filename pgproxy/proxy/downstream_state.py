@@ -11,7 +11,7 @@ calls on the other are declared here for the type checker only.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     from pgproxy.proxy.exchange import Exchange
     from pgproxy.proxy.service import ProxyService
 
-_PAUSE_BODY = 1
-_PAUSE_PIPELINE = 2
-_IDLE = 1
-_HEADER = 2
+_PAUSE_BODY: Final = 1
+_PAUSE_PIPELINE: Final = 2
+_IDLE: Final = 1
+_HEADER: Final = 2
 # Shared and never appended to: on_header appends only inside a head, and
 # on_message_begin gives each head a list of its own.
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
-_NO_NAMES: list[bytes] = []
+_NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
+_NO_NAMES: Final[list[bytes]] = []
 
 
 class DownstreamState(asyncio.Protocol):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Final
 
 from pgproxy.balancing import hash_key_value
 from pgproxy.errors import NoEndpointError, UpstreamError
@@ -34,8 +35,8 @@ from pgproxy.proxy.upstream import UpstreamConnection
 logger = logging.getLogger(__name__)
 
 # Request body bytes held for a possible retry; a larger body is streamed once.
-REPLAY_LIMIT = 64 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+REPLAY_LIMIT: Final = 64 * 1024
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange(ResponseRelay):

@@ -15,33 +15,34 @@ Pure: no I/O, no clock. Header names and values are the raw bytes received.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from typing import Final
 
 from pgproxy.errors import DownstreamError
 
 # RFC 9110 section 5.1: field-name = token.
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $, which also matches before a final newline.
+_TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110 section 5.5: field-value is VCHAR, obs-text, SP and HTAB; CR, LF, NUL
 # and other controls are invalid anywhere in it.
-_INVALID_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS_RE = re.compile(rb"^[0-9]{1,18}$")
+_INVALID_VALUE_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS_RE: Final = re.compile(rb"^[0-9]{1,18}\Z")
 # RFC 9112 section 3.2: origin-form, absolute-form, authority-form, asterisk-form.
 # Origin-form is absolute-path ["?" query], and neither allows "#": a fragment
 # is never sent. Servers behind the proxy cut the path at "#", so a target
 # with one could match one route here and reach another path there: 400.
-_ORIGIN_FORM_RE = re.compile(rb"^/[!-\"$-~]*$")
-_ABSOLUTE_FORM_RE = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)$")
+_ORIGIN_FORM_RE: Final = re.compile(rb"^/[!-\"$-~]*\Z")
+_ABSOLUTE_FORM_RE: Final = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)\Z")
 # Userinfo, a path or a space has no place in a Host value. One regex search:
 # `b"@" in raw` on bytes costs a failed int conversion first (4x slower).
-_INVALID_HOST_RE = re.compile(rb"[@/ ]")
+_INVALID_HOST_RE: Final = re.compile(rb"[@/ ]")
 
-NO_BODY_STATUSES = frozenset({204, 304})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Host values decoded by host_without_port: a DNS name (253) with a port fits.
-_HOSTS: dict[bytes, str] = {}
-_MAX_CACHED_HOST = 300
-_MAX_CACHED_HOSTS = 1024
-_NO_TOKENS: frozenset[bytes] = frozenset()
-_COMMON_CONNECTION_TOKENS = {
+_HOSTS: Final[dict[bytes, str]] = {}
+_MAX_CACHED_HOST: Final = 300
+_MAX_CACHED_HOSTS: Final = 1024
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_COMMON_CONNECTION_TOKENS: Final = {
     value: frozenset({value.lower()})
     for value in (
         b"keep-alive",
@@ -138,7 +139,7 @@ def check_field(name: bytes, value: bytes) -> None:
         raise FramingError("invalid character in header field value")
 
 
-def parse_content_length(values: Sequence[bytes]) -> int:
+def parse_content_length(values: list[bytes]) -> int:
     """Return the one Content-Length that all values agree on.
 
     RFC 9110 section 8.6 lets a recipient accept a list of identical values;
@@ -159,7 +160,7 @@ def parse_content_length(values: Sequence[bytes]) -> int:
     return lengths.pop()
 
 
-def check_transfer_encoding(values: Sequence[bytes]) -> None:
+def check_transfer_encoding(values: list[bytes]) -> None:
     """Accept only a Transfer-Encoding whose single coding is chunked.
 
     RFC 9112 section 6.3: a request whose final coding is not chunked has no
@@ -178,7 +179,7 @@ def check_transfer_encoding(values: Sequence[bytes]) -> None:
         raise FramingError("only the chunked transfer coding is supported", status=501)
 
 
-def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     """Return the lower-cased options listed in Connection header values."""
     # Most heads have no Connection field or one common value: both skip the
     # split (0.2-0.3 µs a head).
@@ -196,7 +197,7 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
     )
 
 
-def lower_names(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+def lower_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     """Return the lower-case name of each header, in order."""
     return [name.lower() for name, _ in headers]
 
@@ -205,8 +206,8 @@ def check_request_head(
     method: bytes,
     target: bytes,
     version: str,
-    headers: Sequence[tuple[bytes, bytes]],
-    names: Sequence[bytes] | None = None,
+    headers: list[tuple[bytes, bytes]],
+    names: list[bytes] | None = None,
 ) -> RequestInfo:
     """Check one parsed request head and return its framing.
 
@@ -350,9 +351,9 @@ class BadResponseError(ValueError):
 def check_response_head(
     status: int,
     version: str,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
     head: bool,
-    names: Sequence[bytes] | None = None,
+    names: list[bytes] | None = None,
 ) -> ResponseInfo:
     """Decide how the body of a response to `head` (a HEAD request) is framed.
 

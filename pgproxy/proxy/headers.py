@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from pgproxy.graph.paths import encode_path, needs_normalizing, normalize_path
 from pgproxy.proxy.framing import RequestInfo, ResponseInfo, lower_names
 
-Headers = Sequence[tuple[bytes, bytes]]
+# A list, not a Sequence: mypyc indexes and iterates a list without the
+# generic protocol calls.
+Headers = list[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -36,7 +39,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Written fresh by the proxy in every upstream request head.
-_REWRITTEN_REQUEST = HOP_BY_HOP | {
+_REWRITTEN_REQUEST: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"x-forwarded-for",
@@ -45,9 +48,9 @@ _REWRITTEN_REQUEST = HOP_BY_HOP | {
     b"via",
     b"expect",
 }
-_REWRITTEN_RESPONSE = HOP_BY_HOP | {b"via"}
-VIA = b"1.1 pgproxy"
-_VIA_LINE = b"Via: " + VIA + b"\r\n"
+_REWRITTEN_RESPONSE: Final = HOP_BY_HOP | {b"via"}
+VIA: Final = b"1.1 pgproxy"
+_VIA_LINE: Final = b"Via: " + VIA + b"\r\n"
 
 
 def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
@@ -114,7 +117,7 @@ def build_request_head(
     info: RequestInfo,
     host: bytes,
     forwarding: Forwarding,
-    names: Sequence[bytes] | None = None,
+    names: list[bytes] | None = None,
 ) -> bytes:
     """Build the request head sent upstream, as one bytes object.
 
@@ -144,7 +147,10 @@ def build_request_head(
             elif lower == b"x-forwarded-host":
                 forwarded_host = value
             continue
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if forwarding.trusted:
         forwarded_for.append(forwarding.client_ip)
         client_chain = b", ".join(forwarded_for)
@@ -180,7 +186,7 @@ def build_response_head(
     chunked: bool,
     keep_alive: bool,
     client_http10: bool,
-    names: Sequence[bytes] | None = None,
+    names: list[bytes] | None = None,
 ) -> bytes:
     """Build the response head sent downstream, as one bytes object.
 
@@ -207,7 +213,11 @@ def build_response_head(
             continue
         if chunked and lower == b"content-length":
             continue
-        parts += (name, b": ", value, b"\r\n")
+        # Four appends, not `+=` a tuple: no tuple is built (compiled code).
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     parts.append(_via_line(via))
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")

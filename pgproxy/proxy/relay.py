@@ -14,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from pgproxy.proxy.failures import ExchangeFailures
 from pgproxy.proxy.framing import BadResponseError, ResponseInfo, check_response_head
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 class ResponseRelay(ExchangeFailures):

@@ -12,10 +12,12 @@ response byte is repeated once on a fresh connection to the same endpoint.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pgproxy.errors import UpstreamError
 from pgproxy.graph.types import Route
 
-IDEMPOTENT_METHODS = frozenset(
+IDEMPOTENT_METHODS: Final = frozenset(
     {b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"}
 )
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -37,14 +37,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Write buffer above which the sending side pauses reading its source.
-WRITE_BUFFER_HIGH = 256 * 1024
-WRITE_BUFFER_LOW = 64 * 1024
+WRITE_BUFFER_HIGH: Final = 256 * 1024
+WRITE_BUFFER_LOW: Final = 64 * 1024
 # Default limit on an upstream response's status line and header fields, the
 # same as the listeners' default request head limit (max_header_bytes).
-MAX_RESPONSE_HEAD = 64 * 1024
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+_PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # Idle time from which a pooled connection is peeked at before reuse.
-PEEK_AFTER_IDLE = 0.25
+PEEK_AFTER_IDLE: Final = 0.25
 
 
 class _ResponseHeadTooLarge(Exception):

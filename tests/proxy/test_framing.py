@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import re
+from collections.abc import Callable
+
 import pytest
 
 from pgproxy.proxy import framing
@@ -318,3 +322,42 @@ def test_conflicting_response_framing_is_rejected(
 ) -> None:
     with pytest.raises(BadResponseError):
         check_response_head(200, "1.1", headers, False)
+
+
+# The RFC 9110 / 9112 grammar as regular expressions, written apart from the
+# checks in framing.py, which must agree with them byte for byte.
+_TOKEN_GRAMMAR = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_GRAMMAR = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+_ORIGIN_FORM_GRAMMAR = re.compile(rb"/[!-\"$-~]*\Z")
+
+
+def _random_bytes(rng: random.Random) -> bytes:
+    # Mostly bytes near the grammar's edges, some from the whole range.
+    edges = b"/aZ09-#@ \t\r\n\x00\x7f\x80\xff:;"
+    return bytes(
+        rng.choice(edges) if rng.random() < 0.7 else rng.randrange(256)
+        for _ in range(rng.randint(0, 6))
+    )
+
+
+def _accepted(check: Callable[..., object], *args: bytes) -> bool:
+    try:
+        check(*args)
+    except FramingError:
+        return False
+    return True
+
+
+def test_field_and_target_checks_match_grammar() -> None:
+    rng = random.Random(7)
+    for _ in range(20_000):
+        data = _random_bytes(rng)
+
+        name_ok = _accepted(framing.check_field, data, b"v")
+        value_ok = _accepted(framing.check_field, b"X-Name", data)
+        target_ok = _accepted(framing.check_target, b"GET", data)
+
+        assert name_ok == bool(_TOKEN_GRAMMAR.match(data)), data
+        assert value_ok == bool(_FIELD_VALUE_GRAMMAR.match(data)), data
+        if data.startswith(b"/"):
+            assert target_ok == bool(_ORIGIN_FORM_GRAMMAR.match(data)), data
