@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pgproxy.compiled import COMPILED_MODULES, GROUP_NAME, record_sources
+from pgproxy.compiled import (
+    BUILD_OPTIONS,
+    COMPILED_MODULES,
+    GROUP_NAME,
+    record_sources,
+)
 
 
 def compiled_extensions() -> list[object]:
@@ -32,7 +38,18 @@ def compiled_extensions() -> list[object]:
 
     record_sources()
     paths = [name.replace(".", "/") + ".py" for name in COMPILED_MODULES]
-    extensions = mypycify(paths, opt_level="3", group_name=GROUP_NAME)
+    try:
+        extensions = mypycify(
+            [*BUILD_OPTIONS, *paths], opt_level="3", group_name=GROUP_NAME
+        )
+    except SystemExit:
+        # mypyc exits when its type check fails; the .py files still work.
+        warnings.warn(
+            "mypyc could not compile the request path; installing pgproxy "
+            "as pure Python",
+            stacklevel=1,
+        )
+        return []
     for extension in extensions:
         # setuptools then warns about a failed compile instead of failing.
         extension.optional = True

@@ -48,6 +48,10 @@ COMPILED_MODULES = (
     "pgproxy.observability.metrics",
 )
 GROUP_NAME = "pgproxy._native"
+# mypy options of the compile. pip builds in an isolated environment that has
+# none of pgproxy's dependencies yet, so the type check must not look for them:
+# it types httptools and rich as Any, whatever the target environment holds.
+BUILD_OPTIONS = ("--no-site-packages", "--ignore-missing-imports")
 PURE_ENV = "PGPROXY_PURE"
 # Next to this file: {module name: SHA-256 of the .py file it was compiled from}.
 SOURCES_RECORD = "_native_sources.json"
@@ -151,7 +155,10 @@ def choose_modules() -> None:
         REQUEST_PATH = f"python ({PURE_ENV}=1)"
         sys.meta_path.insert(0, _SourceFinder())
         return
-    if built_path(COMPILED_MODULES[0]) is None:
+    # One stat for the usual answers; the rest only when the first is missing.
+    if built_path(COMPILED_MODULES[0]) is None and not any(
+        built_path(name) for name in COMPILED_MODULES[1:]
+    ):
         REQUEST_PATH = "python (not compiled)"
         return
     STALE_REASON = stale_reason()

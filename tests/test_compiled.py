@@ -132,3 +132,55 @@ def test_edited_source_wins_over_build(tmp_path: Path) -> None:
     assert module_file == str(copy / "proxy" / "exchange.py")
     assert request_path == f"python ({edited} changed after it was compiled)"
     assert stale == f"{edited} changed after it was compiled"
+
+
+def test_missing_first_build_imports_source(tmp_path: Path) -> None:
+    # The first module's build is the one checked before any other.
+    copy = tmp_path / "copy" / "pgproxy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    first = compiled.COMPILED_MODULES[0]
+    built = compiled.built_path(first, str(copy.parent))
+    assert built is not None, "the package under test is not compiled"
+    os.unlink(built)
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    module_file, request_path, stale = _import_report(env, tmp_path)
+
+    reason = f"{first} is not compiled while others are"
+    assert module_file == str(copy / "proxy" / "exchange.py")
+    assert request_path == f"python ({reason})"
+    assert stale == reason
+
+
+def test_build_type_check_needs_no_dependencies(tmp_path: Path) -> None:
+    # pip compiles in an environment without pgproxy's dependencies: mypyc's
+    # type check fails there unless the build options leave them out.
+    bare = tmp_path / "bare"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(bare)],
+        check=True,
+        timeout=60,
+    )
+    paths = [name.replace(".", "/") + ".py" for name in compiled.COMPILED_MODULES]
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--python-executable",
+        str(bare / "bin" / "python"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *compiled.BUILD_OPTIONS,
+        *paths,
+    ]
+
+    result = subprocess.run(
+        command,
+        cwd=PACKAGE.parent,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
