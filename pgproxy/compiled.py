@@ -10,8 +10,9 @@ hook that loads every compiled module from its .py file instead when:
 - PGPROXY_PURE=1 is set, or
 - a .py file differs from the one its module was compiled from (setup.py
   records their SHA-256 in SOURCES_RECORD), or
-- a compiled module is missing while others are built (the compiled classes
-  derive from each other, so the set is used whole or not at all).
+- a compiled module, or the library that holds their code, is missing while
+  others are built (the compiled classes derive from each other, so the set
+  is used whole or not at all).
 
 `REQUEST_PATH` then says which code runs, for the start-up log.
 """
@@ -48,6 +49,9 @@ COMPILED_MODULES = (
     "pgproxy.observability.metrics",
 )
 GROUP_NAME = "pgproxy._native"
+# The shared library that mypyc builds for the group: the code of every
+# compiled module is in it, and each module's own extension only loads it.
+LIBRARY = GROUP_NAME + "__mypyc"
 # mypy options of the compile. pip builds in an isolated environment that has
 # none of pgproxy's dependencies yet, so the type check must not look for them:
 # it types httptools and rich as Any, whatever the target environment holds.
@@ -97,15 +101,15 @@ def record_sources(names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT) -
 
 
 def stale_reason(
-    names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT
+    names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT, library: str = LIBRARY
 ) -> str | None:
     """Return why the built modules must not be used, or None if they may be.
 
     None also when nothing is built: the .py files are then used anyway.
     """
-    missing = [name for name in names if built_path(name, root) is None]
-    if len(missing) == len(names):
+    if all(built_path(name, root) is None for name in names):
         return None
+    missing = [name for name in (*names, library) if built_path(name, root) is None]
     if missing:
         return f"{missing[0]} is not compiled while others are"
     import json

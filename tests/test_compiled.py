@@ -29,6 +29,8 @@ def _tree(root: Path, built: tuple[str, ...]) -> None:
         (root / (name.replace(".", "/") + ".py")).write_text(f"NAME = {name!r}\n")
     for name in built:
         (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"")
+    if built:
+        (root / (compiled.LIBRARY.replace(".", "/") + SUFFIX)).write_bytes(b"")
     compiled.record_sources(NAMES, str(root))
 
 
@@ -60,6 +62,17 @@ def test_stale_reason_names_missing_build(tmp_path: Path) -> None:
     reason = compiled.stale_reason(NAMES, str(tmp_path))
 
     assert reason == "pgproxy.beta is not compiled while others are"
+
+
+def test_stale_reason_names_missing_library(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+    library = compiled.built_path(compiled.LIBRARY, str(tmp_path))
+    assert library is not None
+    os.unlink(library)
+
+    reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == f"{compiled.LIBRARY} is not compiled while others are"
 
 
 def test_stale_reason_names_missing_record(tmp_path: Path) -> None:
