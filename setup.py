@@ -22,7 +22,12 @@ from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pgproxy.compiled import COMPILED_MODULES, GROUP_NAME, record_sources
+from pgproxy.compiled import (
+    BUILD_OPTIONS,
+    COMPILED_MODULES,
+    GROUP_NAME,
+    record_sources,
+)
 
 
 def compiled_extensions() -> list[object]:
@@ -34,7 +39,9 @@ def compiled_extensions() -> list[object]:
         from mypyc.build import mypycify
 
         record_sources()
-        extensions = mypycify(paths, opt_level="3", group_name=GROUP_NAME)
+        extensions = mypycify(
+            [*BUILD_OPTIONS, *paths], opt_level="3", group_name=GROUP_NAME
+        )
     except (Exception, SystemExit) as exc:
         # mypy exits on a type error; the package still installs, as Python.
         sys.stderr.write(f"warning: not compiling the request path: {exc!r}\n")

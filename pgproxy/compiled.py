@@ -10,8 +10,9 @@ hook that loads every compiled module from its .py file instead when:
 - PGPROXY_PURE=1 is set, or
 - a .py file differs from the one its module was compiled from (setup.py
   records their SHA-256 in SOURCES_RECORD), or
-- a compiled module is missing while others are built (the compiled classes
-  derive from each other, so the set is used whole or not at all).
+- a compiled module, or the library that holds their code, is missing while
+  others are built (the compiled classes derive from each other, so the set
+  is used whole or not at all).
 
 `REQUEST_PATH` then names the code that runs, for the start-up log.
 """
@@ -54,6 +55,13 @@ COMPILED_MODULES = (
     "pgproxy.observability.metrics",
 )
 GROUP_NAME = "pgproxy._native"
+# The shared library that mypyc builds for the group: the code of every
+# compiled module is in it, and each module's own extension only loads it.
+LIBRARY = GROUP_NAME + "__mypyc"
+# mypy options of the compile. pip builds in an isolated environment that has
+# none of pgproxy's dependencies yet, so the type check must not look for them:
+# it types httptools and rich as Any, whatever the target environment holds.
+BUILD_OPTIONS = ("--no-site-packages", "--ignore-missing-imports")
 PURE_ENV = "PGPROXY_PURE"
 # Next to this file: {module name: SHA-256 of the .py file it was compiled from}.
 SOURCES_RECORD = "_native_sources.json"
@@ -99,15 +107,15 @@ def record_sources(names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT) -
 
 
 def stale_reason(
-    names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT
+    names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT, library: str = LIBRARY
 ) -> str | None:
     """Return why the built modules must not be used, or None if they may be.
 
     None also when nothing is built: the .py files are then used anyway.
     """
-    missing = [name for name in names if built_path(name, root) is None]
-    if len(missing) == len(names):
+    if all(built_path(name, root) is None for name in names):
         return None
+    missing = [name for name in (*names, library) if built_path(name, root) is None]
     if missing:
         return f"{missing[0]} is not compiled while others are"
     import json
@@ -161,7 +169,10 @@ def choose_modules() -> None:
         REQUEST_PATH = f"python ({PURE_ENV}=1)"
         sys.meta_path.insert(0, _SourceFinder())
         return
-    if built_path(COMPILED_MODULES[0]) is None:
+    # One stat for the usual answers; the rest only when the first is missing.
+    if built_path(COMPILED_MODULES[0]) is None and not any(
+        built_path(name) for name in COMPILED_MODULES[1:]
+    ):
         REQUEST_PATH = "python (not compiled)"
         return
     STALE_REASON = stale_reason()

@@ -28,6 +28,8 @@ def _tree(root: Path, built: tuple[str, ...]) -> None:
         (root / (name.replace(".", "/") + ".py")).write_text(f"NAME = {name!r}\n")
     for name in built:
         (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"")
+    if built:
+        (root / (compiled.LIBRARY.replace(".", "/") + SUFFIX)).write_bytes(b"")
     compiled.record_sources(NAMES, str(root))
 
 
@@ -67,6 +69,17 @@ def test_stale_reason_names_missing_build(tmp_path: Path) -> None:
     reason = compiled.stale_reason(NAMES, str(tmp_path))
 
     assert reason == "pgproxy.beta is not compiled while others are"
+
+
+def test_stale_reason_names_missing_library(tmp_path: Path) -> None:
+    _tree(tmp_path, built=NAMES)
+    library = compiled.built_path(compiled.LIBRARY, str(tmp_path))
+    assert library is not None
+    os.unlink(library)
+
+    reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == f"{compiled.LIBRARY} is not compiled while others are"
 
 
 def test_stale_reason_names_missing_record(tmp_path: Path) -> None:
@@ -139,3 +152,55 @@ def test_edited_source_wins_over_build(tmp_path: Path) -> None:
     assert module_file == str(copy / "proxy" / "exchange.py")
     assert request_path == f"python ({edited} changed after it was compiled)"
     assert stale == f"{edited} changed after it was compiled"
+
+
+def test_missing_first_build_imports_source(tmp_path: Path) -> None:
+    # The first module's build is the one checked before any other.
+    copy = tmp_path / "copy" / "pgproxy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    first = compiled.COMPILED_MODULES[0]
+    built = compiled.built_path(first, str(copy.parent))
+    assert built is not None, "the package under test is not compiled"
+    os.unlink(built)
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    module_file, request_path, stale = _import_report(env, tmp_path)
+
+    reason = f"{first} is not compiled while others are"
+    assert module_file == str(copy / "proxy" / "exchange.py")
+    assert request_path == f"python ({reason})"
+    assert stale == reason
+
+
+def test_build_type_check_needs_no_dependencies(tmp_path: Path) -> None:
+    # pip compiles in an environment without pgproxy's dependencies: mypyc's
+    # type check fails there unless the build options leave them out.
+    bare = tmp_path / "bare"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(bare)],
+        check=True,
+        timeout=60,
+    )
+    paths = [name.replace(".", "/") + ".py" for name in compiled.COMPILED_MODULES]
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--python-executable",
+        str(bare / "bin" / "python"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *compiled.BUILD_OPTIONS,
+        *paths,
+    ]
+
+    result = subprocess.run(
+        command,
+        cwd=PACKAGE.parent,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -42,6 +42,9 @@ Diagnostic codes (the problem is on the indented line under each code):
         hash_key set on a balancer other than consistent_hash
     health-timeout-not-below-interval  error     clusters.NAME.health_check.timeout
         the probe timeout is not below the probe interval
+    ejection-time-above-max            warning   clusters.NAME.outlier_detection
+        base_ejection_time is above max_ejection_time, which caps every
+        ejection, so the base has no effect
     no-health-check                    warning   clusters.NAME
         several endpoints and no active health check
     unused-cluster                     warning   clusters.NAME
@@ -306,6 +309,16 @@ def _check_cluster(name: str, cluster_config: ClusterConfig, found: _Collector) 
             "health-timeout-not-below-interval",
             f"health check timeout ({check.timeout:g}s) must be below its interval "
             f"({check.interval:g}s), or probes would overlap",
+        )
+    outlier = cluster_config.outlier_detection
+    if outlier.base_ejection_time > outlier.max_ejection_time:
+        found.warning(
+            f"{key}.outlier_detection.base_ejection_time",
+            "ejection-time-above-max",
+            f"base_ejection_time ({outlier.base_ejection_time:g}s) is above "
+            f"max_ejection_time ({outlier.max_ejection_time:g}s), so every "
+            "ejection lasts max_ejection_time",
+            "raise max_ejection_time, or lower base_ejection_time",
         )
     if check is None and len(cluster_config.endpoints) > 1:
         found.warning(

@@ -52,6 +52,10 @@ class ResponseRelay(ExchangeFailures):
         route = self.route
         assert conn is not None and self.endpoint is not None and route is not None
         if status < 200 and status != 101:
+            if status < 100:
+                # RFC 9110 section 15: a status code has three digits, 100-599.
+                conn.fail(f"invalid response: status code {status}", "bad_response")
+                return
             if status != 100 and not self.http10:
                 self.downstream.write(build_interim_head(status, reason, headers))
             return

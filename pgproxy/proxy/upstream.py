@@ -141,8 +141,11 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            offset = upgrade.args[0]
-            exchange.on_upgraded(data[offset:])
+            # llhttp stops at any 101 head, also one the exchange rejected:
+            # then the bytes after it belong to no tunnel and are dropped.
+            if self.tunnel:
+                offset = upgrade.args[0]
+                exchange.on_upgraded(data[offset:])
         except httptools.HttpParserError as exc:
             self._on_parse_error(exc)
         finished = self._finished

@@ -1,0 +1,78 @@
+"""Rogue upstream response heads against a running `pgproxy run`.
+
+An upstream response that pgproxy rejects costs the client one 502 and
+nothing else: no byte that the upstream sent may reach the client, or a
+keep-alive client would read it as the start of its next response. A status
+code below 100 is invalid (RFC 9110 section 15), so it is neither relayed as
+an interim response nor waited past.
+"""
+
+from __future__ import annotations
+
+import pytest
+from e2e_client import IncompleteResponse, RawConnection, build_request
+from e2e_process import PgproxyFactory, PgproxyProcess
+from e2e_upstream import UpstreamFactory, by_path, raw
+
+CONFIG = """
+[server]
+drain_timeout = "2s"
+
+[listeners.main]
+address = "127.0.0.1:0"
+
+[[routes]]
+cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+response_header_timeout = "30s"
+"""
+
+SWITCH_WITH_DATA = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Connection: upgrade\r\nUpgrade: rogue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    module_upstream_factory: UpstreamFactory, module_pgproxy_factory: PgproxyFactory
+) -> PgproxyProcess:
+    upstream = module_upstream_factory("a")
+    upstream.handler = by_path(
+        {
+            "/switch": raw(SWITCH_WITH_DATA),
+            "/status-0": raw(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok"),
+            "/status-99": raw(b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok"),
+        }
+    )
+    return module_pgproxy_factory(CONFIG.format(a=upstream.address))
+
+
+def test_unrequested_switch_sends_no_upstream_bytes(proxy: PgproxyProcess) -> None:
+    with RawConnection(proxy.port()) as conn:
+        conn.send(build_request("GET", "/switch"))
+        response = conn.read_response()
+        assert response.status == 502, response.describe()
+        conn.send(build_request("GET", "/next"))
+        try:
+            following = conn.read_response()
+        except IncompleteResponse:
+            return  # closing the connection after the 502 is fine too
+    assert following.body != b"injected", (
+        "bytes after a rejected 101 reached the client as its next response"
+    )
+    assert following.status == 200, following.describe()
+
+
+@pytest.mark.parametrize("path", ["/status-0", "/status-99"])
+def test_status_below_100_is_bad_response(proxy: PgproxyProcess, path: str) -> None:
+    with RawConnection(proxy.port(), timeout=10) as conn:
+        conn.send(build_request("GET", path, headers=[("Connection", "close")]))
+        response = conn.read_response()
+        assert response.status == 502, response.describe()
+        assert response.interim == [], "an invalid status was relayed as interim"
+        assert conn.buffer == b"", f"bytes after the 502: {conn.buffer!r}"
+    assert proxy.access_for_path(path)["failure"] == "bad_response"
