@@ -100,7 +100,8 @@ def log_request_path() -> None:
     if compiled.STALE_REASON is not None:
         logger.warning(
             "running the request path from its Python source, which is slower, "
-            "because %s; reinstall pgproxy (pip install -e .) to compile it again",
+            "because %s; reinstall pgproxy (`pip install -e .` in a checkout) "
+            "to compile it again",
             compiled.STALE_REASON,
         )
     elif compiled.REQUEST_PATH != "compiled":

@@ -9,6 +9,7 @@ from pgproxy.config.units import (
     format_duration,
     parse_duration,
     parse_positive_duration,
+    parse_size,
     size_in_range,
 )
 
@@ -19,6 +20,18 @@ from pgproxy.config.units import (
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["\uff15s", "5\u00a0s", "\u0665ms"])
+def test_duration_non_ascii_rejected(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["\uff11KiB", "1\u2003MiB"])
+def test_size_non_ascii_rejected(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
 
 
 @pytest.mark.parametrize(
