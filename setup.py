@@ -3,7 +3,7 @@
 Every other setting is in pyproject.toml. The modules listed in
 pgproxy/compiled.py run once or more per proxied request. mypyc turns their
 typed Python into C extension modules, which cuts the instructions pgproxy
-runs per request by almost half (see docs/architecture.md, "The compiled
+runs per request by more than half (see docs/architecture.md, "The compiled
 request path"). The .py files stay the source of truth:
 
 - `PGPROXY_COMPILE=0` at install time skips compiling.

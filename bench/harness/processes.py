@@ -23,17 +23,28 @@ class BenchError(Exception):
     """A benchmark step failed; the message names the step and the cause."""
 
 
+# Ports this process has handed out: the kernel may offer a closed port again
+# at once, and nginx fails on two `listen` lines with the same port.
+_HANDED_OUT: set[int] = set()
+_PORT_ATTEMPTS = 50
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
 
     The port is found by binding port 0 and closing the socket, so another
     process could take it before the caller binds it. For servers that cannot
-    bind port 0 themselves (nginx) this small race is accepted.
+    bind port 0 themselves (nginx) this small race is accepted. A port is
+    never returned twice by one process.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(_PORT_ATTEMPTS):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise BenchError(f"no new free port after {_PORT_ATTEMPTS} attempts")
 
 
 def pinned(command: Sequence[str], cpu: int | None) -> list[str]:

@@ -15,26 +15,42 @@ Pure: no I/O, no clock. Header names and values are the raw bytes received.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 from pgproxy.errors import DownstreamError
 
-# RFC 9110 section 5.1: field-name = token.
-# \Z, not $, which also matches before a final newline.
+# RFC 9110 section 5.1: field-name = token. \Z, not $, which also matches
+# before a final newline.
 _TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Names that passed _TOKEN_RE: clients send the same few names, and a set
+# lookup costs a fraction of a regex match. Bounded like _HOSTS below.
+_TOKENS_SEEN: Final[set[bytes]] = set()
+_MAX_CACHED_TOKEN: Final = 64
+_MAX_CACHED_TOKENS: Final = 1024
+
+
+def _byte_map(allowed: Callable[[int], bool]) -> bytes:
+    """Return a bytes.translate table: 1 for each allowed byte, 0 for the rest.
+
+    `0 in data.translate(table)` then tells whether `data` has a byte that is
+    not allowed, at about half the cost of a regex search (timeit).
+    """
+    return bytes(1 if allowed(byte) else 0 for byte in range(256))
+
+
 # RFC 9110 section 5.5: field-value is VCHAR, obs-text, SP and HTAB; CR, LF, NUL
 # and other controls are invalid anywhere in it.
-_INVALID_VALUE_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_FIELD_VALUE_MAP: Final = _byte_map(lambda b: b == 0x09 or 0x20 <= b != 0x7F)
 _DIGITS_RE: Final = re.compile(rb"^[0-9]{1,18}\Z")
 # RFC 9112 section 3.2: origin-form, absolute-form, authority-form, asterisk-form.
 # Origin-form is absolute-path ["?" query], and neither allows "#": a fragment
 # is never sent. Servers behind the proxy cut the path at "#", so a target
 # with one could match one route here and reach another path there: 400.
-_ORIGIN_FORM_RE: Final = re.compile(rb"^/[!-\"$-~]*\Z")
+_TARGET_MAP: Final = _byte_map(lambda b: 0x21 <= b <= 0x7E and b != 0x23)
 _ABSOLUTE_FORM_RE: Final = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)\Z")
-# Userinfo, a path or a space has no place in a Host value. One regex search:
-# `b"@" in raw` on bytes costs a failed int conversion first (4x slower).
-_INVALID_HOST_RE: Final = re.compile(rb"[@/ ]")
+# Userinfo, a path or a space has no place in a Host value.
+_HOST_MAP: Final = _byte_map(lambda b: b not in b"@/ ")
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Host values decoded by host_without_port: a DNS name (253) with a port fits.
@@ -112,7 +128,7 @@ def check_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     RFC 9112 section 3.2: asterisk-form is only for OPTIONS, and
     authority-form only for CONNECT, which a reverse proxy does not serve.
     """
-    if _ORIGIN_FORM_RE.match(target):
+    if target.startswith(b"/") and 0 not in target.translate(_TARGET_MAP):
         return target, None
     if target == b"*":
         if method != b"OPTIONS":
@@ -133,9 +149,14 @@ def check_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
 
 def check_field(name: bytes, value: bytes) -> None:
     """Reject a header field whose name is not a token or whose value has controls."""
-    if not _TOKEN_RE.match(name):
-        raise FramingError("invalid header field name")
-    if _INVALID_VALUE_RE.search(value):
+    if name not in _TOKENS_SEEN:
+        if not _TOKEN_RE.match(name):
+            raise FramingError("invalid header field name")
+        if len(name) <= _MAX_CACHED_TOKEN:
+            if len(_TOKENS_SEEN) >= _MAX_CACHED_TOKENS:
+                _TOKENS_SEEN.clear()
+            _TOKENS_SEEN.add(name)
+    if 0 in value.translate(_FIELD_VALUE_MAP):
         raise FramingError("invalid character in header field value")
 
 
@@ -277,7 +298,7 @@ def _set_host(
         if authority is not None
         else (hosts[0].strip(b" \t") if hosts else b"")
     )
-    if raw and _INVALID_HOST_RE.search(raw):
+    if raw and 0 in raw.translate(_HOST_MAP):
         raise FramingError("invalid Host header")
     info.host_raw = raw
     info.host = host_without_port(raw) if raw else None
