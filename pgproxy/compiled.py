@@ -43,6 +43,8 @@ COMPILED_MODULES = (
     "pgproxy.proxy.service",
     "pgproxy.proxy.respond",
     "pgproxy.observability.access",
+    "pgproxy.graph.settings",
+    "pgproxy.graph.types",
     "pgproxy.graph.paths",
     "pgproxy.graph.routing",
     "pgproxy.balancing.round_robin",

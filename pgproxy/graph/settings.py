@@ -30,6 +30,9 @@ class ServerSettings:
     access_log: Literal["json", "combined", "off"]
     trusted_proxies: tuple[IPNetwork, ...]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
@@ -37,6 +40,9 @@ class TlsSettings:
 
     certificate: str
     private_key: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,9 @@ class ListenerSettings:
     reject_ambiguous_paths: tuple[str, ...]
     tls: TlsSettings | None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
 
 @dataclass(frozen=True, slots=True)
 class RespondSettings:
@@ -60,6 +69,9 @@ class RespondSettings:
     status: int
     body: str
     headers: tuple[tuple[str, str], ...]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +87,9 @@ class HealthCheckSettings:
     timeout: float
     healthy_threshold: int
     unhealthy_threshold: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 # Thresholds of one probe each, for endpoints of clusters without a check:
@@ -102,6 +117,9 @@ class OutlierDetectionSettings:
     max_ejection_time: float
     max_ejection_percent: int
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
@@ -120,8 +138,24 @@ class ClusterSettings:
     health_check: HealthCheckSettings | None
     outlier_detection: OutlierDetectionSettings
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
 
 _S = TypeVar("_S")
+
+
+def reduce_dataclass(instance: object) -> tuple[Any, ...]:
+    """Return the pickle recipe of a dataclass instance: its class and fields.
+
+    mypyc compiles the graph's classes, which have no instance __dict__ or
+    __slots__ for pickle's default to use, so each class's __reduce__ calls
+    this: unpickling calls the class with the fields in order.
+    """
+    cls = type(instance)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return (cls, tuple(getattr(instance, field.name) for field in fields))
+
 
 # Settings classes whose values are themselves settings, by field name.
 _NESTED: dict[str, type[Any]] = {

@@ -4,7 +4,8 @@ A Graph is built once from a validated Config (see `pgproxy.graph.build`) and
 never changes afterwards; a reload builds a new Graph and swaps it whole.
 These types hold data only, and plain data: settings come from
 `pgproxy.graph.settings`, not from the pydantic models, so a graph pickles
-into a worker process that never imports pydantic. Matching lives in
+into a worker process that never imports pydantic. mypyc compiles these
+classes, so each one pickles through `reduce_dataclass`. Matching lives in
 `pgproxy.graph.routing` and selection in `pgproxy.balancing`, both sans-IO.
 """
 
@@ -22,6 +23,7 @@ from pgproxy.graph.settings import (
     ListenerSettings,
     RespondSettings,
     ServerSettings,
+    reduce_dataclass,
 )
 
 
@@ -39,6 +41,9 @@ class Endpoint:
     def __str__(self) -> str:
         return self.address
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
@@ -47,6 +52,9 @@ class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...]
     settings: ClusterSettings
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,9 @@ class Listener:
     host: str
     port: int
     settings: ListenerSettings
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 PathKind = Literal["any", "exact", "prefix", "regex"]
@@ -87,6 +98,9 @@ class Route:
     timeout: float
     retries: int
     retry_on: frozenset[str | int]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
 
 
 class Router(Protocol):
@@ -172,3 +186,6 @@ class LoadedGraph:
     diagnostics: list[Diagnostic]
     # sha256 hex digest of the file's bytes; equal hashes mean equal configs.
     config_hash: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)

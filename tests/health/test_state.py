@@ -15,7 +15,11 @@ from pgproxy.config.models import (
     HealthCheckConfig,
     OutlierDetectionConfig,
 )
-from pgproxy.graph.settings import ClusterSettings, settings_from_config
+from pgproxy.graph.settings import (
+    ClusterSettings,
+    OutlierDetectionSettings,
+    settings_from_config,
+)
 from pgproxy.graph.types import Cluster, Endpoint
 from pgproxy.health.state import (
     EndpointHealth,
@@ -632,7 +636,10 @@ def test_apply_ejection_unknown_endpoint() -> None:
 
 
 def test_ejection_time_formula() -> None:
-    outlier = OutlierDetectionConfig(base_ejection_time="30s", max_ejection_time="5m")
+    outlier = settings_from_config(
+        OutlierDetectionSettings,
+        OutlierDetectionConfig(base_ejection_time="30s", max_ejection_time="5m"),
+    )
     assert [ejection_time(n, outlier) for n in (1, 2, 10, 11)] == [
         30.0,
         60.0,

@@ -6,6 +6,11 @@ import json
 import time
 
 from pgproxy.config.models import Config
+from pgproxy.graph.settings import (
+    ListenerSettings,
+    ServerSettings,
+    settings_from_config,
+)
 from pgproxy.graph.types import Graph, Listener, Route
 from pgproxy.observability.metrics import (
     LATENCY_BUCKETS,
@@ -47,7 +52,9 @@ def _graph() -> Graph:
         }
     )
     listeners = {
-        name: Listener(name, "127.0.0.1", 0, listener)
+        name: Listener(
+            name, "127.0.0.1", 0, settings_from_config(ListenerSettings, listener)
+        )
         for name, listener in config.listeners.items()
     }
     routes = (
@@ -55,7 +62,8 @@ def _graph() -> Graph:
         _route("ops", 1, None, {"internal"}),
         _route("all", 2, "web", set()),
     )
-    return Graph(config, "test.toml", listeners, {}, routes, router=None)  # type: ignore[arg-type]
+    server = settings_from_config(ServerSettings, config.server)
+    return Graph(server, "test.toml", listeners, {}, routes, router=None)  # type: ignore[arg-type]
 
 
 def test_bind_graph_routes_per_listener() -> None:
