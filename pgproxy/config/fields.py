@@ -22,7 +22,9 @@ from pgproxy.config.parsing import (
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _NAME_RE = re.compile(_NAME_PATTERN)
-_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# RFC 9110 section 5.6.2 token. \Z, not $, which also matches before a final
+# newline: "x-a\n" would pass and reach a response head.
+_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEADER_NAME_RE = _METHOD_RE
 _HASH_KEY_PATTERN = (
     r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
@@ -80,6 +82,17 @@ def _check_method(method: str) -> str:
     return method.upper()
 
 
+def _check_header_value(value: str) -> str:
+    # RFC 9110 section 5.5: CR, LF, NUL and the other controls but HTAB are
+    # invalid in a field value; CR LF would end the field and start another.
+    if any(char != "\t" and (char < " " or char == "\x7f") for char in value):
+        raise ValueError(
+            f"invalid header value {value!r}: control characters such as CR, LF "
+            "and NUL are not allowed (RFC 9110 section 5.5)"
+        )
+    return value
+
+
 def _check_header_name(name: str) -> str:
     if not _HEADER_NAME_RE.match(name):
         raise ValueError(
@@ -99,6 +112,7 @@ ObjectName = Annotated[
 EndpointAddress = Annotated[str, AfterValidator(_check_endpoint_address)]
 Method = Annotated[str, AfterValidator(_check_method)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
 Network = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)
 ]
