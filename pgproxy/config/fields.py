@@ -30,11 +30,13 @@ _HASH_KEY_PATTERN = (
     r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
     r"|path|client_ip)$"
 )
+# The patterns end in $ for the JSON Schema. In Python, $ also matches before
+# a final newline, so the checks below use fullmatch.
 _HASH_KEY_RE = re.compile(_HASH_KEY_PATTERN)
 
 
 def _check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(
             f'invalid name "{name}": use letters, digits, "_", "." and "-", '
             "starting with a letter or digit"
@@ -66,7 +68,7 @@ def _parse_network(value: object) -> object:
 
 
 def _check_hash_key(key: str) -> str:
-    if not _HASH_KEY_RE.match(key):
+    if not _HASH_KEY_RE.fullmatch(key):
         raise ValueError(
             f'invalid hash_key "{key}": expected header:NAME, cookie:NAME, '
             "query:NAME, path or client_ip"

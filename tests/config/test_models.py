@@ -136,7 +136,7 @@ def test_route_checks_carry_code_and_key(
     assert error["ctx"] is not None and error["ctx"]["key"] == key
 
 
-@pytest.mark.parametrize("name", ["a b", "-a", "", "a/b"])
+@pytest.mark.parametrize("name", ["a b", "-a", "", "a/b", "a\n"])
 def test_invalid_names(name: str) -> None:
     data = {"listeners": {name: {"address": "127.0.0.1:1"}}}
 
@@ -153,7 +153,9 @@ def test_valid_hash_keys(key: str) -> None:
     assert cluster.hash_key == key
 
 
-@pytest.mark.parametrize("key", ["header:", "header:a b", "ip", "cookie:a;b"])
+@pytest.mark.parametrize(
+    "key", ["header:", "header:a b", "ip", "cookie:a;b", "header:a\n", "path\n"]
+)
 def test_invalid_hash_keys(key: str) -> None:
     with pytest.raises(ValidationError, match="invalid hash_key"):
         ClusterConfig.model_validate({"endpoints": ["a:1"], "hash_key": key})
