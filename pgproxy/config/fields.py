@@ -22,17 +22,21 @@ from pgproxy.config.parsing import (
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _NAME_RE = re.compile(_NAME_PATTERN)
-_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# RFC 9110 section 5.6.2 token. \Z, not $, which also matches before a final
+# newline: "x-a\n" would pass and reach a response head.
+_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEADER_NAME_RE = _METHOD_RE
 _HASH_KEY_PATTERN = (
     r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=]+|query:[^\s&=]+"
     r"|path|client_ip)$"
 )
+# The patterns end in $ for the JSON Schema. In Python, $ also matches before
+# a final newline, so the checks below use fullmatch.
 _HASH_KEY_RE = re.compile(_HASH_KEY_PATTERN)
 
 
 def _check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(
             f'invalid name "{name}": use letters, digits, "_", "." and "-", '
             "starting with a letter or digit"
@@ -64,7 +68,7 @@ def _parse_network(value: object) -> object:
 
 
 def _check_hash_key(key: str) -> str:
-    if not _HASH_KEY_RE.match(key):
+    if not _HASH_KEY_RE.fullmatch(key):
         raise ValueError(
             f'invalid hash_key "{key}": expected header:NAME, cookie:NAME, '
             "query:NAME, path or client_ip"
@@ -78,6 +82,17 @@ def _check_method(method: str) -> str:
             f'invalid method "{method}": expected one token such as "GET" or "POST"'
         )
     return method.upper()
+
+
+def _check_header_value(value: str) -> str:
+    # RFC 9110 section 5.5: CR, LF, NUL and the other controls but HTAB are
+    # invalid in a field value; CR LF would end the field and start another.
+    if any(char != "\t" and (char < " " or char == "\x7f") for char in value):
+        raise ValueError(
+            f"invalid header value {value!r}: control characters such as CR, LF "
+            "and NUL are not allowed (RFC 9110 section 5.5)"
+        )
+    return value
 
 
 def _check_header_name(name: str) -> str:
@@ -99,6 +114,7 @@ ObjectName = Annotated[
 EndpointAddress = Annotated[str, AfterValidator(_check_endpoint_address)]
 Method = Annotated[str, AfterValidator(_check_method)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
 Network = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)
 ]

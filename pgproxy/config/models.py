@@ -20,6 +20,7 @@ from pgproxy.config.fields import (
     EndpointAddress,
     HashKey,
     HeaderName,
+    HeaderValue,
     Method,
     Network,
     ObjectName,
@@ -137,10 +138,24 @@ class RespondConfig(_Model):
     """A fixed response sent by pgproxy itself, without an upstream."""
 
     status: int = Field(default=200, ge=200, le=599, description="HTTP status code.")
-    body: str = Field(default="", description="Response body, sent as UTF-8.")
-    headers: dict[str, str] = Field(
+    body: str = Field(
+        default="", description="Response body, sent as UTF-8; none with 204 or 304."
+    )
+    headers: dict[HeaderName, HeaderValue] = Field(
         default_factory=dict, description="Extra response headers."
     )
+
+    @model_validator(mode="after")
+    def _no_body_without_content(self) -> RespondConfig:
+        # RFC 9110 sections 15.3.5 and 15.4.5: 204 and 304 end at their head.
+        # A client would read the body as the start of the next response.
+        if self.body and self.status in (204, 304):
+            raise PydanticCustomError(
+                "conflicting-keys",
+                "a {status} response has no body: remove body or change status",
+                {"key": "body", "status": self.status},
+            )
+        return self
 
 
 RetryCondition = Literal["connect-failure", "reset-before-response", 502, 503, 504]

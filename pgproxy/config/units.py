@@ -25,6 +25,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z", re.ASCII)
+_MAX_SIZE_DIGITS = 18
 _SIZE_UNITS = {
     None: 1,
     "B": 1,
@@ -114,8 +115,14 @@ def parse_size(value: Any) -> int:
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(
-            f'invalid size "{value}": expected bytes or a number with a unit '
-            '(B, KiB, MiB, GiB, KB, MB, GB), such as "64KiB"'
+            f'invalid size "{_shorten(value)}": expected bytes or a number with a '
+            'unit (B, KiB, MiB, GiB, KB, MB, GB), such as "64KiB"'
+        )
+    # int() raises above 4,300 digits, with advice about a Python setting that
+    # means nothing to a user. 18 digits (an exabyte) are enough for any size.
+    if len(match.group(1)) > _MAX_SIZE_DIGITS:
+        raise ValueError(
+            f'invalid size "{_shorten(value)}": too large, at most 18 digits'
         )
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 

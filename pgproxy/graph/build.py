@@ -400,7 +400,8 @@ def _route_host(key: str, host: str | None, found: _Collector) -> str | None:
             pass
         else:
             return normal
-    if not _HOST_RE.match(normal):
+    # fullmatch: $ alone would accept a newline at the end.
+    if not _HOST_RE.fullmatch(normal):
         found.error(
             f"{key}.host",
             "invalid-host",

@@ -18,7 +18,7 @@ import time
 from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
 from pgproxy.graph.types import Endpoint
 from pgproxy.proxy.exchange_state import ExchangeState
-from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_response
+from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_body, error_response
 from pgproxy.proxy.retry import may_retry_error, may_retry_fresh_connection
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,15 @@ class ExchangeFailures(ExchangeState):
         )
         self.client_keep_alive = not close
         self.written = True
+        # The access log counts this body like the body of a proxied response.
+        head_only = self.method == b"HEAD"
+        self.bytes_out = 0 if head_only else len(error_body(message))
         self.downstream.write(
             error_response(
                 status,
                 message,
                 close=close,
-                head_only=self.method == b"HEAD",
+                head_only=head_only,
                 retry_after=retry_after,
             )
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http
 
 from pgproxy.graph.settings import RespondSettings
+from pgproxy.proxy.framing import NO_BODY_STATUSES
 
 # Seconds a client is asked to wait after a 503 because no endpoint can serve.
 RETRY_AFTER_SECONDS = 5
@@ -23,6 +24,11 @@ def reason_phrase(status: int) -> bytes:
         return b""
 
 
+def error_body(message: str) -> bytes:
+    """Return the body of an error reply: the message on one line."""
+    return f"{message}\n".encode()
+
+
 def error_response(
     status: int,
     message: str,
@@ -32,7 +38,7 @@ def error_response(
     retry_after: int | None = None,
 ) -> bytes:
     """Build a complete error response with a one-line text body."""
-    body = f"{message}\n".encode()
+    body = error_body(message)
     parts = [
         b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
         b"Content-Type: text/plain; charset=utf-8\r\n",
@@ -58,13 +64,18 @@ class FixedResponse:
         self.body = settings.body.encode()
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, reason_phrase(self.status))]
         names = {name.lower() for name, _ in settings.headers}
-        if "content-type" not in names:
+        if "content-type" not in names and self.status not in NO_BODY_STATUSES:
             lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
         for name, value in settings.headers:
             if name.lower() in ("content-length", "connection", "transfer-encoding"):
                 continue
             lines.append(f"{name}: {value}\r\n".encode())
-        lines.append(b"Content-Length: %d\r\n" % len(self.body))
+        # RFC 9110 section 8.6: no Content-Length in a 204. A 304 may carry one
+        # only if it equals the length of the 200 it replaces, which is unknown.
+        if self.status in NO_BODY_STATUSES:
+            self.body = b""
+        else:
+            lines.append(b"Content-Length: %d\r\n" % len(self.body))
         self.head = b"".join(lines)
 
     def render(self, *, close: bool, head_only: bool) -> bytes:

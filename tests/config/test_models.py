@@ -69,6 +69,49 @@ def test_header_name_error_is_on_the_name() -> None:
     assert types == [("value_error", ("headers", "bad name", "[key]"))]
 
 
+@pytest.mark.parametrize("method", ["GET\n", "GET\r", "G ET"])
+def test_method_with_trailing_newline_rejected(method: str) -> None:
+    with pytest.raises(ValidationError, match="invalid method"):
+        RouteConfig.model_validate({"methods": [method], "cluster": "c"})
+
+
+@pytest.mark.parametrize("name", ["x-a\n", "x a", "x-a:", ""])
+def test_respond_header_name_must_be_a_token(name: str) -> None:
+    data = {"respond": {"headers": {name: "1"}}}
+
+    assert error_types(RouteConfig, data) == [
+        ("value_error", ("respond", "headers", name, "[key]"))
+    ]
+
+
+@pytest.mark.parametrize("value", ["a\r\nSet-Cookie: x=1", "a\nb", "a\x00", "a\x7f"])
+def test_respond_header_value_without_controls(value: str) -> None:
+    data = {"respond": {"headers": {"x-a": value}}}
+
+    assert error_types(RouteConfig, data) == [
+        ("value_error", ("respond", "headers", "x-a"))
+    ]
+
+
+def test_respond_header_value_allows_tab_and_non_ascii() -> None:
+    route = RouteConfig.model_validate(
+        {"respond": {"headers": {"x-a": "caf\u00e9\tok", "x-b": ""}}}
+    )
+
+    assert route.respond is not None
+    assert route.respond.headers == {"x-a": "caf\u00e9\tok", "x-b": ""}
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_respond_body_with_no_content_status_rejected(status: int) -> None:
+    with pytest.raises(ValidationError) as caught:
+        RouteConfig.model_validate({"respond": {"status": status, "body": "x"}})
+    [error] = caught.value.errors()
+
+    assert error["type"] == "conflicting-keys"
+    assert error["ctx"] is not None and error["ctx"]["key"] == "body"
+
+
 @pytest.mark.parametrize(
     ("data", "code", "key"),
     [
@@ -93,7 +136,7 @@ def test_route_checks_carry_code_and_key(
     assert error["ctx"] is not None and error["ctx"]["key"] == key
 
 
-@pytest.mark.parametrize("name", ["a b", "-a", "", "a/b"])
+@pytest.mark.parametrize("name", ["a b", "-a", "", "a/b", "a\n"])
 def test_invalid_names(name: str) -> None:
     data = {"listeners": {name: {"address": "127.0.0.1:1"}}}
 
@@ -110,7 +153,9 @@ def test_valid_hash_keys(key: str) -> None:
     assert cluster.hash_key == key
 
 
-@pytest.mark.parametrize("key", ["header:", "header:a b", "ip", "cookie:a;b"])
+@pytest.mark.parametrize(
+    "key", ["header:", "header:a b", "ip", "cookie:a;b", "header:a\n", "path\n"]
+)
 def test_invalid_hash_keys(key: str) -> None:
     with pytest.raises(ValidationError, match="invalid hash_key"):
         ClusterConfig.model_validate({"endpoints": ["a:1"], "hash_key": key})

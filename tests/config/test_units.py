@@ -66,6 +66,19 @@ def test_format_duration_of_maximum() -> None:
     assert format_duration(MAX_DURATION_SECONDS) == "24h"
 
 
+@pytest.mark.parametrize("text", ["9" * 19, "9" * 5000 + "GiB", "x" * 5000])
+def test_huge_size_rejected_with_short_message(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size") as caught:
+        parse_size(text)
+
+    assert "sys.set_int_max_str_digits" not in str(caught.value)
+    assert len(str(caught.value)) < 200
+
+
+def test_size_of_18_digits_accepted() -> None:
+    assert parse_size("9" * 18) == 10**18 - 1
+
+
 @pytest.mark.parametrize(
     ("value", "size"), [(1024, 1024), ("1KiB", 1024), ("1MiB", 1 << 20)]
 )

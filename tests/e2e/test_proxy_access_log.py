@@ -131,6 +131,21 @@ def test_no_route_record(proxy: PgproxyProcess) -> None:
     assert record["endpoint"] is None
 
 
+def test_error_reply_body_counted_in_bytes_out(proxy: PgproxyProcess) -> None:
+    _, body = send(proxy, "GET", "/missing/counted")
+    record = proxy.access_for_path("/missing/counted")
+    assert record["status"] == 404
+    assert body, "the 404 reply should carry a short text body"
+    assert record["bytes_out"] == len(body), record
+
+
+def test_error_reply_to_head_counts_no_body(proxy: PgproxyProcess) -> None:
+    send(proxy, "HEAD", "/missing/head")
+    record = proxy.access_for_path("/missing/head")
+    assert record["status"] == 404
+    assert record["bytes_out"] == 0, record
+
+
 def test_one_record_per_request(proxy: PgproxyProcess) -> None:
     with RawConnection(proxy.port()) as conn:
         for index in range(3):

@@ -147,6 +147,11 @@ DIAGNOSTIC_CASES = [
         id="host-with-port",
     ),
     pytest.param(
+        LISTENER + ROUTE + 'host = "api.example.com\\n"\n' + CLUSTER,
+        ("invalid-host", "routes[0].host", Severity.ERROR),
+        id="host-with-final-newline",
+    ),
+    pytest.param(
         LISTENER + ROUTE + 'host = "api.*.com"\n' + CLUSTER,
         ("invalid-host", "routes[0].host", Severity.ERROR),
         id="misplaced-wildcard",
