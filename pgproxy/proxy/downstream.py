@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import cast
 
+from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.downstream_parsing import RequestParsing
 from pgproxy.proxy.downstream_state import (
     _HEADER,
@@ -30,7 +32,7 @@ from pgproxy.proxy.downstream_state import (
 )
 from pgproxy.proxy.exchange import Exchange
 from pgproxy.proxy.headers import Forwarding, is_trusted
-from pgproxy.proxy.respond import error_response
+from pgproxy.proxy.respond import error_body, error_response
 from pgproxy.proxy.upstream import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 
 logger = logging.getLogger(__name__)
@@ -204,7 +206,37 @@ class DownstreamProtocol(RequestParsing):
     def _write_error(self, status: int, message: str) -> None:
         self._count_unrouted(status)
         self.write(error_response(status, message, close=True))
+        self._log_rejected(status, message)
         self.close()
+
+    def _log_rejected(self, status: int, message: str) -> None:
+        """Write the access record of a request rejected while its head was read.
+
+        Its method and target may be unparsed or invalid, so the record has
+        "-" for the method and the raw target read so far, if any.
+        """
+        access = self.service.access
+        if not access.enabled:
+            return
+        target = self._url.decode("latin-1") if self._url else "-"
+        record = AccessRecord(
+            time=time.time(),
+            client=self.client,
+            listener=self.listener_name,
+            method="-",
+            path=target,
+            status=status,
+            bytes_in=0,
+            bytes_out=len(error_body(message)),
+            duration_ms=0.0,
+            route=None,
+            cluster=None,
+            endpoint=None,
+            attempts=0,
+            failure="client_timeout" if status == 408 else "bad_request",
+            upstream_status=None,
+        )
+        access.write(record)
 
     def _count_unrouted(self, status: int) -> None:
         """Count a request rejected before routing (4xx on its head or framing)."""

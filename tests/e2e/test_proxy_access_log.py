@@ -146,6 +146,22 @@ def test_error_reply_to_head_counts_no_body(proxy: PgproxyProcess) -> None:
     assert record["bytes_out"] == 0, record
 
 
+def test_malformed_request_record(proxy: PgproxyProcess) -> None:
+    with RawConnection(proxy.port()) as conn:
+        conn.send(b"GET /malformed/dup HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        response = conn.read_response("GET")
+        client_port = conn.local_port
+    record = proxy.access_for_path("/malformed/dup")
+    assert response.status == 400
+    assert_common(record, client_port)
+    assert record["status"] == 400
+    assert record["method"] == "-"
+    assert record["failure"] == "bad_request"
+    assert record["route"] is None
+    assert record["attempts"] == 0
+    assert record["bytes_out"] == len(response.body), record
+
+
 def test_one_record_per_request(proxy: PgproxyProcess) -> None:
     with RawConnection(proxy.port()) as conn:
         for index in range(3):
