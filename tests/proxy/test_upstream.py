@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -29,11 +31,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def free_port() -> int:
-    """Return a loopback port with nothing listening (bound, then released)."""
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """Yield a loopback port that refuses connections while the block runs.
+
+    The socket stays bound without listening: a connect to it is refused, and
+    no other bind can take the port. A port released at once could go to the
+    proxy's own listener, which would then proxy to itself until the head
+    outgrew the test client's read limit.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
 
 
 async def test_connection_reused_across_requests() -> None:
@@ -140,17 +149,18 @@ async def test_max_idle_connections_zero_closes_after_use() -> None:
 async def test_connect_failure_retried_on_other_endpoint() -> None:
     upstream = ScriptedUpstream()
     await upstream.start()
-    graph = make_graph([free_port(), upstream.port])
-    async with running_proxy(graph) as (port, _):
-        replies = [await exchange(port, GET) for _ in range(4)]
+    with refused_port() as dead:
+        graph = make_graph([dead, upstream.port])
+        async with running_proxy(graph) as (port, _):
+            replies = [await exchange(port, GET) for _ in range(4)]
     assert all(reply.startswith(b"HTTP/1.1 200 OK") for reply in replies)
     await upstream.stop()
 
 
 async def test_connect_failure_without_retry_is_502() -> None:
-    graph = make_graph([free_port()])
-    async with running_proxy(graph) as (port, _):
-        reply = await exchange(port, GET)
+    with refused_port() as dead:
+        async with running_proxy(make_graph([dead])) as (port, _):
+            reply = await exchange(port, GET)
     assert reply.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"connect_failure" in reply
 
@@ -253,7 +263,7 @@ async def test_invalid_response_is_502() -> None:
 
 
 async def test_pool_repr_counts() -> None:
-    graph = make_graph([free_port()])
+    graph = make_graph([1])
     pools = Pools()
     endpoint = graph.clusters["app"].endpoints[0]
     pool = pools.get(endpoint, 4.0, 8)
