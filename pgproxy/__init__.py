@@ -4,5 +4,5 @@ from pgproxy.compiled import choose_modules
 
 __version__ = "0.1.0.dev0"
 
-# Before any compiled module is imported: pgproxy/compiled.py says why.
+# Before any compiled module is imported, as pgproxy/compiled.py explains.
 choose_modules()

@@ -10,7 +10,7 @@ hook that loads every compiled module from its .py file instead when:
 - PGPROXY_PURE=1 is set, or
 - a .py file differs from the one its module was compiled from (setup.py
   records their SHA-256 in SOURCES_RECORD), or
-- a compiled module, or the library that holds their code, is missing while
+- a compiled module, or the library that contains their code, is missing while
   others are built (the compiled classes derive from each other, so the set
   is used whole or not at all).
 
@@ -171,7 +171,7 @@ def choose_modules() -> None:
         REQUEST_PATH = f"python ({PURE_ENV}=1)"
         sys.meta_path.insert(0, _SourceFinder())
         return
-    # One stat for the usual answers; the rest only when the first is missing.
+    # One stat in the usual cases, and the others only when the first is missing.
     if built_path(COMPILED_MODULES[0]) is None and not any(
         built_path(name) for name in COMPILED_MODULES[1:]
     ):

@@ -13,8 +13,8 @@ from pgproxy.server.sighup import hold_sighup
 
 # SIGHUP's default action ends a process. A process manager may send its
 # reload signal right after starting `pgproxy run`, while the imports below
-# still run, so run holds it pending from here on: the serving process that
-# replaces this one reloads once it has installed its handler.
+# still run. So `run` keeps it pending from here on, and the serving process
+# that replaces this one reloads once it has installed its handler.
 if sys.argv[1:2] == ["run"]:
     hold_sighup()
 

@@ -1,13 +1,13 @@
 """Outcomes of real traffic that a worker reports to its supervisor, in batches.
 
 With `[server] workers` above one, the supervisor runs the one passive state
-machine (outlier detection) for all workers, so the consecutive failures of
+machine (outlier detection) for all workers. So the consecutive failures of
 an endpoint count across every worker's traffic, `max_ejection_percent`
-holds for the whole cluster, and each ejection is logged once. A worker's
+applies to the whole cluster, and each ejection is logged once. A worker's
 health table is a `ReportingHealthTable`: `record_success` and
 `record_failure` add to an `OutcomeReport` instead of counting. The worker
 sends the report at most `FLUSH_DELAY_S` after the first outcome in it, or
-as soon as it holds `MAX_REPORT_RUNS` runs, and the supervisor replays it
+as soon as it contains `MAX_REPORT_RUNS` runs, and the supervisor replays it
 with `apply_report`. Ejections travel back as in `pgproxy.health.shared`.
 
 A report keeps the order of one worker's outcomes per endpoint, compressed
@@ -76,7 +76,7 @@ class OutcomeReport:
     It outlives the health tables of reloads, so outcomes recorded just
     before a reload are sent with the next report. `on_pending` is called
     when the first run enters an empty report and when the report becomes
-    full, so a sender knows when to start its delay and when to stop it.
+    full, so a sender can start its delay, and stop it.
     """
 
     def __init__(self, max_runs: int = MAX_REPORT_RUNS) -> None:
@@ -95,7 +95,7 @@ class OutcomeReport:
 
     @property
     def full(self) -> bool:
-        """Whether the report holds `max_runs` runs or more."""
+        """Whether the report contains `max_runs` runs or more."""
         return self._count >= self.max_runs
 
     def add_success(self, state: EndpointHealth) -> None:

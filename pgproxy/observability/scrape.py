@@ -15,9 +15,9 @@ thread still needs the GIL. CPython makes a thread hand the GIL to a waiting
 one after the switch interval (`sys.setswitchinterval`, 5 ms by default), so
 the loop runs between those slices instead of stalling for the whole
 render. While a render runs the interval is `RENDER_SWITCH_INTERVAL_S`,
-because each wake-up of the loop may wait one interval: with 5 ms the
-median lateness of a 1 ms sleep on the loop was 5.2 ms during renders, with
-1 ms it was 1.2 ms (`bench/metrics_stall.py`, same VM).
+because each wake-up of the loop may wait one interval. With 5 ms, a 1 ms
+sleep on the loop woke a median 5.2 ms late during renders. With 1 ms, it
+woke 1.2 ms late (`bench/metrics_stall.py`, same VM).
 """
 
 from __future__ import annotations

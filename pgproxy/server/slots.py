@@ -197,7 +197,7 @@ class WorkerSlot:
                     continue
                 if message["op"] == REPORT_OP:
                     if self.feed is not None:
-                        self.feed.receive_report(message)
+                        self.feed.receive_report(message, f"worker {self.index}")
                     continue
                 waiter = self._pending.pop(int(message.get("id") or -1), None)
                 if waiter is not None:

@@ -20,8 +20,9 @@ Invariants:
   worker: a new ejection with the seconds it has left, its end with 0. The
   end is sent when the supervisor's table ends the ejection, at its
   deadline. The workers end it at the same time on their own clock.
-- Forwarding never waits for a worker. Each slot has a `HealthFeed`, an
-  outbox that a task of the slot drains to the control channel. A new
+- Forwarding does not await a worker: each slot has a `HealthFeed`, an
+  outbox that is appended to without waiting and that a task of the slot
+  drains to the control channel. A new
   worker process gets the table's state at the moment its outbox opens (the
   active state and the ejections in force) and every change after it. When
   more than `MAX_QUEUED_OUTCOMES` probe outcomes wait (the worker stopped
@@ -135,13 +136,13 @@ class HealthFeed:
         self._ejections[key] = (deadline, reason)
         self._wake.set()
 
-    def receive_report(self, message: Message) -> None:
-        """Replay the worker's `outcomes` message in the supervisor's table."""
+    def receive_report(self, message: Message, worker: str) -> None:
+        """Replay the `outcomes` message of `worker` in the supervisor's table."""
         try:
             outcomes = decode_report(message)
         except ValueError as error:
             # Its outcomes are lost, so ejections may need more failures.
-            logger.error("ignored an invalid traffic report: %s", error)
+            logger.error("ignored an invalid traffic report from %s: %s", worker, error)
             return
         self._health.record_report(outcomes)
 
@@ -274,7 +275,7 @@ class SharedHealth:
             self._ejected_changed.set()
 
     async def _end_ejections(self) -> None:
-        """End each ejection at its deadline: log it and tell the workers."""
+        """End each ejection at its deadline: log it and send the end to the workers."""
         while True:
             flush_transitions(self.table)
             self._send_changes(list(self._ejected))

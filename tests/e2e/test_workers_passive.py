@@ -95,10 +95,12 @@ def config(
     )
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+def wait_until(
+    condition: Callable[[], bool], description: str, timeout: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        assert time.monotonic() < deadline, f"timed out waiting until {description}"
         time.sleep(0.05)
 
 

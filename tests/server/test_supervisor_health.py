@@ -267,11 +267,12 @@ async def test_feed_rejects_invalid_report(caplog: pytest.LogCaptureFixture) -> 
     shared = make_shared()
     feed = shared.feed()
 
-    feed.receive_report({"op": "outcomes", "endpoints": [["api", ADDRESSES[1]]]})
+    invalid = {"op": "outcomes", "endpoints": [["api", ADDRESSES[1]]]}
+    feed.receive_report(invalid, "worker 3")
 
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
-    assert "invalid traffic report" in errors[0].getMessage()
+    assert "invalid traffic report from worker 3" in errors[0].getMessage()
 
 
 # SharedHealth ejections.
@@ -287,9 +288,9 @@ async def test_reports_of_two_workers_eject_once(
         feed.open()
 
     # Two failures from one worker, one from the other: three in a row.
-    feeds[0].receive_report(encode_report([failures(ADDRESSES[1], 2)]))
+    feeds[0].receive_report(encode_report([failures(ADDRESSES[1], 2)]), "worker 0")
     not_yet = [feed.next_message() for feed in feeds]
-    feeds[1].receive_report(encode_report([failures(ADDRESSES[1], 1)]))
+    feeds[1].receive_report(encode_report([failures(ADDRESSES[1], 1)]), "worker 1")
     messages = [feed.next_message() for feed in feeds]
 
     assert not_yet == [None, None]
@@ -311,10 +312,10 @@ async def test_success_between_reports_resets_count() -> None:
     feed = shared.feed()
     feed.open()
 
-    feed.receive_report(encode_report([failures(ADDRESSES[1], 2)]))
+    feed.receive_report(encode_report([failures(ADDRESSES[1], 2)]), "worker 0")
     success = EndpointOutcomes("api", ADDRESSES[1], ((0, ""),))
-    feed.receive_report(encode_report([success]))
-    feed.receive_report(encode_report([failures(ADDRESSES[1], 2)]))
+    feed.receive_report(encode_report([success]), "worker 0")
+    feed.receive_report(encode_report([failures(ADDRESSES[1], 2)]), "worker 0")
 
     endpoint = shared.graph.clusters["api"].endpoints[1]
     assert shared.table.ejection_deadline(endpoint) == 0.0
