@@ -29,6 +29,7 @@ from types import ModuleType
 
 COMPILED_MODULES = (
     "pgproxy.proxy.framing",
+    "pgproxy.proxy.response_head",
     "pgproxy.proxy.headers",
     "pgproxy.proxy.pool",
     "pgproxy.proxy.upstream",

@@ -231,6 +231,26 @@ def build_response_head(
     return b"".join(parts)
 
 
+def join_response_head(
+    kept: list[bytes], via: list[bytes], *, keep_alive: bool, client_http10: bool
+) -> bytes:
+    """Join a head read by pgproxy/proxy/response_head.py for the client.
+
+    `kept` is the status line and the header lines forwarded unchanged; the
+    proxy adds its Via and, like `build_response_head`, the Connection
+    field the client needs. Such a head never needs chunked re-framing.
+    `kept` is extended in place: each read head is joined once.
+    """
+    parts = kept
+    parts.append(_via_line(via))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif client_http10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def _via_line(received: list[bytes]) -> bytes:
     """Return the Via field: the values received, then this proxy."""
     if not received:

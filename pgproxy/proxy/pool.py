@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from pgproxy.errors import UpstreamError
 from pgproxy.graph.types import Endpoint
+from pgproxy.proxy.response_head import FieldLayout
 from pgproxy.proxy.upstream import MAX_RESPONSE_HEAD, UpstreamConnection
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class EndpointPool:
         self.active = 0
         self.opened = 0
         self.max_response_head = MAX_RESPONSE_HEAD
+        # Field names of the endpoint's last response head (response_head.py).
+        self.layout = FieldLayout()
         # CA file verifying https:// endpoints; None means the system store.
         self.tls_ca_file: str | None = None
         self._ssl_context = ssl_context

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Final, cast
 
 from pgproxy.proxy.failures import ExchangeFailures
 from pgproxy.proxy.framing import BadResponseError, ResponseInfo, check_response_head
-from pgproxy.proxy.headers import build_interim_head, build_response_head
+from pgproxy.proxy.headers import (
+    build_interim_head,
+    build_response_head,
+    join_response_head,
+)
+from pgproxy.proxy.response_head import ResponseHead
 from pgproxy.proxy.retry import may_retry_status
 
 if TYPE_CHECKING:
@@ -49,8 +54,7 @@ class ResponseRelay(ExchangeFailures):
         `names` are the lower-case header names, parallel to `headers`.
         """
         conn = self.upstream
-        route = self.route
-        assert conn is not None and self.endpoint is not None and route is not None
+        assert conn is not None
         if status < 200 and status != 101:
             if status < 100:
                 # RFC 9110 section 15: a status code has three digits, 100-599.
@@ -71,6 +75,44 @@ class ResponseRelay(ExchangeFailures):
         except BadResponseError as exc:
             conn.fail(f"invalid response: {exc}", "bad_response")
             return
+        if not self.accept_response(status, info):
+            return
+        keep_alive = self.client_framing(status, info)
+        head = build_response_head(
+            status,
+            reason,
+            headers,
+            info,
+            chunked=self.out_chunked,
+            keep_alive=keep_alive,
+            client_http10=self.http10,
+            names=names,
+        )
+        if status == 101:
+            self.start_tunnel(head)
+            return
+        self.pending = head
+
+    def on_read_response_head(self, head: ResponseHead) -> None:
+        """Relay a final response head read by pgproxy/proxy/response_head.py.
+
+        Such a head is well-formed and frames its body by length, so only
+        the status decides between relaying it and retrying.
+        """
+        self.head_deadline = 0.0
+        self.upstream_status = head.status
+        if not self.accept_response(head.status, head.info):
+            return
+        keep_alive = self.client_framing(head.status, head.info)
+        self.pending = join_response_head(
+            head.kept, head.via, keep_alive=keep_alive, client_http10=self.http10
+        )
+
+    def accept_response(self, status: int, info: ResponseInfo) -> bool:
+        """Record the endpoint's outcome; return False if the exchange retries."""
+        conn = self.upstream
+        route = self.route
+        assert conn is not None and self.endpoint is not None and route is not None
         if status >= 502 and status <= 504:
             self.record_failure(self.endpoint, f"HTTP {status}", f"http_{status}")
             if may_retry_status(
@@ -88,23 +130,16 @@ class ResponseRelay(ExchangeFailures):
                 )
                 self.release_upstream(reuse=False)
                 self.next_attempt()
-                return
+                return False
         else:
             self.downstream.service.health.record_success(self.endpoint)
         self.response_info = info
         if not info.keep_alive:
             conn.keep_alive = False
-        self.relay_head(status, reason, headers, names, info)
+        return True
 
-    def relay_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        names: list[bytes],
-        info: ResponseInfo,
-    ) -> None:
-        """Write the response head downstream with the framing the client needs."""
+    def client_framing(self, status: int, info: ResponseInfo) -> bool:
+        """Choose the framing towards the client; return whether it stays open."""
         self.status = status
         body = info.body
         close_delimited = body == "close" or (body == "chunked" and self.http10)
@@ -117,20 +152,7 @@ class ResponseRelay(ExchangeFailures):
             and self.info.upgrade is None
         )
         self.client_keep_alive = keep_alive or status == 101
-        head = build_response_head(
-            status,
-            reason,
-            headers,
-            info,
-            chunked=self.out_chunked,
-            keep_alive=keep_alive,
-            client_http10=self.http10,
-            names=names,
-        )
-        if status == 101:
-            self.start_tunnel(head)
-            return
-        self.pending = head
+        return keep_alive
 
     def flush_response(self) -> None:
         """Write a response head still held back to join the first body bytes."""

@@ -1,4 +1,4 @@
-"""Upstream connections: one HTTP/1.1 connection to an endpoint, parsed by llhttp.
+"""Upstream connections: one HTTP/1.1 connection to an endpoint and its responses.
 
 Invariants:
 - Socket, ssl and llhttp errors of an upstream connection become an
@@ -10,6 +10,10 @@ Invariants:
   byte after the response (other than the CRLF llhttp skips), and any byte
   arriving while idle, closes the connection, so it can never be taken for
   the start of the next request's response.
+- A final response whose head arrives whole in the first read, framed by
+  Content-Length or without a body, is read by
+  pgproxy/proxy/response_head.py, and its body bytes are counted here, so
+  llhttp parses none of that response. llhttp parses every other response.
 - A response head is read up to the cluster's `max_response_header_bytes`;
   a larger one fails the exchange with 502 and closes the connection, so
   the memory held for a head stays bounded. Reads ending inside a head are
@@ -29,6 +33,7 @@ import httptools
 
 from pgproxy.errors import UpstreamError
 from pgproxy.graph.types import Endpoint
+from pgproxy.proxy.response_head import ResponseHead, read_response_head
 
 if TYPE_CHECKING:
     from pgproxy.proxy.exchange import Exchange
@@ -60,6 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_body_left",
         "_finished",
         "_head_read",
         "_header_names",
@@ -113,6 +119,9 @@ class UpstreamConnection(asyncio.Protocol):
         # on_response_complete runs after the whole read is parsed.
         self._finished: Exchange | None = None
         self._stray = False
+        # Body bytes still to come of a response whose head was read by
+        # read_response_head. llhttp parses none of that response.
+        self._body_left = 0
 
     def __repr__(self) -> str:
         return (
@@ -133,7 +142,20 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is out of step with us.
             self.close()
             return
-        self.response_started = True
+        if self._body_left:
+            self._relay_body(exchange, data)
+            return
+        if not self.response_started:
+            self.response_started = True
+            # The first read of a response starts at a message boundary: a
+            # connection is pooled only after a complete response, with
+            # nothing after it.
+            head = read_response_head(
+                data, self.max_head, self.head_only, self.pool.layout
+            )
+            if head is not None:
+                self._on_read_head(exchange, head)
+                return
         if self.tunnel:
             exchange.on_tunnel_upstream_data(data)
             return
@@ -162,6 +184,33 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail_head_too_large()
                 return
         self.exchange.flush_response()
+
+    def _on_read_head(self, exchange: Exchange, head: ResponseHead) -> None:
+        """Relay a head from read_response_head and the body bytes after it."""
+        exchange.on_read_response_head(head)
+        if self.exchange is not exchange:
+            return  # the exchange retries elsewhere or failed
+        self._body_left = head.body_length
+        if head.body:
+            self._relay_body(exchange, head.body)
+        elif self._body_left:
+            exchange.flush_response()
+        else:
+            self._complete(exchange)
+
+    def _relay_body(self, exchange: Exchange, data: bytes) -> None:
+        """Relay body bytes of a length-framed response read without llhttp."""
+        left = self._body_left
+        if len(data) > left:
+            # Bytes after the response: the upstream is out of step with us.
+            self._stray = True
+            self.keep_alive = False
+            data = data[:left]
+        self._body_left = left = left - len(data)
+        if data:
+            exchange.on_response_body(data)
+        if not left and self.exchange is exchange:
+            self._complete(exchange)
 
     def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
         if self._finished is not None:
@@ -322,6 +371,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self.keep_alive = True
         self.max_head = self.pool.max_response_head
+        self._body_left = 0
 
     def pause_reading(self) -> None:
         """Stop reading the response (the client's write buffer is full)."""

@@ -398,6 +398,88 @@ async def test_head_limit_ignores_same_read_body() -> None:
     await upstream.stop()
 
 
+async def test_head_reaches_client_before_the_body_is_sent() -> None:
+    """A head read without llhttp is written at once, not held for the body."""
+    upstream = ScriptedUpstream()
+    head_seen = asyncio.Event()
+
+    async def head_then_body(head: bytes) -> bytes | None:
+        writer = upstream.writers[-1]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await writer.drain()
+        await head_seen.wait()
+        return b"body"
+
+    upstream.reply = head_then_body
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GET)
+        with anyio.fail_after(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            head_seen.set()
+            body = await reader.readexactly(4)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"body"
+    await upstream.stop()
+
+
+async def test_body_over_several_reads_is_counted_exactly() -> None:
+    """Each part is sent only once the client has the one before it."""
+    upstream = ScriptedUpstream()
+    parts = [b"a" * 70000, b"b" * 3, b"c" * 5000]
+    length = sum(len(part) for part in parts)
+    relayed: asyncio.Queue[None] = asyncio.Queue()
+
+    async def in_parts(head: bytes) -> bytes | None:
+        writer = upstream.writers[-1]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+        for part in parts[:-1]:
+            writer.write(part)
+            await writer.drain()
+            await relayed.get()
+        return parts[-1]
+
+    upstream.reply = in_parts
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # the second response comes on the pooled connection
+            writer.write(GET)
+            with anyio.fail_after(5):
+                await reader.readuntil(b"\r\n\r\n")
+                for i, part in enumerate(parts):
+                    assert await reader.readexactly(len(part)) == part
+                    if i < len(parts) - 1:
+                        relayed.put_nowait(None)
+        writer.close()
+        assert service.pools.all()[0].opened == 1
+    assert upstream.connections == 1
+    await upstream.stop()
+
+
+async def test_close_mid_body_ends_client() -> None:
+    upstream = ScriptedUpstream()
+
+    async def short_body(head: bytes) -> bytes | None:
+        writer = upstream.writers[-1]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        return None  # close the connection 7 bytes short
+
+    upstream.reply = short_body
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reply = await exchange(port, GET, until_close=True)
+        assert service.pools.all()[0].idle == 0
+    # The head and the body bytes received are relayed. Then the client's
+    # connection closes short of Content-Length, as the upstream's did.
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert reply.endswith(b"\r\n\r\nabc")
+    await upstream.stop()
+
+
 async def test_missing_tls_ca_file_is_502(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

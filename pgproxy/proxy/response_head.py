@@ -1,0 +1,277 @@
+"""A one-pass reader for the usual upstream response head.
+
+Most responses to a proxied request arrive with their whole head in the
+first read: HTTP/1.1, a final status, well-formed fields and a
+Content-Length (or no body at all). `read_response_head` reads such a head
+straight from the bytes and keeps the runs of header lines that are
+forwarded unchanged. The head sent downstream is then a join of a few
+slices instead of one rebuilt line per field, and llhttp makes no callback
+for it.
+
+Invariant: the reader returns None for every head it does not fully
+understand, and llhttp then parses that head as before. Any doubt means
+None: a head split over reads or larger than the limit, a version other
+than HTTP/1.1, a 1xx or 101 status, no Content-Length where the body would
+run to the connection's end, Transfer-Encoding, two Content-Length or two
+Connection fields, a Connection option other than keep-alive, close or
+upgrade, a name that is not a token (which also catches obs-fold and
+whitespace before the colon), and any control byte or bare CR or LF. What
+the reader accepts, llhttp accepts too, with the same status, fields and
+framing (tests/proxy/test_response_head.py compares the two).
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from pgproxy.proxy.framing import ResponseInfo
+
+_VERSION: Final = b"HTTP/1.1 "
+_END: Final = b"\r\n\r\n"
+# RFC 9110 section 5.1: field-name = token.
+_TOKEN_RE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# 1 for the bytes a status line or field line may hold: HTAB, SP, VCHAR and
+# obs-text (RFC 9110 section 5.5). CR and LF only end lines.
+_LINE_MAP: Final = bytes(
+    1 if byte == 0x09 or 0x20 <= byte != 0x7F else 0 for byte in range(256)
+)
+
+# Field kinds: how the proxy treats a field, by its name.
+_PLAIN: Final = 0  # forwarded as received
+_LENGTH: Final = 1  # Content-Length: forwarded, and it frames the body
+_CONNECTION: Final = 2  # read for its options, not forwarded
+_DROPPED: Final = 3  # another hop-by-hop field (RFC 9110 section 7.6.1)
+_VIA: Final = 4  # joined into the proxy's own Via
+_UNREAD: Final = 5  # this reader gives the head to llhttp
+_KIND_BY_LOWER_NAME: Final = {
+    b"content-length": _LENGTH,
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROPPED,
+    b"proxy-connection": _DROPPED,
+    b"te": _DROPPED,
+    b"trailer": _DROPPED,
+    b"upgrade": _DROPPED,
+    b"via": _VIA,
+    b"transfer-encoding": _UNREAD,
+    # `Connection: close` would also drop a field named "close".
+    b"close": _UNREAD,
+}
+# Kinds by name as received. Upstreams send the same few names, and a dict
+# hit replaces the token check and lower-casing. Bounded: names up to 64
+# bytes, emptied when 1,024 are held.
+_KINDS: Final[dict[bytes, int]] = {}
+_MAX_CACHED_NAME: Final = 64
+_MAX_CACHED_NAMES: Final = 1024
+# The Connection values read here, as framing.connection_tokens returns them.
+# Each option names a field that is dropped anyway ("close" is unread above).
+_CONNECTION_OPTIONS: Final = {
+    value: frozenset({value.lower()})
+    for value in (
+        b"keep-alive",
+        b"Keep-Alive",
+        b"close",
+        b"Close",
+        b"upgrade",
+        b"Upgrade",
+    )
+}
+
+
+class FieldLayout:
+    """The field names of the last head read from one endpoint, in order.
+
+    An upstream sends the same names in the same order in each response.
+    A line that starts with the name recorded at its place, colon included,
+    is classified by one startswith(), without splitting the line or
+    hashing its name. A line that does not match updates the place. At
+    most `MAX_PLACES` places are kept.
+    """
+
+    __slots__ = ("kinds", "prefixes")
+
+    MAX_PLACES: Final = 64
+
+    def __init__(self) -> None:
+        self.prefixes: list[bytes] = []
+        self.kinds: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"<FieldLayout places={len(self.prefixes)}>"
+
+
+class ResponseHead:
+    """A response head read by `read_response_head`.
+
+    `kept` contains the status line and the header lines forwarded unchanged,
+    as a few slices of the read, each ending in CRLF. `via` contains the
+    values of Via fields, which the proxy joins into its own. `body` is
+    the rest of the read after the head, and `body_length` the number of
+    body bytes to relay, in this read and later ones.
+    """
+
+    __slots__ = ("body", "body_length", "info", "kept", "status", "via")
+
+    def __init__(
+        self,
+        status: int,
+        info: ResponseInfo,
+        kept: list[bytes],
+        via: list[bytes],
+        body: bytes,
+        body_length: int,
+    ) -> None:
+        self.status = status
+        self.info = info
+        self.kept = kept
+        self.via = via
+        self.body = body
+        self.body_length = body_length
+
+    def __repr__(self) -> str:
+        return (
+            f"<ResponseHead {self.status} body={self.info.body} "
+            f"length={self.body_length}>"
+        )
+
+
+def read_response_head(
+    data: bytes, max_head: int, head_request: bool, layout: FieldLayout
+) -> ResponseHead | None:
+    """Read the response head at the start of `data`, or return None.
+
+    `max_head` bounds the bytes of the head, its final CRLF CRLF included;
+    `head_request` means the request was HEAD, so no body follows.
+    `layout` contains the names of the endpoint's last head and is updated.
+    """
+    # Only bytes methods with fast argument passing are used: bytes.find and
+    # bytes.count parse their arguments as a tuple, about 800 instructions a
+    # call (callgrind, CPython 3.11.7).
+    if not data.startswith(_VERSION):
+        return None
+    block, end, body = data.partition(_END)
+    if not end or len(block) + 4 > max_head:
+        return None
+    lines = block.split(b"\r\n")
+    # Without their CRLFs the lines may contain no CR, LF or other byte that
+    # _LINE_MAP rejects. translate() with only a table is the fast form.
+    if 0 in b"".join(lines).translate(_LINE_MAP):
+        return None
+    status = _read_status(lines[0])
+    if status < 200 or status > 599:
+        return None
+
+    kept: list[bytes] = []
+    via: list[bytes] = []
+    length = -1
+    options: frozenset[bytes] | None = None
+    run_start = 0
+    pos = len(lines[0]) + 2
+    prefixes = layout.prefixes
+    kinds = layout.kinds
+    for i in range(1, len(lines)):
+        line = lines[i]
+        line_end = pos + len(line) + 2
+        place = i - 1
+        if place < len(prefixes) and line.startswith(prefixes[place]):
+            kind = kinds[place]
+            value_at = len(prefixes[place])
+        else:
+            name, colon, _ = line.partition(b":")
+            if not colon or not name:
+                return None
+            found = _KINDS.get(name)
+            kind = _new_kind(name) if found is None else found
+            if kind == _UNREAD:
+                return None
+            value_at = len(name) + 1
+            if place < len(prefixes):
+                prefixes[place] = line[:value_at]
+                kinds[place] = kind
+            elif place < FieldLayout.MAX_PLACES:
+                prefixes.append(line[:value_at])
+                kinds.append(kind)
+        if kind == _PLAIN:
+            pos = line_end
+            continue
+        value = line[value_at:].strip(b" \t")
+        if kind == _LENGTH:
+            if length >= 0:
+                return None
+            length = _read_length(value)
+            if length < 0:
+                return None
+            pos = line_end
+            continue
+        if kind == _CONNECTION:
+            if options is not None:
+                return None
+            options = _CONNECTION_OPTIONS.get(value)
+            if options is None:
+                return None
+        elif kind == _VIA:
+            via.append(value)
+        # The field is not forwarded: close the run of kept lines before it.
+        if run_start < pos:
+            kept.append(data[run_start:pos])
+        run_start = pos = line_end
+    if run_start < pos:
+        kept.append(data[run_start:pos])
+
+    info = ResponseInfo()
+    if options is not None:
+        info.connection_tokens = options
+        info.keep_alive = b"close" not in options
+    info.content_length = length if length >= 0 else None
+    if head_request or status == 204 or status == 304:
+        body_length = 0
+    elif length < 0:
+        # No length: the body runs until the upstream closes (llhttp reads it).
+        return None
+    else:
+        body_length = length
+        info.body = "length" if length else "none"
+    return ResponseHead(status, info, kept, via, body, body_length)
+
+
+def _read_status(line: bytes) -> int:
+    """Return the status code of `HTTP/1.1 NNN reason`, or -1."""
+    # The caller checked the version. SP after the code is required (RFC
+    # 9112 section 4); the reason may be empty. Digits are read one by one:
+    # int(bytes) costs several times as much.
+    if len(line) < 13 or line[12] != 0x20:
+        return -1
+    code = 0
+    for i in range(9, 12):
+        digit = line[i] - 0x30
+        if digit < 0 or digit > 9:
+            return -1
+        code = code * 10 + digit
+    return code
+
+
+def _read_length(value: bytes) -> int:
+    """Return a Content-Length of 1 to 18 digits, or -1."""
+    if not value or len(value) > 18:
+        return -1
+    length = 0
+    for byte in value:
+        digit = byte - 0x30
+        if digit < 0 or digit > 9:
+            return -1
+        length = length * 10 + digit
+    return length
+
+
+def _new_kind(name: bytes) -> int:
+    """Return what the proxy does with a field called `name`, and cache it."""
+    if _TOKEN_RE.match(name) is None:
+        return _UNREAD
+    kind = _KIND_BY_LOWER_NAME.get(name.lower(), _PLAIN)
+    if len(name) <= _MAX_CACHED_NAME:
+        if len(_KINDS) >= _MAX_CACHED_NAMES:
+            _KINDS.clear()
+        _KINDS[name] = kind
+    return kind
