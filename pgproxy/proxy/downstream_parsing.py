@@ -27,7 +27,7 @@ from pgproxy.proxy.downstream_state import (
     DownstreamState,
 )
 from pgproxy.proxy.exchange import Exchange
-from pgproxy.proxy.framing import FramingError, check_request_head
+from pgproxy.proxy.framing import FramingError, check_request_head, lower_field_name
 
 if TYPE_CHECKING:
     from pgproxy.proxy.downstream import DownstreamProtocol
@@ -113,7 +113,7 @@ class RequestParsing(DownstreamState):
         if not self._in_head:
             return  # a trailer field of a chunked body: not forwarded
         self._headers.append((name, value))
-        self._header_names.append(name.lower())
+        self._header_names.append(lower_field_name(name))
         self._header_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
