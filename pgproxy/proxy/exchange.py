@@ -19,7 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
+from time import monotonic
 from typing import Final
 
 from pgproxy.balancing import hash_key_value
@@ -301,7 +301,7 @@ class Exchange(ResponseRelay):
                 if route is None
                 else listener.routes.get(route.index, listener.unrouted)
             )
-            stats.observe(self.status, time.monotonic() - self.started, self.attempts)
+            stats.observe(self.status, monotonic() - self.started, self.attempts)
         access = self.downstream.service.access
         if access.enabled:
             access.write(self.access_record(combined=access.combined))
@@ -323,7 +323,7 @@ class Exchange(ResponseRelay):
             status=self.status,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+            duration_ms=round((monotonic() - self.started) * 1000, 3),
             route=route.name if route is not None else None,
             cluster=self.cluster_name,
             endpoint=self.endpoint.address if self.endpoint is not None else None,
