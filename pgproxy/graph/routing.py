@@ -174,10 +174,9 @@ class _PathTable:
                 if conditions_hold(route, method, headers):
                     return route
         if self.prefix:
-            for candidate in boundary_prefixes(path):
-                for route in self.prefix.get(candidate, ()):
-                    if conditions_hold(route, method, headers):
-                        return route
+            by_prefix = self._match_prefix(method, path, headers)
+            if by_prefix is not None:
+                return by_prefix
         # A path without a regex's anchored literal prefix skips the search.
         for literal, pattern, route in self.regex:
             if path.startswith(literal) and pattern.search(path):
@@ -187,6 +186,41 @@ class _PathTable:
             if conditions_hold(route, method, headers):
                 return route
         return None
+
+    def _match_prefix(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> Route | None:
+        # The prefixes of boundary_prefixes(path), longest first, in a loop:
+        # compiled, a generator costs an object and a resume per prefix.
+        route = _first_holding(self.prefix.get(path), method, headers)
+        if route is not None:
+            return route
+        shortest = len(path)
+        while True:
+            slash = path.rfind("/", 0, shortest)
+            if slash < 0:
+                return None
+            # A run of slashes would give the same prefix twice.
+            if slash + 1 < shortest:
+                routes = self.prefix.get(path[: slash + 1])
+                route = _first_holding(routes, method, headers)
+                if route is not None:
+                    return route
+            if slash > 0:
+                route = _first_holding(self.prefix.get(path[:slash]), method, headers)
+                if route is not None:
+                    return route
+            shortest = slash
+
+
+def _first_holding(
+    routes: list[Route] | None, method: str, headers: Mapping[str, str]
+) -> Route | None:
+    if routes is not None:
+        for route in routes:
+            if conditions_hold(route, method, headers):
+                return route
+    return None
 
 
 class _HostTable:
