@@ -38,6 +38,11 @@ _PATH_RANK: Final = {"exact": 0, "prefix": 1, "regex": 2, "any": 3}
 _REGEX_SPECIAL: Final = frozenset("\\.^$*+?{}[]|()")
 
 RankKey = tuple[int, int, int, int, int, int, int]
+# normalize_host results ("" for None), bounded like the Host cache of
+# pgproxy.proxy.framing: values up to a DNS name (253) with a port.
+_NORMALIZED_HOSTS: Final[dict[str, str]] = {}
+_MAX_CACHED_HOST: Final = 300
+_MAX_CACHED_HOSTS: Final = 1024
 
 
 def normalize_host(host: str | None) -> str | None:
@@ -48,10 +53,23 @@ def normalize_host(host: str | None) -> str | None:
     """
     if not host:
         return None
+    # A client sends the same Host on every request of a connection, and the
+    # proxy passes the same str object each time, with its hash cached: a
+    # hit costs about a quarter of lower() and rstrip() (callgrind).
+    normalized = _NORMALIZED_HOSTS.get(host)
+    if normalized is None:
+        normalized = _normalize_host(host)
+        if len(host) <= _MAX_CACHED_HOST:
+            if len(_NORMALIZED_HOSTS) >= _MAX_CACHED_HOSTS:
+                _NORMALIZED_HOSTS.clear()
+            _NORMALIZED_HOSTS[host] = normalized
+    return normalized or None
+
+
+def _normalize_host(host: str) -> str:
     if host[-1] != "]" and ":" in host:
         host = host.rpartition(":")[0]
-    host = host.lower().rstrip(".")
-    return host or None
+    return host.lower().rstrip(".")
 
 
 def prefix_matches(prefix: str, path: str) -> bool:
