@@ -55,9 +55,11 @@ class DownstreamState(asyncio.Protocol):
         "_header_names",
         "_headers",
         "_in_head",
+        "_in_message",
         "_parser",
         "_paused",
         "_queue",
+        "_read_at_message_start",
         "_receiving",
         "_scan_from",
         "_starting",
@@ -101,6 +103,9 @@ class DownstreamState(asyncio.Protocol):
         self._tls = False
         self._paused = 0
         self._in_head = False
+        # From llhttp's on_message_begin to its on_message_complete.
+        self._in_message = False
+        self._read_at_message_start = False
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = _NO_HEADERS

@@ -19,12 +19,13 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
+from time import monotonic
 from typing import Final
 
 from pgproxy.balancing import hash_key_value
 from pgproxy.errors import NoEndpointError, UpstreamError
 from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
+from pgproxy.graph.routing import RouteTable
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.headers import HeaderMap, build_request_head, strip_routed_prefix
@@ -64,13 +65,16 @@ class Exchange(ResponseRelay):
                 self.respond_error(400, "invalid percent-encoding in the request path")
                 return
         headers = HeaderMap(self.headers)
-        route = self.runtime.graph.match(
-            self.downstream.listener_name,
-            self.method.decode("ascii"),
-            info.host,
-            path,
-            headers,
-        )
+        graph = self.runtime.graph
+        router = graph.router
+        method = self.method.decode("ascii")
+        listener = self.downstream.listener_name
+        # A RouteTable is called directly: through Graph.match and the Router
+        # protocol, compiled code makes a generic Python call.
+        if isinstance(router, RouteTable):
+            route = router.match(listener, method, info.host, path, headers)
+        else:
+            route = graph.match(listener, method, info.host, path, headers)
         self.route = route
         if route is None:
             self.respond_error(404, "no route matches this request")
@@ -301,7 +305,7 @@ class Exchange(ResponseRelay):
                 if route is None
                 else listener.routes.get(route.index, listener.unrouted)
             )
-            stats.observe(self.status, time.monotonic() - self.started, self.attempts)
+            stats.observe(self.status, monotonic() - self.started, self.attempts)
         access = self.downstream.service.access
         if access.enabled:
             access.write(self.access_record(combined=access.combined))
@@ -323,7 +327,7 @@ class Exchange(ResponseRelay):
             status=self.status,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+            duration_ms=round((monotonic() - self.started) * 1000, 3),
             route=route.name if route is not None else None,
             cluster=self.cluster_name,
             endpoint=self.endpoint.address if self.endpoint is not None else None,

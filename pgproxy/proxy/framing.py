@@ -23,9 +23,12 @@ from pgproxy.errors import DownstreamError
 # RFC 9110 section 5.1: field-name = token. \Z, not $, which also matches
 # before a final newline.
 _TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# Names that passed _TOKEN_RE: clients send the same few names, and a set
-# lookup costs a fraction of a regex match. Bounded like _HOSTS below.
-_TOKENS_SEEN: Final[set[bytes]] = set()
+# Names that passed _TOKEN_RE, as received, mapped to their lower-case form.
+# Clients send the same few names, and a dict lookup costs a fraction of a
+# regex match or of bytes.lower(). Each lower-case name is then the same
+# object on every request, with its hash cached for later set lookups.
+# Bounded like _HOSTS below.
+_TOKEN_NAMES: Final[dict[bytes, bytes]] = {}
 _MAX_CACHED_TOKEN: Final = 64
 _MAX_CACHED_TOKENS: Final = 1024
 
@@ -147,15 +150,29 @@ def check_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     return path, match.group(1)
 
 
+def lower_field_name(name: bytes) -> bytes:
+    """Return the lower-case form of a header name, cached for valid tokens."""
+    lower = _TOKEN_NAMES.get(name)
+    if lower is None:
+        lower = name.lower()
+        if _TOKEN_RE.match(name):
+            _cache_token(name, lower)
+    return lower
+
+
+def _cache_token(name: bytes, lower: bytes) -> None:
+    if len(name) <= _MAX_CACHED_TOKEN:
+        if len(_TOKEN_NAMES) >= _MAX_CACHED_TOKENS:
+            _TOKEN_NAMES.clear()
+        _TOKEN_NAMES[name] = lower
+
+
 def check_field(name: bytes, value: bytes) -> None:
     """Reject a header field whose name is not a token or whose value has controls."""
-    if name not in _TOKENS_SEEN:
+    if name not in _TOKEN_NAMES:
         if not _TOKEN_RE.match(name):
             raise FramingError("invalid header field name")
-        if len(name) <= _MAX_CACHED_TOKEN:
-            if len(_TOKENS_SEEN) >= _MAX_CACHED_TOKENS:
-                _TOKENS_SEEN.clear()
-            _TOKENS_SEEN.add(name)
+        _cache_token(name, name.lower())
     if 0 in value.translate(_FIELD_VALUE_MAP):
         raise FramingError("invalid character in header field value")
 

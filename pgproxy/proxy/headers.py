@@ -51,6 +51,9 @@ _REWRITTEN_REQUEST: Final = HOP_BY_HOP | {
 _REWRITTEN_RESPONSE: Final = HOP_BY_HOP | {b"via"}
 VIA: Final = b"1.1 pgproxy"
 _VIA_LINE: Final = b"Via: " + VIA + b"\r\n"
+# The end of a request head with no received Via, body or Upgrade: the CRLF of
+# the line before, this proxy's Via line and the empty line.
+_VIA_AND_END: Final = b"\r\n" + _VIA_LINE + b"\r\n"
 
 
 def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
@@ -102,12 +105,22 @@ def strip_path_prefix(target: bytes, prefix: bytes) -> bytes:
 class Forwarding:
     """Facts about the downstream peer, recorded once per connection."""
 
-    __slots__ = ("client_ip", "proto", "trusted")
+    __slots__ = ("client_ip", "proto", "trusted", "untrusted_fields")
 
     def __init__(self, client_ip: str, proto: bytes, trusted: bool) -> None:
         self.client_ip = client_ip.encode("ascii")
         self.proto = proto
         self.trusted = trusted
+        # The X-Forwarded-For and -Proto lines that replace an untrusted
+        # peer's, up to the value of X-Forwarded-Host: the same bytes for
+        # every request of the connection, so they are joined once.
+        self.untrusted_fields = (
+            b"\r\nX-Forwarded-For: "
+            + self.client_ip
+            + b"\r\nX-Forwarded-Proto: "
+            + proto
+            + b"\r\nX-Forwarded-Host: "
+        )
 
 
 def build_request_head(
@@ -128,10 +141,14 @@ def build_request_head(
     sent as one Content-Length.
     """
     dropped = info.connection_tokens
-    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    forwarded_for: list[bytes] = []
+    # Each field line starts with the CRLF that ends the line before it, so
+    # the Host value needs no CRLF part of its own. Fewer parts make the
+    # join cheaper.
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host]
+    # None until a field needs them: most requests have none of these.
+    forwarded_for: list[bytes] | None = None
+    via: list[bytes] | None = None
     forwarded_proto = forwarded_host = b""
-    via: list[bytes] = []
     if names is None:
         names = lower_names(headers)
     # Indexing `names`, not zip(strict=True): zip's keyword costs 0.15 µs a call.
@@ -139,34 +156,47 @@ def build_request_head(
         lower = names[i]
         if lower in _REWRITTEN_REQUEST or lower in dropped:
             if lower == b"x-forwarded-for":
+                if forwarded_for is None:
+                    forwarded_for = []
                 forwarded_for.append(value)
             elif lower == b"via":
+                if via is None:
+                    via = []
                 via.append(value)
             elif lower == b"x-forwarded-proto":
                 forwarded_proto = value
             elif lower == b"x-forwarded-host":
                 forwarded_host = value
             continue
+        parts.append(b"\r\n")
         parts.append(name)
         parts.append(b": ")
         parts.append(value)
-        parts.append(b"\r\n")
     if forwarding.trusted:
-        forwarded_for.append(forwarding.client_ip)
-        client_chain = b", ".join(forwarded_for)
+        if forwarded_for is None:
+            client_chain = forwarding.client_ip
+        else:
+            forwarded_for.append(forwarding.client_ip)
+            client_chain = b", ".join(forwarded_for)
+        parts.append(b"\r\nX-Forwarded-For: ")
+        parts.append(client_chain)
+        parts.append(b"\r\nX-Forwarded-Proto: ")
+        parts.append(forwarded_proto or forwarding.proto)
+        parts.append(b"\r\nX-Forwarded-Host: ")
+        parts.append(forwarded_host or info.host_raw or host)
     else:
-        client_chain = forwarding.client_ip
-        forwarded_proto = forwarded_host = b""
-    parts += (
-        b"X-Forwarded-For: ",
-        client_chain,
-        b"\r\nX-Forwarded-Proto: ",
-        forwarded_proto or forwarding.proto,
-        b"\r\nX-Forwarded-Host: ",
-        forwarded_host or info.host_raw or host,
-        b"\r\n",
-        _via_line(via),
-    )
+        parts.append(forwarding.untrusted_fields)
+        parts.append(info.host_raw or host)
+    if (
+        via is None
+        and info.content_length is None
+        and not info.chunked
+        and info.upgrade is None
+    ):
+        parts.append(_VIA_AND_END)
+        return b"".join(parts)
+    parts.append(b"\r\n")
+    parts.append(_VIA_LINE if via is None else _via_line(via))
     if info.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif info.content_length is not None:

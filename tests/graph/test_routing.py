@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
+from pgproxy.graph import routing
 from pgproxy.graph.routing import (
     anchored_literal,
     boundary_prefixes,
@@ -254,6 +255,23 @@ def test_normalize_host() -> None:
     assert normalize_host("[::1]") == "[::1]"
     assert normalize_host("") is None
     assert normalize_host(None) is None
+
+
+def test_normalize_host_cached() -> None:
+    for _ in range(2):  # the second round is returned from the cache
+        assert normalize_host("Example.COM.:80") == "example.com"
+        assert normalize_host(".") is None
+        assert normalize_host("a:b:c") == "a:b"
+
+
+def test_normalize_host_cache_bounded() -> None:
+    for index in range(routing._MAX_CACHED_HOSTS + 10):
+        assert normalize_host(f"h{index}.example:80") == f"h{index}.example"
+    long_host = "a" * (routing._MAX_CACHED_HOST + 1)
+
+    assert normalize_host(long_host) == long_host
+    assert len(routing._NORMALIZED_HOSTS) <= routing._MAX_CACHED_HOSTS
+    assert long_host not in routing._NORMALIZED_HOSTS
 
 
 def test_request_without_host() -> None:

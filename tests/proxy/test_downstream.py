@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import pytest
 
+from pgproxy.proxy.service import ProxyService
 from tests.proxy.loopback import (
     ScriptedUpstream,
     exchange,
@@ -174,3 +176,145 @@ async def test_idle_client_closed_on_drain(upstream: ScriptedUpstream) -> None:
         with anyio.fail_after(5):
             assert await reader.read() == b""
         writer.close()
+
+
+class VersionCountingParser:
+    """Wraps a connection's llhttp parser and counts get_http_version calls."""
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+        self.version_calls = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def get_method(self) -> bytes:
+        return bytes(self.parser.get_method())
+
+    def get_http_version(self) -> str:
+        self.version_calls += 1
+        return str(self.parser.get_http_version())
+
+
+async def wait_until(condition: Callable[[], object]) -> None:
+    """Poll `condition` until it is true, for at most 5 seconds."""
+    with anyio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 (state of another task)
+            await anyio.sleep(0.005)
+
+
+async def counting_connection(
+    port: int, service: ProxyService
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any, VersionCountingParser]:
+    """Connect to the proxy; return the streams, its protocol and a counter."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await wait_until(lambda: service.connections)
+    (protocol,) = service.connections
+    counter = VersionCountingParser(protocol._parser)
+    protocol._parser = counter
+    return reader, writer, protocol, counter
+
+
+async def test_version_read_from_request_line(upstream: ScriptedUpstream) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, _, counter = await counting_connection(port, service)
+        writer.write(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            # HTTP/1.0 needs no Host: read as 1.1, this request would get 400.
+            writer.write(b"GET /two HTTP/1.0\r\n\r\n")
+            second = await reader.read(-1)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert second.startswith(b"HTTP/1.1 200 ")
+    assert second.endswith(b"/two")
+    assert counter.version_calls == 0
+
+
+async def test_version_of_pipelined_request_from_parser(
+    upstream: ScriptedUpstream,
+) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, _, counter = await counting_connection(port, service)
+        writer.write(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.0\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await reader.read(-1)
+        writer.close()
+    assert first.endswith(b"/one")
+    assert second.startswith(b"HTTP/1.1 200 ")
+    assert second.endswith(b"/two")
+    assert counter.version_calls == 1
+
+
+async def test_version_after_empty_lines_from_parser(
+    upstream: ScriptedUpstream,
+) -> None:
+    # RFC 9112 section 2.2 lets a server skip empty lines before a request
+    # line, so the line is not at offset 0 of the read.
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, _, counter = await counting_connection(port, service)
+        writer.write(b"\r\nGET /late HTTP/1.0\r\n\r\n")
+        with anyio.fail_after(5):
+            reply = await reader.read(-1)
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert reply.endswith(b"/late")
+    assert counter.version_calls == 1
+
+
+async def test_version_of_split_request_line_from_parser(
+    upstream: ScriptedUpstream,
+) -> None:
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, protocol, counter = await counting_connection(port, service)
+        writer.write(b"GET /split HTTP/1.")
+        await wait_until(lambda: protocol._in_head)
+        writer.write(b"0\r\n\r\n")
+        with anyio.fail_after(5):
+            reply = await reader.read(-1)
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert reply.endswith(b"/split")
+    assert counter.version_calls == 1
+
+
+async def test_request_line_in_body_ignored(
+    upstream: ScriptedUpstream,
+) -> None:
+    # The body contains a request line with the same method and target as the
+    # request after it, so a search for that line finds the body first.
+    body = b"GET / HTTP/1.0\r\n"
+    post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, _, counter = await counting_connection(port, service)
+        writer.write(post + body + b"GET / HTTP/1.1\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await reader.read(-1)
+        writer.close()
+    assert first.endswith(b"/p")
+    assert second.startswith(b"HTTP/1.1 400 "), "an HTTP/1.1 request needs a Host"
+    assert b"missing Host" in second
+    assert counter.version_calls == 1
+    assert len(upstream.heads) == 1
+
+
+async def test_request_line_starting_body_read(
+    upstream: ScriptedUpstream,
+) -> None:
+    body = b"GET / HTTP/1.0\r\n"
+    post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, _, counter = await counting_connection(port, service)
+        writer.write(post)
+        await wait_until(lambda: upstream.heads)
+        # This read starts inside the body, with bytes shaped as a request line.
+        writer.write(body + b"GET / HTTP/1.1\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await reader.read(-1)
+        writer.close()
+    assert first.endswith(b"/p")
+    assert second.startswith(b"HTTP/1.1 400 "), "an HTTP/1.1 request needs a Host"
+    assert counter.version_calls == 1

@@ -361,3 +361,26 @@ def test_field_and_target_checks_match_grammar() -> None:
         assert value_ok == bool(_FIELD_VALUE_GRAMMAR.match(data)), data
         if data.startswith(b"/"):
             assert target_ok == bool(_ORIGIN_FORM_GRAMMAR.match(data)), data
+
+
+def test_lower_field_name_caches_tokens_only() -> None:
+    framing._TOKEN_NAMES.clear()
+
+    assert framing.lower_field_name(b"X-Trace-ID") == b"x-trace-id"
+    assert framing.lower_field_name(b"Bad Name") == b"bad name"
+
+    assert framing._TOKEN_NAMES == {b"X-Trace-ID": b"x-trace-id"}
+    with pytest.raises(FramingError, match="invalid header field name"):
+        framing.check_field(b"Bad Name", b"v")
+    framing.check_field(b"X-Trace-ID", b"v")
+
+
+def test_field_name_cache_stays_bounded() -> None:
+    framing._TOKEN_NAMES.clear()
+
+    for index in range(framing._MAX_CACHED_TOKENS + 10):
+        framing.lower_field_name(b"X-Name-%d" % index)
+    framing.lower_field_name(b"X-" + b"a" * framing._MAX_CACHED_TOKEN)
+
+    assert len(framing._TOKEN_NAMES) <= framing._MAX_CACHED_TOKENS
+    assert b"X-" + b"a" * framing._MAX_CACHED_TOKEN not in framing._TOKEN_NAMES
