@@ -2,13 +2,19 @@
 
     python bench/instructions.py [--target pgproxy|bare] [--requests N]
                                  [--warmup N] [--path PATH]
+                                 [--connections N] [--cache-sim]
 
 Wall-clock benchmarks on a shared 2-core machine move by several percent
 from run to run; instruction counts do not. This starts the benchmark's
 upstream nginx and pgproxy's serving process (one worker, access log off)
 under `valgrind --tool=callgrind`, with instrumentation off. It sends the
-warm-up requests over one keep-alive connection, then counts only the
-measured requests and prints user-space instructions per request.
+warm-up requests over keep-alive connections (one by default, or
+`--connections N` sending at the same time, as wrk does), then counts only
+the measured requests and prints user-space instructions per request.
+`--cache-sim` also simulates the caches (32 KiB L1 instruction and data
+caches, a 512 KiB last level) and prints misses per request: two
+programs with the same instruction count can differ in time by their
+misses.
 `--target bare` counts bench/bare_proxy.py instead, the floor of the
 stack. Use it to compare two commits (`PYTHONPATH=/other/checkout`); compare
 counts taken on the same machine and Python only.
@@ -26,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from harness.bare import READY as BARE_READY
@@ -35,7 +42,10 @@ from harness.pgproxy import pgproxy_config
 from harness.processes import BenchError, Process, wait_for_line
 
 _PORT_RE = re.compile(r"listening on (\S+):(\d+)")
-_TOTALS_RE = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
+_EVENTS_RE = re.compile(r"^events:\s+(.+)$", re.MULTILINE)
+_TOTAL_LINE_RE = re.compile(r"^totals:\s+(.+)$", re.MULTILINE)
+# Cache geometry for --cache-sim: size, associativity, line size in bytes.
+_CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
 READY_TIMEOUT_S = 120.0
 
 
@@ -70,6 +80,28 @@ def _send_requests(port: int, path: str, count: int) -> None:
             pending = _read_response(sock, pending)
 
 
+def _send_concurrently(port: int, path: str, count: int, connections: int) -> None:
+    """Send `count` requests over `connections` connections at the same time."""
+    errors: list[BaseException] = []
+
+    def send(share: int) -> None:
+        try:
+            _send_requests(port, path, share)
+        except (OSError, BenchError) as exc:
+            errors.append(exc)
+
+    shares = [
+        count // connections + (i < count % connections) for i in range(connections)
+    ]
+    threads = [threading.Thread(target=send, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise BenchError(f"{len(errors)} client connections failed: {errors[0]}")
+
+
 def _callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
@@ -91,9 +123,13 @@ def count(
     path: str,
     workdir: Path,
     save_to: Path | None = None,
-) -> int:
-    """Return the instructions `target` ran for `requests` requests.
+    connections: int = 1,
+    cache_sim: bool = False,
+) -> dict[str, int]:
+    """Return callgrind's event totals for `requests` requests to `target`.
 
+    The totals are keyed by event name: `Ir` is instructions, and with
+    `cache_sim` the cache misses follow (I1mr, D1mr, D1mw, ILmr, DLmr, DLmw).
     With `save_to`, callgrind's output file is copied there, for
     `callgrind_annotate`.
     """
@@ -106,6 +142,7 @@ def count(
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            *(("--cache-sim=yes", *_CACHES) if cache_sim else ()),
             f"--callgrind-out-file={out_pattern}",
             *_target_command(target, upstream, workdir),
         ]
@@ -115,9 +152,9 @@ def count(
             port = next(
                 int(match.group(2)) for match in map(_PORT_RE.search, lines) if match
             )
-            _send_requests(port, path, warmup)
+            _send_concurrently(port, path, warmup, connections)
             _callgrind_control("--instr=on", str(proxy.pid))
-            _send_requests(port, path, requests)
+            _send_concurrently(port, path, requests, connections)
             _callgrind_control("--instr=off", str(proxy.pid))
         finally:
             proxy.stop(timeout_s=60.0)
@@ -126,10 +163,14 @@ def count(
     out_file = workdir / f"callgrind.out.{proxy.pid}"
     if save_to is not None:
         shutil.copyfile(out_file, save_to)
-    match = _TOTALS_RE.search(out_file.read_text())
-    if match is None:
+    text = out_file.read_text()
+    events = _EVENTS_RE.search(text)
+    totals = _TOTAL_LINE_RE.search(text)
+    if events is None or totals is None:
         raise BenchError(f"no totals in {out_file}")
-    return int(match.group(1))
+    names = events.group(1).split()
+    values = [int(value) for value in totals.group(1).split()]
+    return dict(zip(names, values, strict=True))
 
 
 def main() -> int:
@@ -141,24 +182,46 @@ def main() -> int:
     parser.add_argument(
         "--save", type=Path, help="copy callgrind's output here, for callgrind_annotate"
     )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="keep-alive connections sending at the same time (default 1)",
+    )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches and print misses per request",
+    )
     options = parser.parse_args()
+    if options.connections < 1 or options.connections > options.requests:
+        parser.error("--connections must be between 1 and --requests")
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if shutil.which(tool) is None:
             print(f"error: {tool} is not installed", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="pgproxy-instr-") as tmp:
-        total = count(
+        totals = count(
             options.target,
             options.requests,
             options.warmup,
             options.path,
             Path(tmp),
             save_to=options.save,
+            connections=options.connections,
+            cache_sim=options.cache_sim,
         )
+    total = totals["Ir"]
     print(
         f"{total:,} instructions for {options.requests:,} requests: "
         f"{total / options.requests:,.0f} per request"
     )
+    if options.cache_sim:
+        misses = ", ".join(
+            f"{name} {totals[name] / options.requests:,.0f}"
+            for name in ("I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+        )
+        print(f"cache misses per request: {misses}")
     return 0
 
 

@@ -38,3 +38,25 @@ def test_short_count_prints_per_request() -> None:
     match = re.search(r"for 30 requests: ([\d,]+) per request", result.stdout)
     assert match is not None, result.stdout
     assert int(match.group(1).replace(",", "")) > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_concurrent_count_prints_cache_misses() -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "bench/instructions.py",
+            "--requests", "30", "--warmup", "10",
+            "--connections", "3", "--cache-sim",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "for 30 requests:" in result.stdout
+    match = re.search(r"cache misses per request: I1mr ([\d,]+)", result.stdout)
+    assert match is not None, result.stdout
+    assert int(match.group(1).replace(",", "")) > 0
