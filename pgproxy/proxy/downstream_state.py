@@ -39,7 +39,9 @@ class DownstreamState(asyncio.Protocol):
     # With this many attributes CPython 3.11 stops sharing dict keys, so each
     # connection would carry a dict of its own (1.6 KiB measured, 3.11.7).
     __slots__ = (
+        "_body_in_read",
         "_carry",
+        "_carry_anywhere",
         "_chunk",
         "_close_when_done",
         "_closed",
@@ -117,6 +119,10 @@ class DownstreamState(asyncio.Protocol):
         self._chunk = b""
         self._scan_from = 0
         self._carry = bytearray()
+        # Whether a body byte came in the read being parsed, and in the read
+        # that began the carried head: the request line check needs to know.
+        self._body_in_read = False
+        self._carry_anywhere = False
         self._conn_deadline = 0.0
         self._conn_deadline_kind = 0
         self._timer: asyncio.TimerHandle | None = None

@@ -318,6 +318,13 @@ CASES = [
         "MAY of parsing on whitespace boundaries",
     ),
     Case(
+        "request-line-extra-space-echoed-in-field",
+        b"GET  /x HTTP/1.1\r\nX: GET /x HTTP/1.1\r\n" + H + b"\r\n",
+        400,
+        "RFC 9112 3: the one-SP check must find the request line itself, not the "
+        "same bytes inside a field value",
+    ),
+    Case(
         "request-line-trailing-junk",
         b"GET /x HTTP/1.1 extra\r\n" + H + b"\r\n",
         400,

@@ -65,6 +65,9 @@ async def test_pipelined_requests_answered_in_order(upstream: ScriptedUpstream) 
             400,
         ),
         (b"GET  /x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        # The single-SP form of the line appears in a field value only.
+        (b"GET  /x HTTP/1.1\r\nX: GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /x  HTTP/1.1\r\nHost: a\r\nX: GET /x HTTP/1.1\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\r\nHost : a\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
@@ -91,6 +94,21 @@ async def test_malformed_request_rejected_before_upstream(
     assert b"Connection: close\r\n" in reply
     assert upstream.heads == []
     assert upstream.connections == 0
+
+
+async def test_request_right_after_body_accepted(upstream: ScriptedUpstream) -> None:
+    """A pipelined request line may follow a body's last byte directly."""
+    post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post + b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await read_response(reader)
+        writer.close()
+    assert first.endswith(b"/p")
+    assert second.startswith(b"HTTP/1.1 200 ")
+    assert second.endswith(b"/after")
 
 
 async def test_header_read_timeout_is_408(upstream: ScriptedUpstream) -> None:
