@@ -36,10 +36,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 # Lines queued before a flush is forced without waiting for the next iteration.
-_MAX_PENDING_LINES = 512
+MAX_PENDING_LINES = 512
 # Flushes the writer thread may be behind before lines are dropped. A flush
 # carries the lines of one loop iteration: one line each at low load, so
-# about 1,000 lines; up to _MAX_PENDING_LINES each when busy.
+# about 1,000 lines; up to MAX_PENDING_LINES each when busy.
 _MAX_QUEUED_FLUSHES = 1024
 # How long a flush off the event loop (at exit) waits for the writer thread.
 DRAIN_TIMEOUT = 2.0
@@ -65,9 +65,13 @@ class AccessLineHandler(logging.Handler):
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self.stream = stream
-        self._pending: list[str] = []
+        # Lines waiting for the next flush. While `flush_loop` runs, the event
+        # loop's thread may append to the list without the lock
+        # (AccessLog.write does): the flush that takes the list runs on that
+        # thread too, and no other thread writes access lines.
+        self.pending: list[str] = []
         # The loop a flush is scheduled on, or None when no flush is pending.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.flush_loop: asyncio.AbstractEventLoop | None = None
         self._guard = threading.Lock()
         self._failed = False
         # Set when a wait for the writer thread timed out; cleared by the
@@ -82,9 +86,9 @@ class AccessLineHandler(logging.Handler):
     def write_line(self, line: str) -> None:
         """Queue one line, to be written by the next loop iteration."""
         with self._guard:
-            pending = self._pending
+            pending = self.pending
             pending.append(line)
-            if len(pending) < _MAX_PENDING_LINES and self._schedule():
+            if len(pending) < MAX_PENDING_LINES and self._schedule():
                 return
         self.flush()
 
@@ -94,7 +98,7 @@ class AccessLineHandler(logging.Handler):
         A flush scheduled on a loop that has stopped since would never run,
         so it counts as pending only while that loop is running.
         """
-        loop = self._loop
+        loop = self.flush_loop
         if loop is not None and loop.is_running():
             return True
         try:
@@ -102,7 +106,7 @@ class AccessLineHandler(logging.Handler):
         except RuntimeError:
             return False
         loop.call_soon(self.flush)
-        self._loop = loop
+        self.flush_loop = loop
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -120,8 +124,8 @@ class AccessLineHandler(logging.Handler):
         Off the event loop, also wait until the thread has written them.
         """
         with self._guard:
-            self._loop = None
-            lines, self._pending = self._pending, []
+            self.flush_loop = None
+            lines, self.pending = self.pending, []
             if lines:
                 self._enqueue(lines)
         if not _loop_running() and not self._stalled:

@@ -90,6 +90,17 @@ def test_json_line_has_every_field_in_order() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("duration_ms", "text"),
+    [(1.234, "1.234"), (12.5, "12.500"), (0.0, "0.000"), (0.0004, "0.000"),
+     (999.9996, "1000.000"), (61234.007, "61234.007")],
+)  # fmt: skip
+def test_json_duration_has_three_decimals(duration_ms: float, text: str) -> None:
+    line = format_json(make_record(duration_ms=duration_ms))
+    assert f'"duration_ms":{text},' in line
+    assert json.loads(line)["duration_ms"] == float(text)
+
+
 def test_json_nulls_for_unrouted_request() -> None:
     line = format_json(
         make_record(
@@ -206,6 +217,27 @@ def test_handler_keeps_lines_after_loop_stops(access_stream: io.StringIO) -> Non
     # Shutdown flushes every handler; so does the next write outside a loop.
     logging.getLogger(ACCESS_LOGGER).handlers[0].flush()
     assert json.loads(access_stream.getvalue())["path"] == "/last"
+
+
+def test_handler_flushes_on_next_loop(access_stream: io.StringIO) -> None:
+    """A flush left scheduled on a stopped loop does not hold later lines."""
+    log = AccessLog("json")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.call_soon(log.write, make_record(path="/first"))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+
+    async def main() -> str:
+        log.write(make_record(path="/second"))
+        await asyncio.sleep(0)
+        assert logging.getLogger(ACCESS_LOGGER).handlers[0].wait_written(5.0)
+        return access_stream.getvalue()
+
+    paths = [json.loads(line)["path"] for line in asyncio.run(main()).splitlines()]
+    assert paths == ["/first", "/second"]
 
 
 def test_handler_writes_full_buffer_at_once(access_stream: io.StringIO) -> None:
