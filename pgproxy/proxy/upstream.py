@@ -202,9 +202,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Relay body bytes of a length-framed response read without llhttp."""
         left = self._body_left
         if len(data) > left:
-            # Bytes after the response: the upstream is out of step with us.
-            self._stray = True
-            self.keep_alive = False
+            # Bytes after the response: the upstream is out of step with us,
+            # unless they are CR and LF only, which llhttp skips before a
+            # message and which therefore keep the connection here too.
+            if data[left:].strip(b"\r\n"):
+                self._stray = True
+                self.keep_alive = False
             data = data[:left]
         self._body_left = left = left - len(data)
         if data:

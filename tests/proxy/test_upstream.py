@@ -498,3 +498,33 @@ async def test_missing_tls_ca_file_is_502(
     assert f'cannot load tls_ca_file "{missing}"' in caplog.text
     assert upstream.heads == []
     await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n\r\n\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n\r\n",
+    ],
+    ids=["crlf", "cr-lf-run", "no-content"],
+)
+async def test_crlf_after_response_keeps_connection(
+    reply: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CR and LF after a response are skipped, as llhttp skips them."""
+    upstream = ScriptedUpstream()
+
+    async def with_crlf(head: bytes) -> bytes | None:
+        return reply
+
+    upstream.reply = with_crlf
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        for _ in range(3):
+            answer = await exchange(port, GET)
+            assert answer.startswith(reply[:12])
+        assert service.pools.all()[0].opened == 1
+    assert upstream.connections == 1
+    assert "sent bytes after a complete response" not in caplog.text
+    await upstream.stop()
