@@ -14,8 +14,9 @@ None: a head split over reads or larger than the limit, a version other
 than HTTP/1.1, a 1xx or 101 status, no Content-Length where the body would
 run to the connection's end, Transfer-Encoding, two Content-Length or two
 Connection fields, a Connection option other than keep-alive, close or
-upgrade, a name that is not a token (which also catches obs-fold and
-whitespace before the colon), and any control byte or bare CR or LF. What
+upgrade, Proxy-Connection, a name that is not a token (which also catches
+obs-fold and whitespace before the colon), and any control byte or bare CR
+or LF. What
 the reader accepts, llhttp accepts too, with the same status, fields and
 framing (tests/proxy/test_response_head.py compares the two).
 
@@ -50,12 +51,14 @@ _KIND_BY_LOWER_NAME: Final = {
     b"content-length": _LENGTH,
     b"connection": _CONNECTION,
     b"keep-alive": _DROPPED,
-    b"proxy-connection": _DROPPED,
     b"te": _DROPPED,
     b"trailer": _DROPPED,
     b"upgrade": _DROPPED,
     b"via": _VIA,
     b"transfer-encoding": _UNREAD,
+    # llhttp reads Proxy-Connection as Connection, so it decides whether
+    # the connection stays open (pgproxy/proxy/upstream.py).
+    b"proxy-connection": _UNREAD,
     # `Connection: close` would also drop a field named "close".
     b"close": _UNREAD,
 }

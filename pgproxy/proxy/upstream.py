@@ -202,9 +202,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Relay body bytes of a length-framed response read without llhttp."""
         left = self._body_left
         if len(data) > left:
-            # Bytes after the response: the upstream is out of step with us.
-            self._stray = True
-            self.keep_alive = False
+            # Bytes after the response: the upstream is out of step with us,
+            # unless they are CR and LF only, which llhttp skips before a
+            # message and which therefore keep the connection here too.
+            if data[left:].strip(b"\r\n"):
+                self._stray = True
+                self.keep_alive = False
             data = data[:left]
         self._body_left = left = left - len(data)
         if data:
@@ -341,9 +344,16 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if self._parser.get_status_code() < 200:
+        parser = self._parser
+        if parser.get_status_code() < 200:
             exchange.on_interim_complete()
             return
+        if not parser.should_keep_alive():
+            # llhttp (httptools 0.9.0) treats Proxy-Connection as Connection,
+            # which the framing checks ignore. After a response that it
+            # considers the last, it rejects every later byte ("Data after
+            # `Connection: close`"), so the next response would get 502.
+            self.keep_alive = False
         # Detach now, so that bytes after the response in this read reach no
         # exchange; the pool decision is made after the read in `_complete`.
         self.exchange = None

@@ -498,3 +498,76 @@ async def test_missing_tls_ca_file_is_502(
     assert f'cannot load tls_ca_file "{missing}"' in caplog.text
     assert upstream.heads == []
     await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n\r\n\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n\r\n",
+    ],
+    ids=["crlf", "cr-lf-run", "no-content"],
+)
+async def test_crlf_after_response_keeps_connection(
+    reply: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CR and LF after a response are skipped, as llhttp skips them."""
+    upstream = ScriptedUpstream()
+
+    async def with_crlf(head: bytes) -> bytes | None:
+        return reply
+
+    upstream.reply = with_crlf
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        for _ in range(3):
+            answer = await exchange(port, GET)
+            assert answer.startswith(reply[:12])
+        assert service.pools.all()[0].opened == 1
+    assert upstream.connections == 1
+    assert "sent bytes after a complete response" not in caplog.text
+    await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"Content-Length: 2\r\n\r\nok",
+    ],
+    ids=["chunked", "length"],
+)
+async def test_proxy_connection_close_not_pooled(framing: bytes) -> None:
+    """llhttp reads Proxy-Connection as Connection and refuses any later response.
+
+    So the connection must not go back to the pool, whichever parser read
+    the head: a chunked response after it would get 502 otherwise.
+    """
+    upstream = ScriptedUpstream()
+
+    async def reply_by_path(head: bytes) -> bytes | None:
+        if head.startswith(b"GET /first "):
+            return b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\n" + framing
+        return (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+
+    upstream.reply = reply_by_path
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, _):
+        first = await exchange(
+            port,
+            b"GET /first HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            until_close=True,
+        )
+        second = await exchange(
+            port,
+            b"GET /second HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            until_close=True,
+        )
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Proxy-Connection" not in first
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second
+    assert upstream.connections == 2
+    await upstream.stop()
