@@ -16,9 +16,8 @@ run to the connection's end, Transfer-Encoding, two Content-Length or two
 Connection fields, a Connection option other than keep-alive, close or
 upgrade, Proxy-Connection, a name that is not a token (which also catches
 obs-fold and whitespace before the colon), and any control byte or bare CR
-or LF. What
-the reader accepts, llhttp accepts too, with the same status, fields and
-framing (tests/proxy/test_response_head.py compares the two).
+or LF. What the reader accepts, llhttp accepts too, with the same status,
+fields and framing (tests/proxy/test_response_head.py compares the two).
 
 Pure: no I/O.
 """
