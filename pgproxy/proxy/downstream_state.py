@@ -80,11 +80,18 @@ class DownstreamState(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, service: ProxyService, listener: Listener) -> None:
+    def __init__(
+        self,
+        service: ProxyService,
+        listener: Listener,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.service = service
         self.listener_name = listener.name
         self.limits = listener.settings
-        self.loop = asyncio.get_running_loop()
+        # asyncio.get_running_loop() makes a getpid(2) call on Linux, so the
+        # protocol factory passes the loop it took once.
+        self.loop = asyncio.get_running_loop() if loop is None else loop
         self.transport: asyncio.Transport | None = None
         self.client = ""
         self.client_ip = ""

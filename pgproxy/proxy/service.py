@@ -132,12 +132,16 @@ class ProxyService:
         from pgproxy.proxy.downstream import DownstreamProtocol
 
         name = listener.name
+        # The loop that serves the listener, taken at its first connection.
+        loops: list[asyncio.AbstractEventLoop] = []
 
         def factory() -> DownstreamProtocol:
             # A reload may change a kept listener's limits; new connections
             # take them from the graph in force.
             current = self.current.graph.listeners.get(name, listener)
-            return DownstreamProtocol(self, current)
+            if not loops:
+                loops.append(asyncio.get_running_loop())
+            return DownstreamProtocol(self, current, loops[0])
 
         return factory
 
