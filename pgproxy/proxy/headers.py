@@ -241,7 +241,10 @@ def build_response_head(
             elif lower == b"upgrade":
                 upgrade = value
             continue
-        if chunked and lower == b"content-length":
+        if lower == b"content-length":
+            # Written once below from the checked framing: "5, 5" or two
+            # equal fields are valid (RFC 9110 section 8.6) but not every
+            # client takes them.
             continue
         # Four appends, not `+=` a tuple: no tuple is built (compiled code).
         parts.append(name)
@@ -251,6 +254,8 @@ def build_response_head(
     parts.append(_via_line(via))
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif info.content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % info.content_length)
     if status == 101:
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif not keep_alive:

@@ -189,6 +189,17 @@ def test_response_hop_by_hop_removed_and_via_added() -> None:
     assert values(fields, b"Content-Length") == [b"3"]
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [[(b"Content-Length", b"5, 5")], [(b"Content-Length", b"5")] * 2,
+     [(b"content-length", b"005")]],
+)  # fmt: skip
+def test_response_length_written_once(lengths: list[tuple[bytes, bytes]]) -> None:
+    _, fields = response_head([*lengths, (b"Server", b"app")])
+    assert values(fields, b"Content-Length") == [b"5"]
+    assert values(fields, b"Server") == [b"app"]
+
+
 def test_response_rechunked() -> None:
     _, fields = response_head([(b"Transfer-Encoding", b"chunked")], chunked=True)
     assert values(fields, b"Transfer-Encoding") == [b"chunked"]
