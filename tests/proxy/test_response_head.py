@@ -124,10 +124,11 @@ def assert_same_as_llhttp(data: bytes, read: ResponseHead, head_request: bool) -
     assert info.content_length == read.info.content_length
     assert info.keep_alive == read.info.keep_alive
     if not head_request:
-        # llhttp cannot be told about HEAD, so it expects a body to the
-        # connection's end where no length is given.
+        # The response parser has no HEAD mode, so for a head without a
+        # length llhttp expects a body up to the connection's end.
         assert found.keep_alive == read.info.keep_alive, data
     assert info.connection_tokens == read.info.connection_tokens
+
     body_length = info.content_length if info.body == "length" else 0
     assert read.body_length == body_length
     for keep_alive, http10 in ((True, False), (False, False), (True, True)):
