@@ -22,8 +22,8 @@ from pgproxy.errors import DownstreamError
 
 # RFC 9110 section 5.1: field-name = token. \Z, not $, which also matches
 # before a final newline.
-_TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# Names that passed _TOKEN_RE, as received, mapped to their lower-case form.
+TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Names that passed TOKEN_RE, as received, mapped to their lower-case form.
 # Clients send the same few names, and a dict lookup costs a fraction of a
 # regex match or of bytes.lower(). Each lower-case name is then the same
 # object on every request, with its hash cached for later set lookups.
@@ -61,7 +61,7 @@ _HOSTS: Final[dict[bytes, str]] = {}
 _MAX_CACHED_HOST: Final = 300
 _MAX_CACHED_HOSTS: Final = 1024
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-_COMMON_CONNECTION_TOKENS: Final = {
+COMMON_CONNECTION_TOKENS: Final = {
     value: frozenset({value.lower()})
     for value in (
         b"keep-alive",
@@ -155,7 +155,7 @@ def lower_field_name(name: bytes) -> bytes:
     lower = _TOKEN_NAMES.get(name)
     if lower is None:
         lower = name.lower()
-        if _TOKEN_RE.match(name):
+        if TOKEN_RE.match(name):
             _cache_token(name, lower)
     return lower
 
@@ -170,7 +170,7 @@ def _cache_token(name: bytes, lower: bytes) -> None:
 def check_field(name: bytes, value: bytes) -> None:
     """Reject a header field whose name is not a token or whose value has controls."""
     if name not in _TOKEN_NAMES:
-        if not _TOKEN_RE.match(name):
+        if not TOKEN_RE.match(name):
             raise FramingError("invalid header field name")
         _cache_token(name, name.lower())
     if 0 in value.translate(_FIELD_VALUE_MAP):
@@ -224,7 +224,7 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     if not values:
         return _NO_TOKENS
     if len(values) == 1:
-        common = _COMMON_CONNECTION_TOKENS.get(values[0])
+        common = COMMON_CONNECTION_TOKENS.get(values[0])
         if common is not None:
             return common
     return frozenset(

@@ -267,16 +267,21 @@ def build_response_head(
 
 
 def join_response_head(
-    kept: list[bytes], via: list[bytes], *, keep_alive: bool, client_http10: bool
+    unchanged_lines: list[bytes],
+    via: list[bytes],
+    *,
+    keep_alive: bool,
+    client_http10: bool,
 ) -> bytes:
     """Join a head read by pgproxy/proxy/response_head.py for the client.
 
-    `kept` is the status line and the header lines forwarded unchanged; the
-    proxy adds its Via and, like `build_response_head`, the Connection
-    field the client needs. Such a head never needs chunked re-framing.
-    `kept` is extended in place: each read head is joined once.
+    `unchanged_lines` are the status line and the header lines forwarded as
+    received. The proxy adds its Via and, like `build_response_head`, the
+    Connection field the client needs. Such a head never needs chunked
+    re-framing. The list is extended in place, because each read head is
+    joined once.
     """
-    parts = kept
+    parts = unchanged_lines
     parts.append(_via_line(via))
     if not keep_alive:
         parts.append(b"Connection: close\r\n")

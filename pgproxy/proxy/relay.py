@@ -105,7 +105,10 @@ class ResponseRelay(ExchangeFailures):
             return
         keep_alive = self.client_framing(head.status, head.info)
         self.pending = join_response_head(
-            head.kept, head.via, keep_alive=keep_alive, client_http10=self.http10
+            head.unchanged_lines,
+            head.via,
+            keep_alive=keep_alive,
+            client_http10=self.http10,
         )
 
     def accept_response(self, status: int, info: ResponseInfo) -> bool:

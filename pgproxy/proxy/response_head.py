@@ -10,29 +10,30 @@ for it.
 
 Invariant: the reader returns None for every head it does not fully
 understand, and llhttp then parses that head as before. Any doubt means
-None: a head split over reads or larger than the limit, a version other
-than HTTP/1.1, a 1xx or 101 status, no Content-Length where the body would
-run to the connection's end, Transfer-Encoding, two Content-Length or two
-Connection fields, a Connection option other than keep-alive, close or
-upgrade, Proxy-Connection, a name that is not a token (which also catches
-obs-fold and whitespace before the colon), and any control byte or bare CR
-or LF. What the reader accepts, llhttp accepts too, with the same status,
-fields and framing (tests/proxy/test_response_head.py compares the two).
+None. That covers:
+- a head split over reads or larger than the limit;
+- a version other than HTTP/1.1, and a 1xx or 101 status;
+- no Content-Length where the body would run to the connection's end;
+- Transfer-Encoding, Proxy-Connection, two Content-Length or two
+  Connection fields, and a Connection option other than keep-alive, close
+  or upgrade;
+- a name that is not a token, which also catches obs-fold and whitespace
+  before the colon;
+- any control byte, and a bare CR or LF.
+What the reader accepts, llhttp accepts too, with the same status, fields
+and framing (tests/proxy/test_response_head.py compares the two).
 
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
-from pgproxy.proxy.framing import ResponseInfo
+from pgproxy.proxy.framing import COMMON_CONNECTION_TOKENS, TOKEN_RE, ResponseInfo
 
 _VERSION: Final = b"HTTP/1.1 "
 _END: Final = b"\r\n\r\n"
-# RFC 9110 section 5.1: field-name = token.
-_TOKEN_RE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # 1 for the bytes a status line or field line may hold: HTAB, SP, VCHAR and
 # obs-text (RFC 9110 section 5.5). CR and LF only end lines.
 _LINE_MAP: Final = bytes(
@@ -58,7 +59,9 @@ _KIND_BY_LOWER_NAME: Final = {
     # llhttp reads Proxy-Connection as Connection, so it decides whether
     # the connection stays open (pgproxy/proxy/upstream.py).
     b"proxy-connection": _UNREAD,
-    # `Connection: close` would also drop a field named "close".
+    # `Connection: close` would also drop a field named "close". The other
+    # Connection options read here (framing.COMMON_CONNECTION_TOKENS) name
+    # fields that are dropped anyway.
     b"close": _UNREAD,
 }
 # Kinds by name as received. Upstreams send the same few names, and a dict
@@ -67,19 +70,6 @@ _KIND_BY_LOWER_NAME: Final = {
 _KINDS: Final[dict[bytes, int]] = {}
 _MAX_CACHED_NAME: Final = 64
 _MAX_CACHED_NAMES: Final = 1024
-# The Connection values read here, as framing.connection_tokens returns them.
-# Each option names a field that is dropped anyway ("close" is unread above).
-_CONNECTION_OPTIONS: Final = {
-    value: frozenset({value.lower()})
-    for value in (
-        b"keep-alive",
-        b"Keep-Alive",
-        b"close",
-        b"Close",
-        b"upgrade",
-        b"Upgrade",
-    )
-}
 
 
 class FieldLayout:
@@ -107,27 +97,28 @@ class FieldLayout:
 class ResponseHead:
     """A response head read by `read_response_head`.
 
-    `kept` contains the status line and the header lines forwarded unchanged,
-    as a few slices of the read, each ending in CRLF. `via` contains the
-    values of Via fields, which the proxy joins into its own. `body` is
-    the rest of the read after the head, and `body_length` the number of
-    body bytes to relay, in this read and later ones.
+    `unchanged_lines` contains the status line and the header lines
+    forwarded as received, as a few slices of the read, each ending in
+    CRLF. `via` contains the values of Via fields, which the proxy joins
+    into its own. `body` is the rest of the read after the head, and
+    `body_length` the number of body bytes to relay, in this read and
+    later ones.
     """
 
-    __slots__ = ("body", "body_length", "info", "kept", "status", "via")
+    __slots__ = ("body", "body_length", "info", "status", "unchanged_lines", "via")
 
     def __init__(
         self,
         status: int,
         info: ResponseInfo,
-        kept: list[bytes],
+        unchanged_lines: list[bytes],
         via: list[bytes],
         body: bytes,
         body_length: int,
     ) -> None:
         self.status = status
         self.info = info
-        self.kept = kept
+        self.unchanged_lines = unchanged_lines
         self.via = via
         self.body = body
         self.body_length = body_length
@@ -165,7 +156,7 @@ def read_response_head(
     if status < 200 or status > 599:
         return None
 
-    kept: list[bytes] = []
+    unchanged_lines: list[bytes] = []
     via: list[bytes] = []
     length = -1
     options: frozenset[bytes] | None = None
@@ -210,17 +201,17 @@ def read_response_head(
         if kind == _CONNECTION:
             if options is not None:
                 return None
-            options = _CONNECTION_OPTIONS.get(value)
+            options = COMMON_CONNECTION_TOKENS.get(value)
             if options is None:
                 return None
         elif kind == _VIA:
             via.append(value)
-        # The field is not forwarded: close the run of kept lines before it.
+        # The field is not forwarded: close the run of unchanged lines before it.
         if run_start < pos:
-            kept.append(data[run_start:pos])
+            unchanged_lines.append(data[run_start:pos])
         run_start = pos = line_end
     if run_start < pos:
-        kept.append(data[run_start:pos])
+        unchanged_lines.append(data[run_start:pos])
 
     info = ResponseInfo()
     if options is not None:
@@ -235,7 +226,7 @@ def read_response_head(
     else:
         body_length = length
         info.body = "length" if length else "none"
-    return ResponseHead(status, info, kept, via, body, body_length)
+    return ResponseHead(status, info, unchanged_lines, via, body, body_length)
 
 
 def _read_status(line: bytes) -> int:
@@ -269,7 +260,7 @@ def _read_length(value: bytes) -> int:
 
 def _new_kind(name: bytes) -> int:
     """Return what the proxy does with a field called `name`, and cache it."""
-    if _TOKEN_RE.match(name) is None:
+    if TOKEN_RE.match(name) is None:
         return _UNREAD
     kind = _KIND_BY_LOWER_NAME.get(name.lower(), _PLAIN)
     if len(name) <= _MAX_CACHED_NAME:

@@ -142,7 +142,10 @@ def assert_same_as_llhttp(data: bytes, read: ResponseHead, head_request: bool) -
             client_http10=http10,
         )
         joined = join_response_head(
-            read.kept.copy(), read.via, keep_alive=keep_alive, client_http10=http10
+            read.unchanged_lines.copy(),
+            read.via,
+            keep_alive=keep_alive,
+            client_http10=http10,
         )
         assert fields(joined) == fields(rebuilt), data
 
@@ -188,10 +191,12 @@ def test_leaves_unusual_heads_to_llhttp(data: bytes) -> None:
 def test_nginx_head_keeps_two_runs() -> None:
     read = read_response_head(NGINX, 65536, False, FieldLayout())
     assert read is not None
-    assert len(read.kept) == 2  # the Connection line splits the run
+    assert len(read.unchanged_lines) == 2  # the Connection line splits the run
     assert read.body == b"hello"
     assert read.body_length == 5
-    head = join_response_head(read.kept, read.via, keep_alive=True, client_http10=False)
+    head = join_response_head(
+        read.unchanged_lines, read.via, keep_alive=True, client_http10=False
+    )
     assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n")
     assert b"Connection" not in head
     assert head.endswith(b"Accept-Ranges: bytes\r\nVia: 1.1 pgproxy\r\n\r\n")
@@ -201,7 +206,9 @@ def test_via_values_are_joined_before_the_proxy() -> None:
     data = READ[6]
     read = read_response_head(data, 65536, False, FieldLayout())
     assert read is not None
-    head = join_response_head(read.kept, read.via, keep_alive=True, client_http10=False)
+    head = join_response_head(
+        read.unchanged_lines, read.via, keep_alive=True, client_http10=False
+    )
     assert b"Via: 1.1 a, 1.0 b, 1.1 pgproxy\r\n" in head
 
 
