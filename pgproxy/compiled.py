@@ -48,6 +48,7 @@ COMPILED_MODULES = (
     "pgproxy.graph.types",
     "pgproxy.graph.paths",
     "pgproxy.graph.routing",
+    "pgproxy.balancing.base",
     "pgproxy.balancing.round_robin",
     "pgproxy.balancing.consistent_hash",
     "pgproxy.balancing.least_request",

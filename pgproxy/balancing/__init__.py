@@ -11,14 +11,14 @@ is healthy keeps its endpoint while others come and go.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
-from typing import Protocol
+from collections.abc import Mapping
 
+from pgproxy.balancing.base import Balancer
 from pgproxy.balancing.consistent_hash import ConsistentHashBalancer
 from pgproxy.balancing.least_request import LeastRequestBalancer
 from pgproxy.balancing.random import RandomBalancer
 from pgproxy.balancing.round_robin import RoundRobinBalancer
-from pgproxy.graph.types import Cluster, Endpoint
+from pgproxy.graph.types import Cluster
 
 __all__ = [
     "Balancer",
@@ -29,26 +29,6 @@ __all__ = [
     "build_balancer",
     "hash_key_value",
 ]
-
-
-class Balancer(Protocol):
-    """Orders a cluster's endpoints for one request."""
-
-    def candidates(self, key: str | None) -> Iterator[Endpoint]:
-        """Yield every endpoint of the cluster at most once, best first.
-
-        `key` is the request's hash key (see `hash_key_value`); only
-        consistent_hash uses it, and None makes it fall back to round robin.
-        """
-        ...
-
-    def on_request_start(self, endpoint: Endpoint) -> None:
-        """Record that a request was sent to `endpoint`."""
-        ...
-
-    def on_request_end(self, endpoint: Endpoint) -> None:
-        """Record that a request to `endpoint` finished, in any way."""
-        ...
 
 
 def build_balancer(cluster: Cluster, rng: random.Random | None = None) -> Balancer:

@@ -28,6 +28,7 @@ import bisect
 import zlib
 from collections.abc import Iterator, Sequence
 
+from pgproxy.balancing.base import Balancer
 from pgproxy.balancing.round_robin import RoundRobinBalancer
 from pgproxy.graph.types import Endpoint
 
@@ -79,7 +80,7 @@ def key_hash(key: str) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogateescape"))
 
 
-class ConsistentHashBalancer:
+class ConsistentHashBalancer(Balancer):
     """A ketama ring over one cluster's endpoints."""
 
     __slots__ = ("_endpoints", "_fallback", "_hashes", "_owners")
@@ -149,9 +150,3 @@ class ConsistentHashBalancer:
                 yield endpoints[index]
                 if len(seen) == len(endpoints):
                     return
-
-    def on_request_start(self, endpoint: Endpoint) -> None:
-        """Do nothing: the ring does not track in-flight requests."""
-
-    def on_request_end(self, endpoint: Endpoint) -> None:
-        """Do nothing: the ring does not track in-flight requests."""

@@ -18,10 +18,11 @@ import itertools
 import random
 from collections.abc import Iterator, Sequence
 
+from pgproxy.balancing.base import Balancer
 from pgproxy.graph.types import Endpoint
 
 
-class LeastRequestBalancer:
+class LeastRequestBalancer(Balancer):
     """Power of two random choices on in-flight request counts."""
 
     __slots__ = ("_cumulative", "_endpoints", "_in_flight", "_index", "_rng", "_total")

@@ -13,10 +13,11 @@ import itertools
 import random
 from collections.abc import Iterator, Sequence
 
+from pgproxy.balancing.base import Balancer
 from pgproxy.graph.types import Endpoint
 
 
-class RandomBalancer:
+class RandomBalancer(Balancer):
     """Weighted random choice over one cluster's endpoints."""
 
     __slots__ = ("_cumulative", "_endpoints", "_rng", "_total")
@@ -65,9 +66,3 @@ class RandomBalancer:
                     chosen = position
                     break
             yield endpoints[remaining.pop(chosen)]
-
-    def on_request_start(self, endpoint: Endpoint) -> None:
-        """Do nothing: random choice does not track in-flight requests."""
-
-    def on_request_end(self, endpoint: Endpoint) -> None:
-        """Do nothing: random choice does not track in-flight requests."""

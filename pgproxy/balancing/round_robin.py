@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
+from pgproxy.balancing.base import Balancer
 from pgproxy.graph.types import Endpoint
 
 # A period longer than this is not precomputed: every pick then runs the live
@@ -50,7 +51,7 @@ def _smooth_step(
     return best
 
 
-class RoundRobinBalancer:
+class RoundRobinBalancer(Balancer):
     """Smooth weighted round robin over one cluster's endpoints."""
 
     __slots__ = ("_endpoints", "_fallback", "_position", "_schedule", "_weights")
@@ -111,9 +112,3 @@ class RoundRobinBalancer:
             index = _smooth_step(self._fallback, weights, total, remaining)
             remaining.remove(index)
             yield self._endpoints[index]
-
-    def on_request_start(self, endpoint: Endpoint) -> None:
-        """Do nothing: round robin does not track in-flight requests."""
-
-    def on_request_end(self, endpoint: Endpoint) -> None:
-        """Do nothing: round robin does not track in-flight requests."""
