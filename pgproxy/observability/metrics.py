@@ -109,7 +109,7 @@ class ListenerMetrics:
     """
 
     connections: ConnectionStats
-    routes: Mapping[int, RequestStats]
+    routes: dict[int, RequestStats]
     unrouted: RequestStats
 
 

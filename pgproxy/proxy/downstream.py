@@ -48,6 +48,7 @@ class DownstreamProtocol(RequestParsing):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._write = transport.write
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -249,8 +250,9 @@ class DownstreamProtocol(RequestParsing):
 
     def write(self, data: bytes) -> None:
         """Write bytes to the client unless the connection is gone."""
-        if not self._closed and self.transport is not None:
-            self.transport.write(data)
+        write = self._write
+        if not self._closed and write is not None:
+            write(data)
 
     def pause_body(self) -> None:
         """Stop reading request bytes (upstream busy or not connected yet)."""
@@ -305,7 +307,7 @@ class DownstreamProtocol(RequestParsing):
 
     def _set_conn_deadline(self, kind: int, timeout: float) -> None:
         self._conn_deadline_kind = kind
-        self._conn_deadline = self.loop.time() + timeout
+        self._conn_deadline = self.clock() + timeout
         self.watch_deadline(self._conn_deadline)
 
     def watch_deadline(self, at: float) -> None:
@@ -321,7 +323,7 @@ class DownstreamProtocol(RequestParsing):
         self._timer = None
         if self._closed:
             return
-        now = self.loop.time()
+        now = self.clock()
         if self._conn_deadline and now >= self._conn_deadline:
             self._on_conn_deadline()
             return

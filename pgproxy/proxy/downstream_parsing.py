@@ -74,7 +74,7 @@ class RequestParsing(DownstreamState):
     def _feed(self, data: bytes) -> tuple[int, str] | None:
         """Parse bytes; return the status and reason of a malformed request."""
         try:
-            self._parser.feed_data(data)
+            self._feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._on_upgrade_request(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -124,13 +124,12 @@ class RequestParsing(DownstreamState):
         self._conn_deadline_kind = 0
         if self._header_bytes > self.limits.max_header_bytes:
             raise FramingError("request header fields too large", status=431)
-        parser = self._parser
-        method = parser.get_method()
+        method = self._get_method()
         version = self._check_request_line(method)
         if version is None:
             # httptools formats the version with str.format: about 2,300
             # instructions, against about 100 for reading it from the chunk.
-            version = parser.get_http_version()
+            version = self._parser.get_http_version()
         names = self._header_names
         info = check_request_head(method, self._url, version, self._headers, names)
         limit = self.limits.max_body_bytes

@@ -11,6 +11,7 @@ calls on the other are declared here for the type checker only.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import httptools
@@ -50,8 +51,10 @@ class DownstreamState(asyncio.Protocol):
         "_connection_stats",
         "_eof",
         "_error",
+        "_feed_data",
         "_feeding",
         "_front_started",
+        "_get_method",
         "_head_bytes",
         "_header_bytes",
         "_header_names",
@@ -70,8 +73,10 @@ class DownstreamState(asyncio.Protocol):
         "_tls",
         "_tunnel",
         "_url",
+        "_write",
         "client",
         "client_ip",
+        "clock",
         "forwarding",
         "limits",
         "listener_name",
@@ -92,11 +97,18 @@ class DownstreamState(asyncio.Protocol):
         # asyncio.get_running_loop() makes a getpid(2) call on Linux, so the
         # protocol factory passes the loop it took once.
         self.loop = asyncio.get_running_loop() if loop is None else loop
+        # Bound methods of the loop, parser and transport, taken once. Compiled
+        # code calls a method of a Python object by name, a type lookup per
+        # call; calling a stored bound method skips it.
+        self.clock: Callable[[], float] = self.loop.time
         self.transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], object] | None = None
         self.client = ""
         self.client_ip = ""
         self.forwarding = Forwarding("", b"http", False)
         self._parser = httptools.HttpRequestParser(self)
+        self._feed_data: Callable[[bytes], None] = self._parser.feed_data
+        self._get_method: Callable[[], bytes] = self._parser.get_method
         # A list, not a deque: a deque allocates a 64-slot block per
         # connection, and the queue holds at most a few pipelined requests.
         self._queue: list[Exchange] = []

@@ -54,6 +54,8 @@ _TARGET_MAP: Final = _byte_map(lambda b: 0x21 <= b <= 0x7E and b != 0x23)
 _ABSOLUTE_FORM_RE: Final = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)\Z")
 # Userinfo, a path or a space has no place in a Host value.
 _HOST_MAP: Final = _byte_map(lambda b: b not in b"@/ ")
+# Called directly, where compiled code would look `value.strip` up by name.
+_strip: Final = bytes.strip
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Host values decoded by host_without_port: a DNS name (253) with a port fits.
@@ -313,7 +315,7 @@ def _set_host(
     raw = (
         authority
         if authority is not None
-        else (hosts[0].strip(b" \t") if hosts else b"")
+        else (_strip(hosts[0], b" \t") if hosts else b"")
     )
     if raw and 0 in raw.translate(_HOST_MAP):
         raise FramingError("invalid Host header")

@@ -62,6 +62,9 @@ class EndpointPool:
         # The loop the pool's connections live on, taken at the first release
         # (asyncio.get_running_loop costs a getpid(2) per call on Linux).
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Its time method, bound once: compiled code looks a method of a
+        # Python object up by name on every call.
+        self._clock: Callable[[], float] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -91,10 +94,11 @@ class EndpointPool:
         return None
 
     def _loop_time(self) -> float:
-        loop = self._loop
-        if loop is None:
+        clock = self._clock
+        if clock is None:
             loop = self._loop = asyncio.get_running_loop()
-        return loop.time()
+            clock = self._clock = loop.time
+        return clock()
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after a complete exchange, or close it."""
@@ -107,12 +111,10 @@ class EndpointPool:
         # see the upstream's EOF and to read the next response.
         if conn.reading_paused:
             conn.resume_reading()
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        conn.idle_since = self._loop_time()
         self._idle.append(conn)
-        if self._timer is None:
+        loop = self._loop
+        if self._timer is None and loop is not None:
             self._timer = loop.call_at(
                 conn.idle_since + self.idle_timeout, self._expire
             )

@@ -34,6 +34,12 @@ from pgproxy.proxy.framing import COMMON_CONNECTION_TOKENS, TOKEN_RE, ResponseIn
 
 _VERSION: Final = b"HTTP/1.1 "
 _END: Final = b"\r\n\r\n"
+# bytes methods that mypyc has no primitive for, as plain functions. Compiled
+# code calls `data.partition(...)` by name, with a type lookup each time; a
+# function held in a Final is called directly.
+_partition: Final = bytes.partition
+_split: Final = bytes.split
+_strip: Final = bytes.strip
 # 1 for the bytes a status line or field line may hold: HTAB, SP, VCHAR and
 # obs-text (RFC 9110 section 5.5). CR and LF only end lines.
 _LINE_MAP: Final = bytes(
@@ -144,10 +150,10 @@ def read_response_head(
     # call (callgrind, CPython 3.11.7).
     if not data.startswith(_VERSION):
         return None
-    block, end, body = data.partition(_END)
+    block, end, body = _partition(data, _END)
     if not end or len(block) + 4 > max_head:
         return None
-    lines = block.split(b"\r\n")
+    lines = _split(block, b"\r\n")
     # Without their CRLFs the lines may contain no CR, LF or other byte that
     # _LINE_MAP rejects. translate() with only a table is the fast form.
     if 0 in b"".join(lines).translate(_LINE_MAP):
@@ -189,7 +195,7 @@ def read_response_head(
         if kind == _PLAIN:
             pos = line_end
             continue
-        value = line[value_at:].strip(b" \t")
+        value = _strip(line[value_at:], b" \t")
         if kind == _LENGTH:
             if length >= 0:
                 return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -71,10 +71,12 @@ class UpstreamConnection(asyncio.Protocol):
         "_header_names",
         "_headers",
         "_in_head",
+        "_is_closing",
         "_parser",
         "_read_size",
         "_reason",
         "_stray",
+        "_write",
         "bytes_sent",
         "closed",
         "endpoint",
@@ -96,6 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.endpoint = endpoint
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        # Methods of the transport called per request, bound once: compiled
+        # code looks a method of a Python object up by name on every call.
+        self._write: Callable[[bytes], object] | None = None
+        self._is_closing: Callable[[], bool] | None = None
         self.sock: socket.socket | None = None
         self.exchange: Exchange | None = None
         self.closed = False
@@ -134,6 +140,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._write = transport.write
+        self._is_closing = transport.is_closing
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
 
     def data_received(self, data: bytes) -> None:
@@ -363,9 +371,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Write request bytes; a closed connection drops them silently."""
-        if self.transport is not None and not self.closed:
+        write = self._write
+        if write is not None and not self.closed:
             self.bytes_sent = True
-            self.transport.write(data)
+            write(data)
 
     def send_parts(self, parts: Sequence[bytes]) -> None:
         """Write several request buffers in order without joining them."""
@@ -409,8 +418,8 @@ class UpstreamConnection(asyncio.Protocol):
         """
         if self.closed or self.sock is None or not self.keep_alive:
             return False
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        is_closing = self._is_closing
+        if is_closing is None or is_closing():
             return False
         if idle_for < PEEK_AFTER_IDLE:
             return True
