@@ -108,7 +108,8 @@ class RequestParsing(DownstreamState):
             self._set_conn_deadline(_HEADER, self.limits.header_read_timeout)
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        # llhttp reports a target split over reads in parts; most come whole.
+        self._url = self._url + url if self._url else url
         self._header_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -33,27 +33,29 @@ _MAX_CACHED_TOKEN: Final = 64
 _MAX_CACHED_TOKENS: Final = 1024
 
 
-def _byte_map(allowed: Callable[[int], bool]) -> bytes:
-    """Return a bytes.translate table: 1 for each allowed byte, 0 for the rest.
+def byte_map(allowed: Callable[[int], bool]) -> bytes:
+    """Return a bytes.translate table that changes exactly the bytes not allowed.
 
-    `0 in data.translate(table)` is then true when `data` has a byte that is
-    not allowed, at about half the cost of a regex search (timeit).
+    `data.translate(table) != data` is then true when `data` has a byte that
+    is not allowed, at about half the cost of a regex search (timeit). When
+    nothing changes, translate returns `data` itself, so the usual case
+    allocates nothing and the comparison stops at the identity.
     """
-    return bytes(1 if allowed(byte) else 0 for byte in range(256))
+    return bytes(byte if allowed(byte) else (0 if byte else 1) for byte in range(256))
 
 
 # RFC 9110 section 5.5: field-value is VCHAR, obs-text, SP and HTAB; CR, LF, NUL
 # and other controls are invalid anywhere in it.
-_FIELD_VALUE_MAP: Final = _byte_map(lambda b: b == 0x09 or 0x20 <= b != 0x7F)
+_FIELD_VALUE_MAP: Final = byte_map(lambda b: b == 0x09 or 0x20 <= b != 0x7F)
 _DIGITS_RE: Final = re.compile(rb"^[0-9]{1,18}\Z")
 # RFC 9112 section 3.2: origin-form, absolute-form, authority-form, asterisk-form.
 # Origin-form is absolute-path ["?" query], and neither allows "#": a fragment
 # is never sent. Servers behind the proxy cut the path at "#", so a target
 # with one could match one route here and reach another path there: 400.
-_TARGET_MAP: Final = _byte_map(lambda b: 0x21 <= b <= 0x7E and b != 0x23)
+_TARGET_MAP: Final = byte_map(lambda b: 0x21 <= b <= 0x7E and b != 0x23)
 _ABSOLUTE_FORM_RE: Final = re.compile(rb"^(?i:https?)://([^/?#@\s]+)([!-\"$-~]*)\Z")
 # Userinfo, a path or a space has no place in a Host value.
-_HOST_MAP: Final = _byte_map(lambda b: b not in b"@/ ")
+_HOST_MAP: Final = byte_map(lambda b: b not in b"@/ ")
 # Called directly, where compiled code would look `value.strip` up by name.
 _strip: Final = bytes.strip
 
@@ -133,7 +135,7 @@ def check_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     RFC 9112 section 3.2: asterisk-form is only for OPTIONS, and
     authority-form only for CONNECT, which a reverse proxy does not serve.
     """
-    if target.startswith(b"/") and 0 not in target.translate(_TARGET_MAP):
+    if target.startswith(b"/") and target.translate(_TARGET_MAP) == target:
         return target, None
     if target == b"*":
         if method != b"OPTIONS":
@@ -175,7 +177,7 @@ def check_field(name: bytes, value: bytes) -> None:
         if not TOKEN_RE.match(name):
             raise FramingError("invalid header field name")
         _cache_token(name, name.lower())
-    if 0 in value.translate(_FIELD_VALUE_MAP):
+    if value.translate(_FIELD_VALUE_MAP) != value:
         raise FramingError("invalid character in header field value")
 
 
@@ -317,7 +319,7 @@ def _set_host(
         if authority is not None
         else (_strip(hosts[0], b" \t") if hosts else b"")
     )
-    if raw and 0 in raw.translate(_HOST_MAP):
+    if raw and raw.translate(_HOST_MAP) != raw:
         raise FramingError("invalid Host header")
     info.host_raw = raw
     info.host = host_without_port(raw) if raw else None
