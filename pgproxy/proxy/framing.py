@@ -114,7 +114,7 @@ class RequestInfo:
         self.host: str | None = None
         self.host_raw = b""
         self.target = b"/"
-        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.connection_tokens: frozenset[bytes] = _NO_TOKENS
         self.has_idempotency_key = False
 
     @property
@@ -383,7 +383,7 @@ class ResponseInfo:
         self.body = "none"
         self.content_length: int | None = None
         self.keep_alive = True
-        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.connection_tokens: frozenset[bytes] = _NO_TOKENS
 
 
 class BadResponseError(ValueError):

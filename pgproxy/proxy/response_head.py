@@ -43,10 +43,13 @@ _END: Final = b"\r\n\r\n"
 # code calls `data.partition(...)` by name, with a type lookup each time; a
 # function held in a Final is called directly.
 _partition: Final = bytes.partition
-_split: Final = bytes.split
-# Changes every byte but those a status line or field line may hold: HTAB,
-# SP, VCHAR and obs-text (RFC 9110 section 5.5). CR and LF only end lines.
-_LINE_MAP: Final = byte_map(lambda byte: byte == 0x09 or 0x20 <= byte != 0x7F)
+_splitlines: Final = bytes.splitlines
+# Changes every byte but those a status line or field line may hold (HTAB,
+# SP, VCHAR and obs-text, RFC 9110 section 5.5) and the CR and LF that end
+# lines.
+_HEAD_MAP: Final = byte_map(lambda byte: byte in b"\t\r\n" or 0x20 <= byte != 0x7F)
+# The Via values of a head that has none; never appended to.
+_NO_VIA: Final[list[bytes]] = []
 
 # Field kinds: how the proxy treats a field, by its name.
 _PLAIN: Final = 0  # forwarded as received
@@ -155,18 +158,23 @@ def read_response_head(
     block, end, body = _partition(data, _END)
     if not end or len(block) + 4 > max_head:
         return None
-    lines = _split(block, b"\r\n")
-    # Without their CRLFs the lines may contain no CR, LF or other byte that
-    # _LINE_MAP rejects. translate() with only a table is the fast form.
-    joined = b"".join(lines)
-    if joined.translate(_LINE_MAP) != joined:
+    # translate() with only a table is the fast form. CR and LF pass here;
+    # splitlines() breaks at each, and the offsets summed below show whether
+    # every break was a CRLF: a bare CR or LF makes the head go to llhttp.
+    # The sum holds only if the last line ends at the CRLF CRLF, because
+    # splitlines() drops a line break at the end.
+    if block.translate(_HEAD_MAP) != block:
         return None
+    last = block[len(block) - 1]
+    if last == 0x0D or last == 0x0A:
+        return None
+    lines = _splitlines(block)
     status = _read_status(lines[0])
     if status < 200 or status > 599:
         return None
 
     unchanged_lines: list[bytes] = []
-    via: list[bytes] = []
+    via = _NO_VIA
     length = -1
     options: frozenset[bytes] | None = None
     run_start = 0
@@ -222,11 +230,15 @@ def read_response_head(
             if options is None:
                 return None
         elif kind == _VIA:
+            if via is _NO_VIA:
+                via = []
             via.append(value)
         # The field is not forwarded: close the run of unchanged lines before it.
         if run_start < pos:
             unchanged_lines.append(data[run_start:pos])
         run_start = pos = line_end
+    if pos != len(block) + 2:
+        return None  # a line ended with a bare CR or LF
     if run_start < pos:
         unchanged_lines.append(data[run_start:pos])
 

@@ -48,6 +48,12 @@ READ = [
 ]
 UNREAD = [
     b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
+    # Bare CR or LF: inside a line, at a line's end, at the head's end.
+    b"HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\nContent-Length: 1\r\n\r\nx",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\rX-B: 2\r\nContent-Length: 1\r\n\r\nx",
+    b"HTTP/1.1 200 OK\nContent-Length: 1\r\n\r\nx",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\r\n\r\nx",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\n\r\n\r\nx",
     b"HTTP/1.1 100 Continue\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
     b"Connection: upgrade\r\n\r\n",
