@@ -346,6 +346,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self._parser
         if parser.get_status_code() < 200:
+            if not parser.should_keep_alive():
+                # A 1xx with Connection: close still precedes the final
+                # response, and the connection closes after that response.
+                # llhttp (httptools 0.9.0) rejects any byte after such a head
+                # unless this leniency is set, and it parses the final response
+                # with fresh flags, so self.keep_alive keeps the close.
+                self.keep_alive = False
+                parser.set_dangerous_leniencies(lenient_keep_alive=True)
             exchange.on_interim_complete()
             return
         if not parser.should_keep_alive():

@@ -24,6 +24,7 @@ from tests.proxy.loopback import (
 pytestmark = pytest.mark.anyio
 
 GET = b"GET /x HTTP/1.1\r\nHost: test.local\r\n\r\n"
+GET_CLOSE = b"GET /x HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture
@@ -570,4 +571,80 @@ async def test_proxy_connection_close_not_pooled(framing: bytes) -> None:
     assert b"Proxy-Connection" not in first
     assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second
     assert upstream.connections == 2
+    await upstream.stop()
+
+
+CLOSE_103 = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nConnection: close\r\n\r\n"
+CLOSE_100 = b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n"
+CHUNKED_OK = b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+LENGTH_OK = b"Content-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("interim", "framing", "relayed_body"),
+    [
+        (CLOSE_103, LENGTH_OK, b"\r\n\r\nok"),
+        (CLOSE_103, CHUNKED_OK, b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        (CLOSE_100, LENGTH_OK, b"\r\n\r\nok"),
+    ],
+    ids=["103-length", "103-chunked", "100-length"],
+)
+async def test_interim_close_same_read(
+    interim: bytes, framing: bytes, relayed_body: bytes
+) -> None:
+    """The final response after a 1xx with Connection: close is relayed.
+
+    The close applies to the connection, so it is not pooled afterwards.
+    """
+    upstream = ScriptedUpstream()
+
+    async def reply(head: bytes) -> bytes | None:
+        return interim + b"HTTP/1.1 200 OK\r\n" + framing
+
+    upstream.reply = reply
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        first = await exchange(port, GET_CLOSE, until_close=True)
+        idle = service.pools.all()[0].idle
+        second = await exchange(port, GET_CLOSE, until_close=True)
+    if interim == CLOSE_103:
+        # 103 is forwarded without its hop-by-hop Connection field.
+        assert first.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+    else:
+        # The proxy sends its own 100 Continue, so an upstream 100 is dropped.
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"HTTP/1.1 200 OK\r\n" in first, first
+    assert first.endswith(relayed_body)
+    assert b"HTTP/1.1 200 OK\r\n" in second, second
+    assert idle == 0
+    assert upstream.connections == 2
+    await upstream.stop()
+
+
+async def test_interim_close_separate_reads() -> None:
+    upstream = ScriptedUpstream()
+    interim_seen = asyncio.Event()
+
+    async def interim_then_final(head: bytes) -> bytes | None:
+        writer = upstream.writers[-1]
+        writer.write(CLOSE_103)
+        await writer.drain()
+        await interim_seen.wait()
+        return b"HTTP/1.1 200 OK\r\n" + CHUNKED_OK
+
+    upstream.reply = interim_then_final
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GET_CLOSE)
+        with anyio.fail_after(5):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            interim_seen.set()
+            final = await reader.read(-1)
+        writer.close()
+        idle = service.pools.all()[0].idle
+    assert interim.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert final.endswith(b"2\r\nok\r\n0\r\n\r\n")
+    assert idle == 0
     await upstream.stop()
