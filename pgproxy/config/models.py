@@ -377,8 +377,10 @@ class ClusterConfig(_Model):
     )
     max_response_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
-        description="Max size of an upstream response's status line and headers; "
-        "a larger one is answered with 502 and its connection closed. 1KiB to 1MiB.",
+        description="Max size of an upstream response head, counted from the first "
+        "byte of the status line through the empty line that ends the header "
+        "fields, every CRLF included. A larger head is answered with 502 and its "
+        "connection closed. 1KiB to 1MiB.",
     )
     tls_ca_file: str | None = Field(
         default=None,

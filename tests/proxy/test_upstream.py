@@ -378,6 +378,80 @@ async def test_response_head_limit(value_size: int, status: bytes) -> None:
     await upstream.stop()
 
 
+HEAD_LIMIT = 1024
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+
+
+def _head_of_size(size: int, framing_field: bytes) -> bytes:
+    """Return a 200 head of exactly `size` bytes, CRLF CRLF included."""
+    start = b"HTTP/1.1 200 OK\r\nX-Filler:   "
+    end = b"\r\n" + framing_field + b"\r\n\r\n"
+    return start + b"v" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-limit", "one-over"])
+@pytest.mark.parametrize(
+    ("before", "framing_field", "body", "split"),
+    [
+        (b"", b"Content-Length: 2", b"ok", 0),
+        (b"", b"Transfer-Encoding: chunked", b"2\r\nok\r\n0\r\n\r\n", 0),
+        (EARLY_HINTS, b"Content-Length: 2", b"ok", 0),
+        (b"\r\n", b"Content-Length: 2", b"ok", 0),
+        (b"", b"Content-Length: 2", b"ok", 100),
+        (EARLY_HINTS, b"Content-Length: 2", b"ok", 100),
+        (b"", b"Content-Length: 2", b"ok", -1),
+        (b"", b"Content-Length: 2", b"ok", -2),
+        (b"", b"Content-Length: 2", b"ok", -3),
+    ],
+    ids=[
+        "length",
+        "chunked",
+        "after-interim",
+        "after-crlf",
+        "split-in-field",
+        "interim-then-split",
+        "split-before-last-lf",
+        "split-before-last-crlf",
+        "split-before-last-lf-crlf",
+    ],
+)
+async def test_response_head_limit_is_exact(
+    before: bytes, framing_field: bytes, body: bytes, split: int, extra: int
+) -> None:
+    """The limit counts the head from its status line through CRLF CRLF.
+
+    `split` is where the upstream stops writing for a moment, so that the
+    head usually arrives in two reads (the result must not depend on it).
+    """
+    upstream = ScriptedUpstream()
+    head = _head_of_size(HEAD_LIMIT + extra, framing_field)
+
+    async def reply(request_head: bytes) -> bytes | None:
+        data = before + head + body
+        if not split:
+            return data
+        at = len(before) + (split if split > 0 else len(head) + split)
+        writer = upstream.writers[-1]
+        writer.write(data[:at])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        return data[at:]
+
+    upstream.reply = reply
+    await upstream.start()
+    graph = make_graph([upstream.port], max_response_header_bytes="1KiB")
+    async with running_proxy(graph) as (port, _):
+        answer = await exchange(port, GET_CLOSE, until_close=True)
+    await upstream.stop()
+    final = answer.removeprefix(EARLY_HINTS)
+    if extra:
+        assert final.startswith(b"HTTP/1.1 502 "), final[:100]
+        assert b"response_header_too_large" in final
+    else:
+        assert final.startswith(b"HTTP/1.1 200 OK\r\n"), final[:100]
+        assert final.endswith(body)
+
+
 async def test_head_limit_ignores_same_read_body() -> None:
     upstream = ScriptedUpstream()
     body = b"b" * 3000
