@@ -10,6 +10,12 @@ but every cluster has a healthy endpoint, 2 a cluster has no healthy
 endpoint, 3 the status could not be read or an unknown cluster was named.
 Exit code 3 also covers a document that does not match the `StatusDocument`
 model of what pgproxy sends.
+
+/status gives `since`, the time of an endpoint's last status change, as a
+reading of the admin's monotonic clock, and `monotonic_now` as the reading
+when the document was built. The report shows their difference as an age
+("12s ago"), and the JSON output adds it per endpoint as `status_age_s`. A
+document without `monotonic_now`, from an older pgproxy, gets no age.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class StatusDocument(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     config: ConfigState = Field(default_factory=ConfigState)
+    monotonic_now: float | None = None
     clusters: dict[str, dict[str, EndpointState]]
 
 
@@ -162,10 +169,40 @@ def exit_code(clusters: Mapping[str, Mapping[str, Any]]) -> int:
     return EXIT_ALL_UP
 
 
+def status_age(document: Mapping[str, Any], state: Mapping[str, Any]) -> float | None:
+    """Return the seconds since the endpoint's last status change, or None."""
+    now = document.get("monotonic_now")
+    since = state.get("since")
+    if now is None or since is None:
+        return None
+    # pgproxy reads `monotonic_now` after every `since` it reports, so only a
+    # document from elsewhere can give a negative age. It is shown as 0s.
+    return max(0.0, float(now) - float(since))
+
+
+def format_age(seconds: float) -> str:
+    """Format an age in seconds as "45s ago", "12m 5s ago", "3h 4m ago", "2d 5h ago"."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s ago"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs}s ago"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes}m ago"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h ago"
+
+
 def report_json(
     admin: str, document: Mapping[str, Any], clusters: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Build the JSON output: the selected clusters as /status reports them."""
+    """Build the JSON output: the selected clusters as /status reports them.
+
+    Each endpoint also gets `status_age_s`, the seconds since `since`
+    (None when the document has no `monotonic_now`).
+    """
     return {
         "admin": admin,
         "config": document.get("config", {}),
@@ -178,13 +215,21 @@ def report_json(
                 ),
                 "total": len(endpoints),
                 "endpoints": [
-                    {"address": address, **state}
+                    {
+                        "address": address,
+                        **state,
+                        "status_age_s": _rounded(status_age(document, state)),
+                    }
                     for address, state in endpoints.items()
                 ],
             }
             for name, endpoints in clusters.items()
         ],
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def render_text(
@@ -210,7 +255,7 @@ def render_text(
                     style="green" if status == "healthy" else "red",
                 ),
                 Text(status),
-                "" if state.get("since") is None else f"{state['since']:.0f}",
+                _since_cell(document, state),
                 Text(str(state.get("reason") or "")),
             )
         console.print(table)
@@ -221,6 +266,11 @@ def render_text(
         )
         console.print(f"{name}: {healthy}/{len(endpoints)} healthy, {verdict}")
         console.print()
+
+
+def _since_cell(document: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    age = status_age(document, state)
+    return "" if age is None else format_age(age)
 
 
 def check_admin(

@@ -127,7 +127,7 @@ HashKey = Annotated[
 ]
 
 # Names of the path spellings that `reject_ambiguous_paths` can list;
-# pgproxy.graph.paths.AMBIGUOUS_SPELLINGS has the spellings of each.
+# pgproxy.graph.paths.AMBIGUOUS_NAMES lists the same names.
 AmbiguousPathName = Literal[
-    "semicolon", "backslash", "escaped_slash", "escaped_percent"
+    "semicolon", "backslash", "escaped_slash", "escaped_percent", "overlong_utf8"
 ]

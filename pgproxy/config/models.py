@@ -122,8 +122,10 @@ class ListenerConfig(_Model):
         description="Request path spellings rejected with 400 before routing, "
         "because some upstreams read them differently from the route match: "
         '"semicolon" (`;`, `%3B`), "backslash" (`\\`, `%5C`), "escaped_slash" '
-        '(`%2F`) and "escaped_percent" (`%25`, for upstreams that decode twice). '
-        "Escapes match in either case; the query string is not checked.",
+        '(`%2F`), "escaped_percent" (`%25`, for upstreams that decode twice) and '
+        '"overlong_utf8" (overlong UTF-8 escapes such as `%C0%AF` for `/` and '
+        "`%C0%AE` for `.`, for upstreams that decode them). Escapes match in "
+        "either case; the query string is not checked.",
     )
     tls: TlsConfig | None = Field(default=None, description="TLS termination.")
 
@@ -377,8 +379,10 @@ class ClusterConfig(_Model):
     )
     max_response_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
-        description="Max size of an upstream response's status line and headers; "
-        "a larger one is answered with 502 and its connection closed. 1KiB to 1MiB.",
+        description="Max size of an upstream response head, counted from the first "
+        "byte of the status line through the empty line that ends the header "
+        "fields, every CRLF included. A larger head is answered with 502 and its "
+        "connection closed. 1KiB to 1MiB.",
     )
     tls_ca_file: str | None = Field(
         default=None,

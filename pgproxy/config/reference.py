@@ -73,6 +73,14 @@ reject_ambiguous_paths = ["semicolon", "backslash", "escaped_slash"]
   treats it as one segment under `/admin/`.
 - `"escaped_percent"` rejects `%25`, for upstreams that decode twice and so
   read `%252F` as `/`.
+- `"overlong_utf8"` rejects escaped overlong UTF-8 sequences, which spend
+  more bytes on a character than UTF-8 allows (RFC 3629 section 3), such as
+  `%C0%AF` and `%E0%80%AF` for `/` and `%C0%AE` for `.`. A sequence is
+  overlong when it starts with `%C0` or `%C1` followed by `%80`-`%BF`, `%E0`
+  by `%80`-`%9F`, `%F0` by `%80`-`%8F`, `%F8` by `%80`-`%87` or `%FC` by
+  `%80`-`%83`. Routes read these bytes as invalid UTF-8, not as `/` or `.`,
+  but an upstream with a lenient decoder reads `/x/%C0%AE%C0%AE/admin` as
+  `/admin`.
 
 Escapes match in either case, so `%2f` is rejected too. The query string is
 not checked: `;`, `%2F` and `%25` after `?` are forwarded. `%252F` is not an

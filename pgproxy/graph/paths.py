@@ -22,8 +22,9 @@ which is nearly every request.
 
 The upstream receives the raw path. A spelling that an upstream reads
 differently from these steps therefore reaches it unseen by the route
-match: `;` parameters, `\\` taken as `/`, `%2F` decoded after routing, or an
-escape decoded a second time. `AmbiguousPathRule` finds the spellings that
+match: `;` parameters, `\\` taken as `/`, `%2F` decoded after routing, an
+escape decoded a second time, or an overlong UTF-8 sequence such as `%C0%AF`
+decoded as `/`. `AmbiguousPathRule` finds the spellings that
 a listener's `reject_ambiguous_paths` names in the raw path, before any
 decoding, and the proxy rejects them with 400 before routing.
 """
@@ -59,6 +60,27 @@ AMBIGUOUS_SPELLINGS: dict[str, tuple[str, ...]] = {
     "escaped_percent": ("%25",),
 }
 
+# Overlong UTF-8 sequences, escaped: a character encoded in more bytes than
+# it needs. RFC 3629 section 3 makes them invalid, but lenient decoders read
+# `%C0%AF` and `%E0%80%AF` as `/` and `%C0%AE` as `.` (IIS 4.0 and 5.0,
+# MS00-078; Apache Tomcat, CVE-2008-2938). Then `/public/%C0%AE%C0%AE/admin`
+# reaches `/admin`, while routes see no dot segment. The lead byte and the
+# first continuation byte prove a sequence overlong, and the continuation
+# bytes after them, up to the sequence's length, join the matched text.
+# RFC 2279 had 5 and 6 byte forms.
+_CONTINUATION: Final = "%[89AB][0-9A-F]"
+_OVERLONG_UTF8: Final = (
+    "(?i:%C[01]%[89AB][0-9A-F]"
+    f"|%E0%[89][0-9A-F](?:{_CONTINUATION})?"
+    f"|%F0%8[0-9A-F](?:{_CONTINUATION}){{0,2}}"
+    f"|%F8%8[0-7](?:{_CONTINUATION}){{0,3}}"
+    f"|%FC%8[0-3](?:{_CONTINUATION}){{0,4}})"
+)
+# Regular expressions of the names whose spellings are not a fixed list.
+_AMBIGUOUS_PATTERNS: Final = {"overlong_utf8": _OVERLONG_UTF8}
+# Every name that `reject_ambiguous_paths` accepts.
+AMBIGUOUS_NAMES: Final = (*AMBIGUOUS_SPELLINGS, *_AMBIGUOUS_PATTERNS)
+
 
 class InvalidPathError(ValueError):
     """A request path that cannot be decoded; the proxy responds with 400."""
@@ -73,24 +95,22 @@ class AmbiguousPathRule:
     it found.
     """
 
-    __slots__ = ("_names_by_spelling", "names", "search")
+    __slots__ = ("_pattern_by_name", "names", "search")
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = tuple(dict.fromkeys(names))
-        unknown = [name for name in self.names if name not in AMBIGUOUS_SPELLINGS]
+        unknown = [name for name in self.names if name not in AMBIGUOUS_NAMES]
         if unknown or not self.names:
-            known = ", ".join(AMBIGUOUS_SPELLINGS)
+            known = ", ".join(AMBIGUOUS_NAMES)
             raise ValueError(
                 f"invalid ambiguous path names {unknown or '(none given)'}: "
                 f"expected one or more of {known}"
             )
-        self._names_by_spelling = {
-            spelling: name
-            for name in self.names
-            for spelling in AMBIGUOUS_SPELLINGS[name]
+        patterns = {name: _name_pattern(name) for name in self.names}
+        self._pattern_by_name = {
+            name: re.compile(pattern) for name, pattern in patterns.items()
         }
-        pattern = "|".join(map(_spelling_pattern, self._names_by_spelling))
-        self.search = re.compile(pattern).search
+        self.search = re.compile("|".join(patterns.values())).search
 
     def __repr__(self) -> str:
         return f"<AmbiguousPathRule {' '.join(self.names)}>"
@@ -101,7 +121,11 @@ class AmbiguousPathRule:
         if match is None:
             return None
         text = match.group()
-        return self._names_by_spelling[text.upper()], text
+        # The spellings of different names never overlap, so one name matches.
+        for name, pattern in self._pattern_by_name.items():
+            if pattern.fullmatch(text):
+                return name, text
+        raise AssertionError(f"no ambiguous path name matches {text!r}")
 
 
 def needs_normalizing(path: str) -> bool:
@@ -123,6 +147,13 @@ def normalize_path(path: str) -> str:
 def encode_path(path: str) -> str:
     """Percent-encode a normalised path again, for a request line."""
     return quote(path, safe=_PATH_SAFE, errors="surrogateescape")
+
+
+def _name_pattern(name: str) -> str:
+    pattern = _AMBIGUOUS_PATTERNS.get(name)
+    if pattern is not None:
+        return pattern
+    return "|".join(map(_spelling_pattern, AMBIGUOUS_SPELLINGS[name]))
 
 
 def _spelling_pattern(spelling: str) -> str:

@@ -54,7 +54,7 @@ class ListenerSettings:
     idle_timeout: float
     max_header_bytes: int
     max_body_bytes: int
-    # Names from pgproxy.graph.paths.AMBIGUOUS_SPELLINGS; empty forwards all.
+    # Names from pgproxy.graph.paths.AMBIGUOUS_NAMES; empty forwards all.
     reject_ambiguous_paths: tuple[str, ...]
     tls: TlsSettings | None
 

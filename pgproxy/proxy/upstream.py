@@ -14,11 +14,12 @@ Invariants:
   Content-Length or without a body, is read by
   pgproxy/proxy/response_head.py, and its body bytes are counted here, so
   llhttp parses none of that response. llhttp parses every other response.
-- A response head is read up to the cluster's `max_response_header_bytes`;
-  a larger one fails the exchange with 502 and closes the connection, so
-  the memory held for a head stays bounded. Reads ending inside a head are
-  counted as they arrive; the fields are measured once the head is complete,
-  and only when the reads it came in exceed the limit.
+- A response head is read up to the cluster's `max_response_header_bytes`,
+  counted from the first byte of its status line through the CRLF CRLF
+  that ends it. A larger head fails the exchange with 502 and closes the
+  connection, so the memory held for a head stays bounded. Reads ending
+  inside a head are counted as they arrive. A complete head is measured
+  byte for byte, but only when the reads it came in exceed the limit.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ logger = logging.getLogger(__name__)
 # Write buffer above which the sending side pauses reading its source.
 WRITE_BUFFER_HIGH: Final = 256 * 1024
 WRITE_BUFFER_LOW: Final = 64 * 1024
-# Default limit on an upstream response's status line and header fields, the
-# same as the listeners' default request head limit (max_header_bytes).
+# Default limit on an upstream response head, the same as the listeners'
+# default request head limit (max_header_bytes).
 MAX_RESPONSE_HEAD: Final = 64 * 1024
+_HEAD_END: Final = b"\r\n\r\n"
 _PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # Idle time from which a pooled connection is peeked at before reuse.
 PEEK_AFTER_IDLE: Final = 0.25
@@ -68,12 +70,14 @@ class UpstreamConnection(asyncio.Protocol):
         "_body_left",
         "_finished",
         "_head_read",
+        "_head_tail",
         "_header_names",
         "_headers",
+        "_heads_in_read",
         "_in_head",
         "_is_closing",
         "_parser",
-        "_read_size",
+        "_read",
         "_reason",
         "_stray",
         "_write",
@@ -118,8 +122,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_names: list[bytes] = []
         self._in_head = False
+        # Bytes of the current head in earlier reads, and the last 3 of them.
         self._head_read = 0
-        self._read_size = 0
+        self._head_tail = b""
+        # The read being parsed, and the number of messages begun in it.
+        self._read = b""
+        self._heads_in_read = 0
         self.max_head = pool.max_response_head
         # The exchange whose response completed during the current read. Its
         # on_response_complete runs after the whole read is parsed.
@@ -167,7 +175,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             exchange.on_tunnel_upstream_data(data)
             return
-        self._read_size = len(data)
+        self._read = data
+        self._heads_in_read = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -178,6 +187,8 @@ class UpstreamConnection(asyncio.Protocol):
                 exchange.on_upgraded(data[offset:])
         except httptools.HttpParserError as exc:
             self._on_parse_error(exc)
+        # An idle pooled connection must not keep its last read alive.
+        self._read = b""
         finished = self._finished
         if finished is not None:
             self._complete(finished)
@@ -187,11 +198,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self._in_head:
             # httptools buffers a header field split over reads until it ends,
             # so the reads ending inside the head are counted as well.
-            self._head_read += len(data)
+            self._count_head_read(data)
             if self._head_read > self.max_head:
                 self._fail_head_too_large()
                 return
         self.exchange.flush_response()
+
+    def _count_head_read(self, data: bytes) -> None:
+        """Count the head bytes of a read that ends inside a response head."""
+        if self._heads_in_read:
+            self._head_read = len(data) - _head_start(data, self._heads_in_read)
+            self._head_tail = data[-3:]
+        else:
+            self._head_read += len(data)
+            self._head_tail = (self._head_tail + data)[-3:]
 
     def _on_read_head(self, exchange: Exchange, head: ResponseHead) -> None:
         """Relay a head from read_response_head and the body bytes after it."""
@@ -297,6 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._in_head = True
         self._head_read = 0
+        self._heads_in_read += 1
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -309,8 +330,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         # A head no larger than the reads it came in needs no measuring, which
-        # saves counting every field (2 % of the instructions of a request).
-        if self._head_read + self._read_size > self.max_head:
+        # saves a scan of the read for most responses.
+        if self._head_read + len(self._read) > self.max_head:
             self._check_head_size()
         exchange = self.exchange
         if exchange is None:
@@ -334,10 +355,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._finished = exchange
 
     def _check_head_size(self) -> None:
-        """Stop parsing a head whose status reason and fields exceed the limit."""
-        size = len(self._reason)
-        for name, value in self._headers:
-            size += len(name) + len(value) + 4
+        """Stop parsing a head that just ended if it is larger than the limit."""
+        data = self._read
+        if self._heads_in_read:
+            start = _head_start(data, self._heads_in_read)
+            size = data.find(_HEAD_END, start) + 4 - start
+        else:
+            # The head began in an earlier read, and its CRLF CRLF may start
+            # in the bytes kept from the reads before this one.
+            tail = self._head_tail
+            size = self._head_read + (tail + data).find(_HEAD_END) + 4 - len(tail)
         if size > self.max_head:
             raise _ResponseHeadTooLarge
 
@@ -354,6 +381,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self._parser
         if parser.get_status_code() < 200:
+            if not parser.should_keep_alive():
+                # A 1xx with Connection: close still precedes the final
+                # response, and the connection closes after that response.
+                # llhttp (httptools 0.9.0) rejects any byte after such a head
+                # unless this leniency is set, and it parses the final response
+                # with fresh flags, so self.keep_alive keeps the close.
+                self.keep_alive = False
+                parser.set_dangerous_leniencies(lenient_keep_alive=True)
             exchange.on_interim_complete()
             return
         if not parser.should_keep_alive():
@@ -464,3 +499,21 @@ class UpstreamConnection(asyncio.Protocol):
                 pooled_before_response=self.reused > 0 and not self.response_started,
             )
             exchange.on_upstream_failed(error)
+
+
+def _head_start(data: bytes, heads: int) -> int:
+    """Return the offset in `data` of the last of the `heads` heads begun in it.
+
+    llhttp (httptools 0.9.0) requires CRLF line ends and skips CR and LF
+    before a message, so each head runs from its first other byte to the
+    first CRLF CRLF. The heads before the last one are 1xx heads, which
+    have no body. A stray head after a final response is the exception,
+    and its offset may be wrong, but such a connection is closed anyway.
+    """
+    start = 0
+    for i in range(heads):
+        while start < len(data) and (data[start] == 13 or data[start] == 10):
+            start += 1
+        if i < heads - 1:
+            start = data.find(_HEAD_END, start) + 4
+    return start

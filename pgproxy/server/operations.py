@@ -185,6 +185,7 @@ class Operations:
             merge_health({"0": self.state.health.snapshot()}),
             [worker],
             draining=self.draining,
+            monotonic_now=self.state.health.now(),
         )
 
     def _bind_metrics(self, graph: Graph) -> None:

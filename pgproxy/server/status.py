@@ -5,6 +5,12 @@ reports an endpoint with the least healthy status any worker has for it,
 and the status per worker. The supervisor decides passive ejections for its
 workers, so `overlay_passive` takes the failure and ejection counts from the
 supervisor's table: a worker's table does not count them.
+
+The times of an endpoint (`since`, `ejected_until`) are readings of the
+health tables' clock, time.monotonic(), which means nothing outside the
+host. The document therefore carries `monotonic_now`, a reading of that
+clock taken as it was built, and a reader computes ages from the difference.
+Every process of one pgproxy reads the same system-wide monotonic clock.
 """
 
 from __future__ import annotations
@@ -60,11 +66,16 @@ def status_document(
     workers: Sequence[Mapping[str, Any]],
     *,
     draining: bool,
+    monotonic_now: float,
 ) -> dict[str, Any]:
-    """Assemble the /status JSON object."""
+    """Assemble the /status JSON object.
+
+    `monotonic_now` is the health tables' clock as the document is built.
+    """
     return {
         "config": dict(config),
         "draining": draining,
+        "monotonic_now": monotonic_now,
         "workers": list(workers),
         "clusters": dict(clusters),
     }

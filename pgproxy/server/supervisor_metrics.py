@@ -84,4 +84,5 @@ class SupervisorMetrics:
             clusters,
             [slot.describe() for slot in self.slots],
             draining=self.draining,
+            monotonic_now=self.health.table.now(),
         )

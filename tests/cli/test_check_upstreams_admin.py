@@ -19,6 +19,7 @@ from pgproxy.cli.check_upstreams_admin import (
     check_admin,
     exit_code,
     fetch_status,
+    format_age,
     select_clusters,
     status_url,
 )
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.anyio
 DOCUMENT = {
     "config": {"file": "/etc/pgproxy.toml", "hash": "ab" * 32},
     "draining": False,
+    "monotonic_now": 100.0,
     "workers": [],
     "clusters": {
         "api": {
@@ -46,9 +48,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def admin() -> AsyncIterator[str]:
+def document() -> dict[str, Any]:
+    """The /status document that the `admin` fixture serves."""
+    return DOCUMENT
+
+
+@pytest.fixture
+async def admin(document: dict[str, Any]) -> AsyncIterator[str]:
     async def status() -> Mapping[str, Any]:
-        return DOCUMENT
+        return document
 
     async def metrics() -> bytes:
         return b""
@@ -100,6 +108,9 @@ async def test_report_json_with_ejection(
     endpoints = {item["address"]: item for item in output["clusters"][0]["endpoints"]}
     assert endpoints["10.0.0.2:80"]["status"] == "ejected"
     assert endpoints["10.0.0.2:80"]["reason"] == "5 failures"
+    assert endpoints["10.0.0.2:80"]["since"] == 2.0
+    assert endpoints["10.0.0.2:80"]["status_age_s"] == 98.0
+    assert endpoints["10.0.0.1:80"]["status_age_s"] == 99.0
 
 
 async def test_text_report(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,6 +120,45 @@ async def test_text_report(admin: str, capsys: pytest.CaptureFixture[str]) -> No
     assert code == EXIT_SOME_DOWN
     assert "api: 1/2 healthy" in text
     assert "web: 1/1 healthy" in text
+    assert "1m 39s ago" in text
+    assert "1m 38s ago" in text
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{key: value for key, value in DOCUMENT.items() if key != "monotonic_now"}],
+    ids=["without-monotonic-now"],
+)
+async def test_report_without_clock_reading(
+    admin: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A /status document without `monotonic_now` gets no age, and no raw reading."""
+    await anyio.to_thread.run_sync(check_admin, admin, ["api"], 5.0, "json")
+    output = json.loads(capsys.readouterr().out)
+    await anyio.to_thread.run_sync(check_admin, admin, ["api"], 5.0, "text")
+    text = capsys.readouterr().out
+
+    endpoints = output["clusters"][0]["endpoints"]
+    assert [item["status_age_s"] for item in endpoints] == [None, None]
+    assert [item["since"] for item in endpoints] == [1.0, 2.0]
+    assert "ago" not in text
+    assert "│ 1 " not in text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s ago"),
+        (59.9, "59s ago"),
+        (60.0, "1m 0s ago"),
+        (3599.0, "59m 59s ago"),
+        (3600.0, "1h 0m ago"),
+        (86399.0, "23h 59m ago"),
+        (90061.0, "1d 1h ago"),
+    ],
+)
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text
 
 
 def test_unreachable_admin(capsys: pytest.CaptureFixture[str]) -> None:

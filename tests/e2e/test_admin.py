@@ -110,6 +110,8 @@ def test_status_shows_ejection(
     endpoints = document["clusters"]["flaky"]
     assert endpoints[dead_address]["status"] == "ejected"
     assert endpoints[api.address]["status"] == "healthy"
+    # `since` is a reading of the same clock as `monotonic_now`, taken earlier.
+    assert 0 <= document["monotonic_now"] - endpoints[dead_address]["since"] < 60
     scraped = samples(admin)
     dead = labels(cluster="flaky", endpoint=dead_address)
     assert scraped[("pgproxy_endpoint_ejections_total", dead)] >= 1
@@ -152,6 +154,7 @@ def test_check_upstreams_reads_admin(
     endpoints = {item["address"]: item for item in report["clusters"][0]["endpoints"]}
     assert endpoints[dead_address]["status"] == "ejected"
     assert endpoints[api.address]["status"] == "healthy"
+    assert 0 <= endpoints[dead_address]["status_age_s"] < 60
 
 
 def test_unknown_path_and_malformed_request(

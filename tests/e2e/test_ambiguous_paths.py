@@ -59,9 +59,14 @@ REJECTED = [
     ("/admin/x%2f..%2f..%2fpublic", "escaped_slash", "%2f"),
     ("/%2561dmin", "escaped_percent", "%25"),
     ("/x%252F..%252Fadmin", "escaped_percent", "%25"),
+    ("/x/..%C0%AFadmin", "overlong_utf8", "%C0%AF"),
+    ("/x/%c0%ae%c0%ae/admin", "overlong_utf8", "%c0%ae"),
+    ("/x/%E0%80%AE%E0%80%AE%E0%80%AFadmin", "overlong_utf8", "%E0%80%AE"),
 ]
 CANARY = "/canary"
-ALL_NAMES = '["semicolon", "backslash", "escaped_slash", "escaped_percent"]'
+ALL_NAMES = (
+    '["semicolon", "backslash", "escaped_slash", "escaped_percent", "overlong_utf8"]'
+)
 
 
 def _config(upstream: Upstream, strict_paths: str = ALL_NAMES) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from pgproxy.config.fields import AmbiguousPathName
 from pgproxy.graph.paths import (
+    AMBIGUOUS_NAMES,
     AMBIGUOUS_SPELLINGS,
     AmbiguousPathRule,
     InvalidPathError,
@@ -17,7 +18,7 @@ from pgproxy.graph.paths import (
     normalize_path,
 )
 
-ALL_NAMES = tuple(AMBIGUOUS_SPELLINGS)
+ALL_NAMES = AMBIGUOUS_NAMES
 
 
 @pytest.mark.parametrize(
@@ -106,6 +107,20 @@ def test_spelling_names_match_the_config_names() -> None:
         ("/%2561dmin", "escaped_percent", "%25"),
         ("/a%2Fb;c", "escaped_slash", "%2F"),  # the first spelling in the path
         ("/a;b%2Fc", "semicolon", ";"),
+        ("/public/..%C0%AFadmin", "overlong_utf8", "%C0%AF"),
+        ("/public/%c0%ae%c0%ae/admin", "overlong_utf8", "%c0%ae"),
+        ("/a%C1%9Cb", "overlong_utf8", "%C1%9C"),  # backslash
+        ("/a%C0%80b", "overlong_utf8", "%C0%80"),  # NUL
+        ("/a%E0%80%AFb", "overlong_utf8", "%E0%80%AF"),
+        ("/a%e0%80%aeb", "overlong_utf8", "%e0%80%ae"),
+        ("/a%E0%9F%BFb", "overlong_utf8", "%E0%9F%BF"),  # U+07FF in 3 bytes
+        ("/a%F0%80%80%AFb", "overlong_utf8", "%F0%80%80%AF"),
+        ("/a%F0%8F%BF%BFb", "overlong_utf8", "%F0%8F%BF%BF"),  # U+FFFF in 4 bytes
+        ("/a%F8%80%80%80%AFb", "overlong_utf8", "%F8%80%80%80%AF"),
+        ("/a%FC%80%80%80%80%AFb", "overlong_utf8", "%FC%80%80%80%80%AF"),
+        ("/a%C0%AF%80b", "overlong_utf8", "%C0%AF"),  # the sequence, not the byte after
+        ("/a%E0%80b", "overlong_utf8", "%E0%80"),  # cut short, still overlong
+        ("/a%C0%AF%2Fb", "overlong_utf8", "%C0%AF"),
     ],
 )
 def test_rule_finds_each_spelling(path: str, name: str, text: str) -> None:
@@ -121,6 +136,11 @@ def test_rule_finds_each_spelling(path: str, name: str, text: str) -> None:
         "/%2E%2E/admin",
         "/a%3Ab%5Dc%2Dd",  # escapes that only look like listed ones
         "/%3",
+        # The shortest UTF-8 forms of the first code points of 2, 3 and 4 bytes.
+        "/%C2%80/%E0%A0%80/%F0%90%80%80",
+        "/%C2%AF/%DF%BF/%EF%BF%BF",
+        "/%C0/%C1/%E0/%F0",  # invalid lead bytes alone: no character to read
+        "/%F8%88%80%80%80/%FC%84%80%80%80%80",  # 5 and 6 bytes, not overlong
         "/2F/5C/3B/25",
         "*",
     ],
@@ -135,6 +155,7 @@ def test_rule_finds_only_the_names_listed() -> None:
         "backslash": "/a%5Cb",
         "escaped_slash": "/a%2fb",
         "escaped_percent": "/a%2541",
+        "overlong_utf8": "/a%C0%AFb",
     }
     for listed in ALL_NAMES:
         rule = AmbiguousPathRule([listed])
@@ -175,8 +196,9 @@ def test_rule_rejects_unknown_or_no_names(names: list[str]) -> None:
 def test_rule_agrees_with_a_plain_substring_search() -> None:
     rng = random.Random(11)
     alphabet = ["a", "/", ";", "\\", "%", "2", "5", "3", "F", "f", "c", "C", "B", "b"]
+    fixed_names = tuple(AMBIGUOUS_SPELLINGS)
     for _ in range(3000):
-        names = rng.sample(ALL_NAMES, rng.randint(1, len(ALL_NAMES)))
+        names = rng.sample(fixed_names, rng.randint(1, len(fixed_names)))
         path = "/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
         spellings = [s for name in names for s in AMBIGUOUS_SPELLINGS[name]]
         expected = any(s.upper() in path.upper() for s in spellings)
@@ -185,3 +207,37 @@ def test_rule_agrees_with_a_plain_substring_search() -> None:
         if found is not None:
             assert found[0] in names
             assert found[1].upper() in AMBIGUOUS_SPELLINGS[found[0]]
+
+
+def _utf8_form(code_point: int, length: int) -> str:
+    """Return `code_point` in the `length`-byte form of RFC 2279, escaped."""
+    if length == 1:
+        return f"%{code_point:02X}"
+    lead = (0xFF << (8 - length)) & 0xFF | code_point >> (6 * (length - 1))
+    tail = [0x80 | (code_point >> (6 * i)) & 0x3F for i in reversed(range(length - 1))]
+    return "".join(f"%{byte:02X}" for byte in [lead, *tail])
+
+
+# The largest code point that each length of RFC 2279 can encode.
+_MAX_BY_LENGTH = {
+    1: 0x7F,
+    2: 0x7FF,
+    3: 0xFFFF,
+    4: 0x1FFFFF,
+    5: 0x3FFFFFF,
+    6: 0x7FFFFFFF,
+}
+
+
+def test_overlong_forms_are_found_and_shortest_pass() -> None:
+    rule = AmbiguousPathRule(["overlong_utf8"])
+    code_points = [*range(0x80), 0x80, 0x7FF, 0x800, 0xFFFF, 0x10000, 0x10FFFF]
+    code_points += [0x1FFFFF, 0x200000, 0x3FFFFFF, 0x4000000]
+    for code_point in code_points:
+        shortest = min(n for n, top in _MAX_BY_LENGTH.items() if code_point <= top)
+        path = "/a" + _utf8_form(code_point, shortest) + "b"
+        assert rule.find(path) is None, (code_point, path)
+        for length in range(shortest + 1, 7):
+            escaped = _utf8_form(code_point, length)
+            found = rule.find("/a" + escaped + "b")
+            assert found == ("overlong_utf8", escaped), (code_point, length)

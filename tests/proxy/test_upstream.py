@@ -24,6 +24,7 @@ from tests.proxy.loopback import (
 pytestmark = pytest.mark.anyio
 
 GET = b"GET /x HTTP/1.1\r\nHost: test.local\r\n\r\n"
+GET_CLOSE = b"GET /x HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture
@@ -377,6 +378,80 @@ async def test_response_head_limit(value_size: int, status: bytes) -> None:
     await upstream.stop()
 
 
+HEAD_LIMIT = 1024
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+
+
+def _head_of_size(size: int, framing_field: bytes) -> bytes:
+    """Return a 200 head of exactly `size` bytes, CRLF CRLF included."""
+    start = b"HTTP/1.1 200 OK\r\nX-Filler:   "
+    end = b"\r\n" + framing_field + b"\r\n\r\n"
+    return start + b"v" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-limit", "one-over"])
+@pytest.mark.parametrize(
+    ("before", "framing_field", "body", "split"),
+    [
+        (b"", b"Content-Length: 2", b"ok", 0),
+        (b"", b"Transfer-Encoding: chunked", b"2\r\nok\r\n0\r\n\r\n", 0),
+        (EARLY_HINTS, b"Content-Length: 2", b"ok", 0),
+        (b"\r\n", b"Content-Length: 2", b"ok", 0),
+        (b"", b"Content-Length: 2", b"ok", 100),
+        (EARLY_HINTS, b"Content-Length: 2", b"ok", 100),
+        (b"", b"Content-Length: 2", b"ok", -1),
+        (b"", b"Content-Length: 2", b"ok", -2),
+        (b"", b"Content-Length: 2", b"ok", -3),
+    ],
+    ids=[
+        "length",
+        "chunked",
+        "after-interim",
+        "after-crlf",
+        "split-in-field",
+        "interim-then-split",
+        "split-before-last-lf",
+        "split-before-last-crlf",
+        "split-before-last-lf-crlf",
+    ],
+)
+async def test_response_head_limit_is_exact(
+    before: bytes, framing_field: bytes, body: bytes, split: int, extra: int
+) -> None:
+    """The limit counts the head from its status line through CRLF CRLF.
+
+    `split` is where the upstream stops writing for a moment, so that the
+    head usually arrives in two reads (the result must not depend on it).
+    """
+    upstream = ScriptedUpstream()
+    head = _head_of_size(HEAD_LIMIT + extra, framing_field)
+
+    async def reply(request_head: bytes) -> bytes | None:
+        data = before + head + body
+        if not split:
+            return data
+        at = len(before) + (split if split > 0 else len(head) + split)
+        writer = upstream.writers[-1]
+        writer.write(data[:at])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        return data[at:]
+
+    upstream.reply = reply
+    await upstream.start()
+    graph = make_graph([upstream.port], max_response_header_bytes="1KiB")
+    async with running_proxy(graph) as (port, _):
+        answer = await exchange(port, GET_CLOSE, until_close=True)
+    await upstream.stop()
+    final = answer.removeprefix(EARLY_HINTS)
+    if extra:
+        assert final.startswith(b"HTTP/1.1 502 "), final[:100]
+        assert b"response_header_too_large" in final
+    else:
+        assert final.startswith(b"HTTP/1.1 200 OK\r\n"), final[:100]
+        assert final.endswith(body)
+
+
 async def test_head_limit_ignores_same_read_body() -> None:
     upstream = ScriptedUpstream()
     body = b"b" * 3000
@@ -570,4 +645,80 @@ async def test_proxy_connection_close_not_pooled(framing: bytes) -> None:
     assert b"Proxy-Connection" not in first
     assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second
     assert upstream.connections == 2
+    await upstream.stop()
+
+
+CLOSE_103 = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nConnection: close\r\n\r\n"
+CLOSE_100 = b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n"
+CHUNKED_OK = b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+LENGTH_OK = b"Content-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("interim", "framing", "relayed_body"),
+    [
+        (CLOSE_103, LENGTH_OK, b"\r\n\r\nok"),
+        (CLOSE_103, CHUNKED_OK, b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        (CLOSE_100, LENGTH_OK, b"\r\n\r\nok"),
+    ],
+    ids=["103-length", "103-chunked", "100-length"],
+)
+async def test_interim_close_same_read(
+    interim: bytes, framing: bytes, relayed_body: bytes
+) -> None:
+    """The final response after a 1xx with Connection: close is relayed.
+
+    The close applies to the connection, so it is not pooled afterwards.
+    """
+    upstream = ScriptedUpstream()
+
+    async def reply(head: bytes) -> bytes | None:
+        return interim + b"HTTP/1.1 200 OK\r\n" + framing
+
+    upstream.reply = reply
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        first = await exchange(port, GET_CLOSE, until_close=True)
+        idle = service.pools.all()[0].idle
+        second = await exchange(port, GET_CLOSE, until_close=True)
+    if interim == CLOSE_103:
+        # 103 is forwarded without its hop-by-hop Connection field.
+        assert first.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+    else:
+        # The proxy sends its own 100 Continue, so an upstream 100 is dropped.
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"HTTP/1.1 200 OK\r\n" in first, first
+    assert first.endswith(relayed_body)
+    assert b"HTTP/1.1 200 OK\r\n" in second, second
+    assert idle == 0
+    assert upstream.connections == 2
+    await upstream.stop()
+
+
+async def test_interim_close_separate_reads() -> None:
+    upstream = ScriptedUpstream()
+    interim_seen = asyncio.Event()
+
+    async def interim_then_final(head: bytes) -> bytes | None:
+        writer = upstream.writers[-1]
+        writer.write(CLOSE_103)
+        await writer.drain()
+        await interim_seen.wait()
+        return b"HTTP/1.1 200 OK\r\n" + CHUNKED_OK
+
+    upstream.reply = interim_then_final
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GET_CLOSE)
+        with anyio.fail_after(5):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            interim_seen.set()
+            final = await reader.read(-1)
+        writer.close()
+        idle = service.pools.all()[0].idle
+    assert interim.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert final.endswith(b"2\r\nok\r\n0\r\n\r\n")
+    assert idle == 0
     await upstream.stop()

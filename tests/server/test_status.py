@@ -43,12 +43,17 @@ def test_single_process_snapshot() -> None:
 
 def test_status_document_shape() -> None:
     document = status_document(
-        {"file": "x.toml", "hash": "abc"}, {}, [{"id": 0}], draining=True
+        {"file": "x.toml", "hash": "abc"},
+        {},
+        [{"id": 0}],
+        draining=True,
+        monotonic_now=12.5,
     )
 
     assert document == {
         "config": {"file": "x.toml", "hash": "abc"},
         "draining": True,
+        "monotonic_now": 12.5,
         "workers": [{"id": 0}],
         "clusters": {},
     }
