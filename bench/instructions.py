@@ -2,7 +2,7 @@
 
     python bench/instructions.py [--target pgproxy|bare] [--requests N]
                                  [--warmup N] [--path PATH]
-                                 [--connections N] [--cache-sim]
+                                 [--connections N] [--cache-sim] [--close]
 
 Wall-clock benchmarks on a shared 2-core machine move by several percent
 from run to run; instruction counts do not. This starts the benchmark's
@@ -15,9 +15,11 @@ the measured requests and prints user-space instructions per request.
 caches, a 512 KiB last level) and prints misses per request: two
 programs with the same instruction count can differ in time by their
 misses.
-`--target bare` counts bench/bare_proxy.py instead, the floor of the
-stack. Use it to compare two commits (`PYTHONPATH=/other/checkout`); compare
-counts taken on the same machine and Python only.
+`--close` sends each request on a new connection, to count what a
+connection costs. `--target bare` counts bench/bare_proxy.py instead, the
+floor of the stack. Use it to compare two commits
+(`PYTHONPATH=/other/checkout`); compare counts taken on the same machine and
+Python only.
 
 Needs valgrind (Debian package `valgrind`), which also provides
 `callgrind_control`.
@@ -71,7 +73,18 @@ def _read_response(sock: socket.socket, pending: bytes) -> bytes:
     return rest[length:]
 
 
-def _send_requests(port: int, path: str, count: int) -> None:
+def _send_requests(port: int, path: str, count: int, close: bool = False) -> None:
+    """Send `count` requests over one connection, or each on its own one."""
+    if close:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=30.0) as sock:
+                sock.sendall(request)
+                _read_response(sock, b"")
+        return
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30.0) as sock:
         pending = b""
@@ -80,13 +93,15 @@ def _send_requests(port: int, path: str, count: int) -> None:
             pending = _read_response(sock, pending)
 
 
-def _send_concurrently(port: int, path: str, count: int, connections: int) -> None:
-    """Send `count` requests over `connections` connections at the same time."""
+def _send_concurrently(
+    port: int, path: str, count: int, connections: int, close: bool = False
+) -> None:
+    """Send `count` requests from `connections` clients at the same time."""
     errors: list[BaseException] = []
 
     def send(share: int) -> None:
         try:
-            _send_requests(port, path, share)
+            _send_requests(port, path, share, close)
         except (OSError, BenchError) as exc:
             errors.append(exc)
 
@@ -125,6 +140,7 @@ def count(
     save_to: Path | None = None,
     connections: int = 1,
     cache_sim: bool = False,
+    close: bool = False,
 ) -> dict[str, int]:
     """Return callgrind's event totals for `requests` requests to `target`.
 
@@ -152,9 +168,9 @@ def count(
             port = next(
                 int(match.group(2)) for match in map(_PORT_RE.search, lines) if match
             )
-            _send_concurrently(port, path, warmup, connections)
+            _send_concurrently(port, path, warmup, connections, close)
             _callgrind_control("--instr=on", str(proxy.pid))
-            _send_concurrently(port, path, requests, connections)
+            _send_concurrently(port, path, requests, connections, close)
             _callgrind_control("--instr=off", str(proxy.pid))
         finally:
             proxy.stop(timeout_s=60.0)
@@ -193,6 +209,11 @@ def main() -> int:
         action="store_true",
         help="also simulate the caches and print misses per request",
     )
+    parser.add_argument(
+        "--close",
+        action="store_true",
+        help="send each request on a new connection (Connection: close)",
+    )
     options = parser.parse_args()
     if options.connections < 1 or options.connections > options.requests:
         parser.error("--connections must be between 1 and --requests")
@@ -210,6 +231,7 @@ def main() -> int:
             save_to=options.save,
             connections=options.connections,
             cache_sim=options.cache_sim,
+            close=options.close,
         )
     total = totals["Ir"]
     print(
