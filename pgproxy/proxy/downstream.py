@@ -81,6 +81,7 @@ class DownstreamProtocol(RequestParsing):
         queue, self._queue = self._queue, []
         if queue and self._front_started:
             queue[0].on_client_closed()
+        self._release_references()
 
     def eof_received(self) -> bool | None:
         # A FIN comes from a client giving up or from one that half-closed

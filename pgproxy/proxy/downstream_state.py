@@ -32,6 +32,17 @@ _HEADER: Final = 2
 # on_message_begin gives each head a list of its own.
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 _NO_NAMES: Final[list[bytes]] = []
+# The parser of every lost connection: never fed, and holding no protocol.
+_LOST_PARSER: Final = httptools.HttpRequestParser(object())
+
+
+def _ignore_bytes(data: bytes) -> None:
+    """Stand in for the parser's feed_data after the connection is lost."""
+
+
+def _no_method() -> bytes:
+    """Stand in for the parser's get_method after the connection is lost."""
+    return b""
 
 
 class DownstreamState(asyncio.Protocol):
@@ -146,6 +157,20 @@ class DownstreamState(asyncio.Protocol):
         self._conn_deadline_kind = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+
+    def _release_references(self) -> None:
+        """Drop the parser and the transport once the connection is lost.
+
+        Both hold this protocol (the parser through bound methods of its
+        callbacks), so keeping them would leave the connection in reference
+        cycles that only the cyclic GC frees: 16 objects per connection,
+        collected later from cold memory.
+        """
+        self.transport = None
+        self._write = None
+        self._parser = _LOST_PARSER
+        self._feed_data = _ignore_bytes
+        self._get_method = _no_method
 
     def __repr__(self) -> str:
         return (

@@ -49,6 +49,8 @@ WRITE_BUFFER_LOW: Final = 64 * 1024
 # default request head limit (max_header_bytes).
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 _HEAD_END: Final = b"\r\n\r\n"
+# The parser of every lost connection: never fed, and holding no protocol.
+_LOST_PARSER: Final = httptools.HttpResponseParser(object())
 _PEEK_FLAGS: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # Idle time from which a pooled connection is peeked at before reuse.
 PEEK_AFTER_IDLE: Final = 0.25
@@ -284,6 +286,12 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
+        # The parser and the transport hold this protocol: dropping them lets
+        # reference counting free the connection instead of the cyclic GC.
+        self._parser = _LOST_PARSER
+        self.transport = None
+        self._write = None
+        self._is_closing = None
         exchange = self.exchange
         if exchange is None:
             return
