@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,4 +54,38 @@ def compiled_extensions() -> list[object]:
     return extensions
 
 
-setup(ext_modules=compiled_extensions())
+# All compiled modules are one C file in one shared library, but with the
+# defaults for shared libraries every call between its functions goes
+# through the PLT and none can be inlined, because another library could
+# interpose them. Nothing outside calls them: the modules reach each other
+# through capsules, and Python finds only the PyInit_ functions, which
+# PyMODINIT_FUNC exports explicitly. callgrind, 100-byte request over 50
+# connections: 42.8k to 41.5k instructions, L1 instruction misses 2,398 to
+# 2,176, L1 data read misses 842 to 649.
+FAST_CALL_FLAGS = ("-fno-semantic-interposition", "-fvisibility=hidden", "-fno-plt")
+
+
+class BuildExt(build_ext):
+    """build_ext that adds FAST_CALL_FLAGS the compiler accepts."""
+
+    def build_extensions(self) -> None:
+        flags = [flag for flag in FAST_CALL_FLAGS if self._accepts(flag)]
+        for extension in self.extensions:
+            extension.extra_compile_args = [*extension.extra_compile_args, *flags]
+        super().build_extensions()
+
+    def _accepts(self, flag: str) -> bool:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "probe.c")
+            with open(source, "w", encoding="ascii") as file:
+                file.write("int probe(void) { return 0; }\n")
+            try:
+                self.compiler.compile(
+                    [source], output_dir=tmp, extra_postargs=[flag, "-Werror"]
+                )
+            except Exception:  # distutils' CompileError, under several names
+                return False
+        return True
+
+
+setup(ext_modules=compiled_extensions(), cmdclass={"build_ext": BuildExt})
