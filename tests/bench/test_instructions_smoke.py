@@ -60,3 +60,23 @@ def test_concurrent_count_prints_cache_misses() -> None:
     match = re.search(r"cache misses per request: I1mr ([\d,]+)", result.stdout)
     assert match is not None, result.stdout
     assert int(match.group(1).replace(",", "")) > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_count_over_new_connections() -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "bench/instructions.py",
+            "--requests", "20", "--warmup", "5", "--close",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    match = re.search(r"for 20 requests: ([\d,]+) per request", result.stdout)
+    assert match is not None, result.stdout
+    assert int(match.group(1).replace(",", "")) > 0
