@@ -41,7 +41,12 @@ def byte_map(allowed: Callable[[int], bool]) -> bytes:
     nothing changes, translate returns `data` itself, so the usual case
     allocates nothing and the comparison stops at the identity.
     """
-    return bytes(byte if allowed(byte) else (0 if byte else 1) for byte in range(256))
+    table = bytearray(range(256))
+    for byte in range(256):
+        if not allowed(byte):
+            # Any other value will do: 0, or 1 for the byte 0 itself.
+            table[byte] = 1 if byte == 0 else 0
+    return bytes(table)
 
 
 # RFC 9110 section 5.5: field-value is VCHAR, obs-text, SP and HTAB; CR, LF, NUL

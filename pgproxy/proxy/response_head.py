@@ -158,11 +158,11 @@ def read_response_head(
     block, end, body = _partition(data, _END)
     if not end or len(block) + 4 > max_head:
         return None
-    # translate() with only a table is the fast form. CR and LF pass here;
-    # splitlines() breaks at each, and the offsets summed below show whether
-    # every break was a CRLF: a bare CR or LF makes the head go to llhttp.
-    # The sum holds only if the last line ends at the CRLF CRLF, because
-    # splitlines() drops a line break at the end.
+    # translate() with only a table is the fast form. CR and LF pass it, and
+    # splitlines() breaks at each. The line offsets summed below add up to
+    # the block's length only if every break was a CRLF, so a bare CR or LF
+    # sends the head to llhttp. splitlines() drops a break at the very end,
+    # so the block must not end with CR or LF.
     if block.translate(_HEAD_MAP) != block:
         return None
     last = block[len(block) - 1]

@@ -12,6 +12,7 @@ from pgproxy.proxy import framing
 from pgproxy.proxy.framing import (
     BadResponseError,
     FramingError,
+    byte_map,
     check_request_head,
     check_response_head,
     connection_tokens,
@@ -384,3 +385,17 @@ def test_field_name_cache_stays_bounded() -> None:
 
     assert len(framing._TOKEN_NAMES) <= framing._MAX_CACHED_TOKENS
     assert b"X-" + b"a" * framing._MAX_CACHED_TOKEN not in framing._TOKEN_NAMES
+
+
+def test_byte_map_changes_only_disallowed_bytes() -> None:
+    table = byte_map(lambda byte: 0x21 <= byte <= 0x7E)
+    changed = [byte for byte in range(256) if table[byte] != byte]
+    assert changed == [*range(0x21), *range(0x7F, 256)]
+
+
+def test_byte_map_check_of_allowed_data_copies_nothing() -> None:
+    table = byte_map(lambda byte: 0x21 <= byte <= 0x7E)
+    data = bytes(range(0x21, 0x7F))
+    assert data.translate(table) is data
+    assert b"a b".translate(table) != b"a b"
+    assert b"\x00".translate(table) != b"\x00"
