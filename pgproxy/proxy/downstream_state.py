@@ -109,8 +109,8 @@ class DownstreamState(asyncio.Protocol):
         # protocol factory passes the loop it took once.
         self.loop = asyncio.get_running_loop() if loop is None else loop
         # Bound methods of the loop, parser and transport, taken once. Compiled
-        # code calls a method of a Python object by name, a type lookup per
-        # call; calling a stored bound method skips it.
+        # code calls a method of a Python object by name, with a type lookup
+        # per call, and a stored bound method skips that lookup.
         self.clock: Callable[[], float] = self.loop.time
         self.transport: asyncio.Transport | None = None
         self._write: Callable[[bytes], object] | None = None
@@ -161,10 +161,9 @@ class DownstreamState(asyncio.Protocol):
     def _release_references(self) -> None:
         """Drop the parser and the transport once the connection is lost.
 
-        Both hold this protocol (the parser through bound methods of its
-        callbacks), so keeping them would leave the connection in reference
-        cycles that only the cyclic GC frees: 16 objects per connection,
-        collected later from cold memory.
+        Both contain references to this protocol (the parser through bound
+        methods of its callbacks). Keeping them would leave 16 objects per
+        closed connection in reference cycles, which only the cyclic GC frees.
         """
         self.transport = None
         self._write = None

@@ -40,8 +40,8 @@ from pgproxy.proxy.framing import (
 _VERSION: Final = b"HTTP/1.1 "
 _END: Final = b"\r\n\r\n"
 # bytes methods that mypyc has no primitive for, as plain functions. Compiled
-# code calls `data.partition(...)` by name, with a type lookup each time; a
-# function held in a Final is called directly.
+# code calls `data.partition(...)` by name, with a type lookup each time, but
+# calls a function held in a Final directly.
 _partition: Final = bytes.partition
 _splitlines: Final = bytes.splitlines
 # Changes every byte but those a status line or field line may hold (HTAB,

@@ -18,65 +18,53 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
+needs_tools = pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("nginx") is None,
+    reason="valgrind or nginx is not installed",
+)
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def count(*options: str) -> str:
+    """Run bench/instructions.py with `options` and return its output."""
+    result = subprocess.run(
+        [sys.executable, "bench/instructions.py", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def per_request(output: str, requests: int) -> int:
+    """Return the instructions per request that the output reports."""
+    match = re.search(rf"for {requests} requests: ([\d,]+) per request", output)
+    assert match is not None, output
+    return int(match.group(1).replace(",", ""))
+
+
+@needs_tools
 def test_short_count_prints_per_request() -> None:
-    result = subprocess.run(
-        [
-            sys.executable, "bench/instructions.py",
-            "--requests", "30", "--warmup", "10",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )  # fmt: skip
+    output = count("--requests", "30", "--warmup", "10")
 
-    assert result.returncode == 0, result.stderr[-4000:]
-    match = re.search(r"for 30 requests: ([\d,]+) per request", result.stdout)
-    assert match is not None, result.stdout
-    assert int(match.group(1).replace(",", "")) > 0
+    assert per_request(output, 30) > 0
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+@needs_tools
 def test_concurrent_count_prints_cache_misses() -> None:
-    result = subprocess.run(
-        [
-            sys.executable, "bench/instructions.py",
-            "--requests", "30", "--warmup", "10",
-            "--connections", "3", "--cache-sim",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )  # fmt: skip
+    output = count(
+        "--requests", "30", "--warmup", "10", "--connections", "3", "--cache-sim"
+    )
 
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "for 30 requests:" in result.stdout
-    match = re.search(r"cache misses per request: I1mr ([\d,]+)", result.stdout)
-    assert match is not None, result.stdout
+    assert per_request(output, 30) > 0
+    match = re.search(r"cache misses per request: I1mr ([\d,]+)", output)
+    assert match is not None, output
     assert int(match.group(1).replace(",", "")) > 0
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing")
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+@needs_tools
 def test_count_over_new_connections() -> None:
-    result = subprocess.run(
-        [
-            sys.executable, "bench/instructions.py",
-            "--requests", "20", "--warmup", "5", "--close",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )  # fmt: skip
+    output = count("--requests", "20", "--warmup", "5", "--close")
 
-    assert result.returncode == 0, result.stderr[-4000:]
-    match = re.search(r"for 20 requests: ([\d,]+) per request", result.stdout)
-    assert match is not None, result.stdout
-    assert int(match.group(1).replace(",", "")) > 0
+    assert per_request(output, 20) > 0

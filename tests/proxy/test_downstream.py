@@ -343,9 +343,9 @@ async def test_request_line_starting_body_read(
 async def test_lost_connections_are_freed_without_the_cyclic_gc(
     upstream: ScriptedUpstream,
 ) -> None:
-    # The parser and the transport hold the protocol. If the protocol kept
-    # them after connection_lost, each closed connection would stay alive in
-    # reference cycles until the cyclic GC ran; with the GC off it never does.
+    # The parser and the transport hold the protocol. A protocol that kept
+    # them after connection_lost would stay alive in reference cycles, which
+    # only the cyclic GC frees, and the GC is off here.
     def live() -> int:
         return sum(isinstance(obj, DownstreamProtocol) for obj in gc.get_objects())
 
