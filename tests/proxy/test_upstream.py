@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import anyio
 import pytest
 
 from pgproxy.proxy.pool import Pools
-from pgproxy.proxy.upstream import PEEK_AFTER_IDLE
+from pgproxy.proxy.upstream import PEEK_AFTER_IDLE, UpstreamConnection
 from tests.proxy.loopback import (
     ScriptedUpstream,
     exchange,
@@ -722,3 +723,32 @@ async def test_interim_close_separate_reads() -> None:
     assert final.endswith(b"2\r\nok\r\n0\r\n\r\n")
     assert idle == 0
     await upstream.stop()
+
+
+async def test_closed_upstream_connections_freed_without_gc() -> None:
+    # The parser and the transport contain references to the connection. A
+    # connection that kept them after connection_lost would stay alive in
+    # reference cycles, which only the cyclic GC frees, and the GC is off here.
+    async def close_after(head: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+    def live() -> int:
+        return sum(isinstance(obj, UpstreamConnection) for obj in gc.get_objects())
+
+    upstream = ScriptedUpstream(reply=close_after)
+    await upstream.start()
+    gc.collect()
+    gc.disable()
+    try:
+        async with running_proxy(make_graph([upstream.port])) as (port, _):
+            for _ in range(3):
+                assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200")
+            # connection_lost runs a few loop iterations after the close.
+            for _ in range(500):
+                if not live():
+                    break
+                await asyncio.sleep(0.01)
+            assert live() == 0
+    finally:
+        gc.enable()
+        await upstream.stop()
