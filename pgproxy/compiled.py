@@ -43,6 +43,7 @@ COMPILED_MODULES = (
     "pgproxy.proxy.downstream",
     "pgproxy.proxy.service",
     "pgproxy.proxy.respond",
+    "pgproxy.observability.batch",
     "pgproxy.observability.access",
     "pgproxy.graph.settings",
     "pgproxy.graph.types",

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import time
+from asyncio import _get_running_loop
 from json.encoder import encode_basestring_ascii
 from typing import Final
 
+from pgproxy.observability.batch import LineBatch
 from pgproxy.observability.logging import MAX_PENDING_LINES, AccessLineHandler
 
 logger = logging.getLogger("pgproxy.access")
@@ -113,8 +115,13 @@ class _SecondCache:
 
 
 _rfc3339_second = _SecondCache()
-# "000" to "999": a format spec in compiled code is a str.format call.
-_MILLIS: Final = tuple(f"{millis:03d}" for millis in range(1000))
+# ".000" to ".999", and with "Z" for timestamps: a format spec in compiled
+# code is a str.format call, and one piece saves a concatenation.
+_MILLIS: Final = tuple(f".{millis:03d}" for millis in range(1000))
+_MILLIS_Z: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
+# "0" to "999": statuses, attempts and most small byte counts, without a
+# conversion each.
+_SMALL_INTS: Final = tuple(str(number) for number in range(1000))
 # JSON encodings of the strings that repeat from request to request (client
 # address, listener, route, cluster, endpoint names, methods, flags). Bounded:
 # strings up to 256 characters, emptied when 4,096 are held.
@@ -131,7 +138,7 @@ def rfc3339(timestamp: float) -> str:
     if cache.second != seconds:
         cache.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         cache.second = seconds
-    return cache.text + "." + _MILLIS[millis] + "Z"
+    return cache.text + _MILLIS_Z[millis]
 
 
 def _encoded(value: str) -> str:
@@ -156,7 +163,11 @@ def _milliseconds(value: float) -> str:
         return repr(value)
     # int() of a float is a C conversion in compiled code; round() is a call.
     micros = int(value * 1000 + 0.5)
-    return str(micros // 1000) + "." + _MILLIS[micros % 1000]
+    return _int_text(micros // 1000) + _MILLIS[micros % 1000]
+
+
+def _int_text(value: int) -> str:
+    return _SMALL_INTS[value] if 0 <= value < 1000 else str(value)
 
 
 def _string(value: str | None) -> str:
@@ -167,13 +178,13 @@ def format_json(record: AccessRecord) -> str:
     """Render a record as one JSON object (keys in the order of its fields)."""
     # Only str pieces: compiled code joins them in one call, where a format
     # spec or a conversion in an f-string costs a str.format call each.
-    status = str(record.status)
-    bytes_in = str(record.bytes_in)
-    bytes_out = str(record.bytes_out)
+    status = _int_text(record.status)
+    bytes_in = _int_text(record.bytes_in)
+    bytes_out = _int_text(record.bytes_out)
     duration = _milliseconds(record.duration_ms)
-    attempts = str(record.attempts)
+    attempts = _int_text(record.attempts)
     upstream_status = record.upstream_status
-    upstream = "null" if upstream_status is None else str(upstream_status)
+    upstream = "null" if upstream_status is None else _int_text(upstream_status)
     return (
         f'{{"time":"{rfc3339(record.time)}"'
         f',"client":{_encoded(record.client)}'
@@ -210,42 +221,77 @@ def _quoted(value: str) -> str:
 
 
 class AccessLog:
-    """Writes access records in the configured format, or nothing when off."""
+    """Writes access records in the configured format, or nothing when off.
+
+    When the logger's only handler is the one that setup_logging installs,
+    a line goes straight into that handler's batch. With other handlers or
+    filters, it goes through `logger.info`. The logger's lists of
+    handlers and filters are kept by reference, not looked up per request:
+    the logging module changes both in place (addHandler, removeHandler, addFilter,
+    removeFilter, dictConfig).
+    """
 
     def __init__(self, fmt: str) -> None:
         self.format = fmt
         self.combined = fmt == "combined"
+        self._on = fmt != "off"
+        self._handlers: list[logging.Handler] = logger.handlers
+        self._filters = logger.filters
+        # The only handler when it is an AccessLineHandler, and its batch.
+        self._handler: AccessLineHandler | None = None
+        self._batch: LineBatch | None = None
 
     @property
     def enabled(self) -> bool:
-        """Whether records are written at all (checked before building one)."""
-        return self.format != "off" and logger.isEnabledFor(logging.INFO)
+        """Whether records are written at all (checked before building one).
+
+        While a batch of lines waits for a flush on the running loop, the
+        logger's level was already checked for its first line. The level is
+        therefore checked once per loop iteration, not once per request.
+        """
+        if not self._on:
+            return False
+        batch = self._batch
+        if batch is not None:
+            loop = batch.loop
+            if loop is not None and loop is _get_running_loop():
+                return True
+        return logger.isEnabledFor(logging.INFO)
 
     def write(self, record: AccessRecord) -> None:
-        """Log one record on the pgproxy.access logger.
-
-        With the handler that setup_logging installs (and nothing else on the
-        logger), the line goes straight into its buffer: building a
-        LogRecord per request would cost more than formatting the line.
-        """
+        """Log one record on the pgproxy.access logger."""
         # Direct calls, not a stored function: compiled code calls these in C.
         line = format_combined(record) if self.combined else format_json(record)
-        handlers = logger.handlers
-        if len(handlers) == 1 and not logger.filters:
-            handler = handlers[0]
-            if type(handler) is AccessLineHandler:
-                # With a flush already scheduled on the running loop, the line
-                # joins its batch here: write_line runs as Python, at about
-                # 5,000 instructions a line (callgrind).
-                loop = handler.flush_loop
-                pending = handler.pending
-                if (
-                    loop is not None
-                    and len(pending) < MAX_PENDING_LINES
-                    and loop.is_running()
-                ):
-                    pending.append(line)
-                else:
-                    handler.write_line(line)
-                return
-        logger.info("%s", line)
+        handler = self._sole_handler()
+        if handler is None:
+            logger.info("%s", line)
+            return
+        batch = self._batch
+        assert batch is not None
+        # With a flush already scheduled on the running loop, the line joins
+        # its batch here: write_line runs as Python, at about 5,000
+        # instructions a line (callgrind).
+        loop = batch.loop
+        lines = batch.lines
+        if (
+            loop is not None
+            and len(lines) < MAX_PENDING_LINES
+            and loop is _get_running_loop()
+        ):
+            lines.append(line)
+        else:
+            handler.write_line(line)
+
+    def _sole_handler(self) -> AccessLineHandler | None:
+        """Return the logger's only handler if it is an AccessLineHandler."""
+        handlers = self._handlers
+        if len(handlers) != 1 or self._filters:
+            return None
+        handler = handlers[0]
+        if handler is self._handler:
+            return self._handler
+        if type(handler) is not AccessLineHandler:
+            return None
+        self._handler = handler
+        self._batch = handler.batch
+        return handler

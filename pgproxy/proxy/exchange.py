@@ -330,7 +330,7 @@ class Exchange(ResponseRelay):
             status=self.status,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            duration_ms=round((_monotonic() - self.started) * 1000, 3),
+            duration_ms=(_monotonic() - self.started) * 1000,
             route=route.name if route is not None else None,
             cluster=self.cluster_name,
             endpoint=self.endpoint.address if self.endpoint is not None else None,

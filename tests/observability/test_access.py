@@ -267,6 +267,68 @@ def test_access_log_uses_other_handlers(caplog: pytest.LogCaptureFixture) -> Non
     assert any('"path":"/caught"' in r.getMessage() for r in caplog.records)
 
 
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def only_access_handler() -> Iterator[None]:
+    """Detach the handlers pytest adds to non-propagating loggers for a while."""
+    access = logging.getLogger(ACCESS_LOGGER)
+    others = [h for h in access.handlers if type(h) is not AccessLineHandler]
+    for handler in others:
+        access.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in others:
+            access.addHandler(handler)
+
+
+def test_access_log_sees_handlers_added_later(access_stream: io.StringIO) -> None:
+    log = AccessLog("json")
+    extra = ListHandler()
+    access = logging.getLogger(ACCESS_LOGGER)
+    with only_access_handler():
+        log.write(make_record(path="/alone"))
+        assert log._batch is not None  # the line took the direct path
+        access.addHandler(extra)
+        try:
+            log.write(make_record(path="/both"))
+        finally:
+            access.removeHandler(extra)
+        log.write(make_record(path="/alone-again"))
+    paths = [json.loads(line)["path"] for line in access_stream.getvalue().splitlines()]
+    assert paths == ["/alone", "/both", "/alone-again"]
+    assert [json.loads(line)["path"] for line in extra.messages] == ["/both"]
+
+
+def test_access_log_level_checked_per_iteration(
+    access_stream: io.StringIO,
+) -> None:
+    log = AccessLog("json")
+    access = logging.getLogger(ACCESS_LOGGER)
+
+    async def main() -> tuple[bool, bool]:
+        log.write(make_record(path="/queued"))
+        access.setLevel(logging.WARNING)
+        during = log.enabled
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return during, log.enabled
+
+    assert log.enabled
+    with only_access_handler():
+        during, after = asyncio.run(main())
+    # A batch queued in the iteration keeps `enabled` True until its flush.
+    assert (during, after) == (True, False)
+
+
 class RecordingStream(io.StringIO):
     """A stream that records the text of each flush, as one write(2) each."""
 
@@ -281,13 +343,15 @@ class RecordingStream(io.StringIO):
         self._flushed = len(text)
 
 
-def test_handler_writes_stay_within_pipe_buf() -> None:
+@pytest.mark.parametrize("long_line", ["é" * 3000, "x" * 5000])
+def test_handler_writes_stay_within_pipe_buf(long_line: str) -> None:
     stream = RecordingStream()
     handler = AccessLineHandler(stream)
     lines = [
         format_json(make_record(path=f"/{index}" + "x" * 200)) for index in range(60)
     ]
-    lines.append("é" * 3000)  # one long non-ASCII line goes out alone
+    # One line longer than PIPE_BUF goes out alone, amid the others.
+    lines.insert(30, long_line)
     for line in lines:
         handler.write_line(line)
     handler.flush()
