@@ -1,7 +1,7 @@
 """Count the instructions pgproxy runs per proxied request, under callgrind.
 
     python bench/instructions.py [--target pgproxy|bare] [--requests N]
-                                 [--warmup N] [--path PATH]
+                                 [--warmup N] [--path PATH] [--keys N]
                                  [--connections N] [--cache-sim] [--close]
 
 Wall-clock benchmarks on a shared 2-core machine move by several percent
@@ -15,6 +15,9 @@ the measured requests and prints user-space instructions per request.
 caches, a 512 KiB last level) and prints misses per request: two
 programs with the same instruction count can differ in time by their
 misses.
+`--keys N` appends `k=0` to `k=N-1` to the path's query, cycling per
+connection, as the benchmark's hash-3 scenario varies its key (for example
+`--path /hash --keys 1024`).
 `--close` sends each request on a new connection, to count what a
 connection costs. `--target bare` counts bench/bare_proxy.py instead, the
 floor of the stack. Use it to compare two commits
@@ -73,35 +76,54 @@ def _read_response(sock: socket.socket, pending: bytes) -> bytes:
     return rest[length:]
 
 
-def _send_requests(port: int, path: str, count: int, close: bool = False) -> None:
-    """Send `count` requests over one connection, or each on its own one."""
+def request_paths(path: str, keys: int) -> list[str]:
+    """Return `path`, or with `keys` > 0 one path per key `k=0` to `k=keys-1`."""
+    if keys <= 0:
+        return [path]
+    separator = "&" if "?" in path else "?"
+    return [f"{path}{separator}k={key}" for key in range(keys)]
+
+
+def _send_requests(
+    port: int, paths: list[str], count: int, close: bool = False
+) -> None:
+    """Send `count` requests over one connection, or each on its own one.
+
+    The requests cycle through `paths`.
+    """
     if close:
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        for _ in range(count):
+        requests = [
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            for path in paths
+        ]
+        for i in range(count):
             with socket.create_connection(("127.0.0.1", port), timeout=30.0) as sock:
-                sock.sendall(request)
+                sock.sendall(requests[i % len(requests)])
                 _read_response(sock, b"")
         return
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    requests = [
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        for path in paths
+    ]
     with socket.create_connection(("127.0.0.1", port), timeout=30.0) as sock:
         pending = b""
-        for _ in range(count):
-            sock.sendall(request)
+        for i in range(count):
+            sock.sendall(requests[i % len(requests)])
             pending = _read_response(sock, pending)
 
 
 def _send_concurrently(
-    port: int, path: str, count: int, connections: int, close: bool = False
+    port: int, paths: list[str], count: int, connections: int, close: bool = False
 ) -> None:
     """Send `count` requests from `connections` clients at the same time."""
     errors: list[BaseException] = []
 
     def send(share: int) -> None:
         try:
-            _send_requests(port, path, share, close)
+            _send_requests(port, paths, share, close)
         except (OSError, BenchError) as exc:
             errors.append(exc)
 
@@ -141,14 +163,17 @@ def count(
     connections: int = 1,
     cache_sim: bool = False,
     close: bool = False,
+    keys: int = 0,
 ) -> dict[str, int]:
     """Return callgrind's event totals for `requests` requests to `target`.
 
     The totals are keyed by event name: `Ir` is instructions, and with
     `cache_sim` the cache misses follow (I1mr, D1mr, D1mw, ILmr, DLmr, DLmw).
     With `save_to`, callgrind's output file is copied there, for
-    `callgrind_annotate`.
+    `callgrind_annotate`. With `keys`, the requests cycle through the paths
+    of `request_paths`.
     """
+    paths = request_paths(path, keys)
     upstream = start_upstream(workdir, cpu=None)
     # %p: a forked child would otherwise write its counts to the same file.
     out_pattern = workdir / "callgrind.out.%p"
@@ -168,9 +193,9 @@ def count(
             port = next(
                 int(match.group(2)) for match in map(_PORT_RE.search, lines) if match
             )
-            _send_concurrently(port, path, warmup, connections, close)
+            _send_concurrently(port, paths, warmup, connections, close)
             _callgrind_control("--instr=on", str(proxy.pid))
-            _send_concurrently(port, path, requests, connections, close)
+            _send_concurrently(port, paths, requests, connections, close)
             _callgrind_control("--instr=off", str(proxy.pid))
         finally:
             proxy.stop(timeout_s=60.0)
@@ -194,6 +219,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--path", default="/small")
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help="append k=0 to k=N-1 to the path's query, cycling (default 0: none)",
+    )
     parser.add_argument("--target", choices=("pgproxy", "bare"), default="pgproxy")
     parser.add_argument(
         "--save", type=Path, help="copy callgrind's output here, for callgrind_annotate"
@@ -232,6 +263,7 @@ def main() -> int:
             connections=options.connections,
             cache_sim=options.cache_sim,
             close=options.close,
+            keys=options.keys,
         )
     total = totals["Ir"]
     print(

@@ -52,6 +52,7 @@ COMPILED_MODULES = (
     "pgproxy.balancing.base",
     "pgproxy.balancing.round_robin",
     "pgproxy.balancing.consistent_hash",
+    "pgproxy.balancing.hash_key",
     "pgproxy.balancing.least_request",
     "pgproxy.balancing.random",
     "pgproxy.health.endpoint",

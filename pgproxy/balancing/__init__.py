@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from pgproxy.balancing.base import Balancer
 from pgproxy.balancing.consistent_hash import ConsistentHashBalancer
+from pgproxy.balancing.hash_key import HashKey
 from pgproxy.balancing.least_request import LeastRequestBalancer
 from pgproxy.balancing.random import RandomBalancer
 from pgproxy.balancing.round_robin import RoundRobinBalancer
@@ -23,6 +24,7 @@ from pgproxy.graph.types import Cluster
 __all__ = [
     "Balancer",
     "ConsistentHashBalancer",
+    "HashKey",
     "LeastRequestBalancer",
     "RandomBalancer",
     "RoundRobinBalancer",
@@ -59,45 +61,7 @@ def hash_key_value(
     """Extract a request's consistent-hash key as `spec` describes it.
 
     `spec` is `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or
-    `client_ip`. `headers` maps lower-case names to values. A query value is
-    returned raw (not percent-decoded), like nginx's `$arg_NAME`, so both
-    proxies hash the same bytes. Returns None when the value is missing or
-    empty, and the balancer then falls back to round robin.
+    `client_ip`; see `HashKey`, which the proxy builds once per cluster.
+    Raises ValueError for another `spec`.
     """
-    kind, _, name = spec.partition(":")
-    value: str | None
-    if kind == "header":
-        value = headers.get(name.lower())
-    elif kind == "cookie":
-        value = _cookie_value(headers.get("cookie"), name)
-    elif kind == "query":
-        value = _query_value(query, name)
-    elif kind == "path":
-        value = path
-    elif kind == "client_ip":
-        value = client_ip
-    else:
-        raise ValueError(f'invalid hash key "{spec}"')
-    return value or None
-
-
-def _cookie_value(header: str | None, name: str) -> str | None:
-    # RFC 6265 section 5.4: pairs separated by "; ", first occurrence wins.
-    if not header:
-        return None
-    for pair in header.split(";"):
-        cookie_name, sep, value = pair.strip().partition("=")
-        if sep and cookie_name == name:
-            return value.strip('"')
-    return None
-
-
-def _query_value(query: str, name: str) -> str | None:
-    # nginx's $arg_NAME compares names case-insensitively, without decoding,
-    # and takes the first occurrence.
-    target = name.lower()
-    for pair in query.split("&"):
-        arg_name, sep, value = pair.partition("=")
-        if sep and arg_name.lower() == target:
-            return value
-    return None
+    return HashKey(spec).value(headers, path, query, client_ip)

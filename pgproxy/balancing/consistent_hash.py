@@ -24,15 +24,20 @@ back to smooth weighted round robin over the cluster.
 
 from __future__ import annotations
 
-import bisect
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Final
 
 from pgproxy.balancing.base import Balancer
 from pgproxy.balancing.round_robin import RoundRobinBalancer
 from pgproxy.graph.types import Endpoint
 
 POINTS_PER_WEIGHT = 160
+# A ring of more points than 2**MAX_BUCKET_BITS gets that many buckets, so
+# its buckets hold more than one point.
+MAX_BUCKET_BITS = 16
+# A Final static: compiled code looks a module attribute up on each call.
+_crc32: Final = zlib.crc32
 
 
 def nginx_server_name(address: str) -> str:
@@ -77,13 +82,45 @@ def key_hash(key: str) -> int:
     A key from a path that decoded to bytes that are not UTF-8 carries them
     as surrogates (`pgproxy.graph.paths`), which become those bytes again.
     """
-    return zlib.crc32(key.encode("utf-8", "surrogateescape"))
+    # Compiled code encodes to strict UTF-8 with a direct C call, while an
+    # errors argument goes through the codec lookup. Only a surrogate raises.
+    try:
+        data = key.encode()
+    except UnicodeEncodeError:
+        data = key.encode("utf-8", "surrogateescape")
+    return _crc32(data)
+
+
+def bucket_starts(hashes: Sequence[int]) -> tuple[int, list[int]]:
+    """Index sorted 32-bit `hashes` by their top bits, for `point_at`.
+
+    Returns `shift` and `starts`: `starts[b]` is the index of the first hash
+    whose value `>> shift` is `b` or more, and `starts[b + 1]` ends that
+    bucket. There are between one and two buckets per hash, up to
+    2**MAX_BUCKET_BITS buckets.
+    """
+    bits = min(len(hashes).bit_length(), MAX_BUCKET_BITS)
+    shift = 32 - bits
+    starts = []
+    index = 0
+    for bucket in range((1 << bits) + 1):
+        while index < len(hashes) and hashes[index] >> shift < bucket:
+            index += 1
+        starts.append(index)
+    return shift, starts
 
 
 class ConsistentHashBalancer(Balancer):
     """A ketama ring over one cluster's endpoints."""
 
-    __slots__ = ("_endpoints", "_fallback", "_hashes", "_owners")
+    __slots__ = (
+        "_bucket_starts",
+        "_endpoints",
+        "_fallback",
+        "_hashes",
+        "_owners",
+        "_shift",
+    )
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         if not endpoints:
@@ -104,6 +141,7 @@ class ConsistentHashBalancer(Balancer):
             owners.append(index)
         self._hashes = hashes
         self._owners = owners
+        self._shift, self._bucket_starts = bucket_starts(hashes)
         self._fallback = RoundRobinBalancer(self._endpoints)
 
     def __repr__(self) -> str:
@@ -119,7 +157,29 @@ class ConsistentHashBalancer(Balancer):
 
     def point_for(self, key: str) -> int:
         """Return the index of the first ring point at or after the key's hash."""
-        return bisect.bisect_left(self._hashes, key_hash(key)) % len(self._hashes)
+        return self.point_at(key_hash(key))
+
+    def point_at(self, position: int) -> int:
+        """Return the index of the first ring point whose hash is >= `position`.
+
+        `position` is an unsigned 32-bit value, as `key_hash` returns. Past
+        the last point the ring wraps to point 0.
+        """
+        # bisect.bisect_left over the position's bucket only. Compiled, it
+        # compares tagged integers instead of calling PyObject_RichCompare, and
+        # a ring of up to 2**MAX_BUCKET_BITS points has at most one point per
+        # bucket on average.
+        hashes = self._hashes
+        bucket = position >> self._shift
+        low = self._bucket_starts[bucket]
+        high = self._bucket_starts[bucket + 1]
+        while low < high:
+            middle = (low + high) // 2
+            if hashes[middle] < position:
+                low = middle + 1
+            else:
+                high = middle
+        return low if low < len(hashes) else 0
 
     def pick(self, key: str) -> Endpoint:
         """Return the endpoint that owns a key when every endpoint is healthy."""

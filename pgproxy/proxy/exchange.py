@@ -22,7 +22,6 @@ import logging
 import time
 from typing import Final
 
-from pgproxy.balancing import hash_key_value
 from pgproxy.errors import NoEndpointError, UpstreamError
 from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.routing import RouteTable
@@ -98,9 +97,9 @@ class Exchange(ResponseRelay):
         cluster = self.runtime.clusters[route.cluster]
         self.cluster = cluster
         key = None
-        spec = cluster.settings.hash_key
-        if spec is not None and cluster.settings.balancer == "consistent_hash":
-            key = hash_key_value(spec, headers, path, query, self.downstream.client_ip)
+        hash_key = cluster.hash_key
+        if hash_key is not None:
+            key = hash_key.value(headers, path, query, self.downstream.client_ip)
         self.candidates = cluster.balancer.candidates(key)
         self.set_deadline(self.downstream.clock() + route.timeout)
         self.next_attempt()

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pgproxy.balancing import Balancer, build_balancer
+from pgproxy.balancing import Balancer, HashKey, build_balancer
 from pgproxy.graph.paths import AmbiguousPathRule, encode_path
 from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
@@ -34,6 +34,7 @@ class ClusterRuntime:
     __slots__ = (
         "balancer",
         "cluster",
+        "hash_key",
         "host_literal",
         "hosts",
         "name",
@@ -46,6 +47,12 @@ class ClusterRuntime:
         self.name = cluster.name
         self.settings = cluster.settings
         self.balancer: Balancer = build_balancer(cluster)
+        # Parsed once per graph load, and only for consistent_hash, the one
+        # balancer that reads a key.
+        self.hash_key: HashKey | None = None
+        spec = self.settings.hash_key
+        if spec is not None and self.settings.balancer == "consistent_hash":
+            self.hash_key = HashKey(spec)
         self.pools: dict[str, EndpointPool] = {}
         self.hosts: dict[str, bytes] = {}
         for endpoint in cluster.endpoints:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections import Counter
 
 import pytest
 
 from pgproxy.balancing.consistent_hash import (
+    MAX_BUCKET_BITS,
     ConsistentHashBalancer,
+    bucket_starts,
     key_hash,
     nginx_server_name,
     ring_points,
@@ -57,6 +60,54 @@ def test_key_hash_non_utf8_path() -> None:
     # `/%FF` decodes to a surrogate; its hash is that of the byte sent.
     path = normalize_path("/%FF")
     assert key_hash(path) == zlib.crc32(b"/\xff")
+
+
+def test_key_hash_non_ascii_is_utf8() -> None:
+    assert key_hash("é") == zlib.crc32(b"\xc3\xa9")
+
+
+def sorted_ring(ring: ConsistentHashBalancer) -> list[int]:
+    """Return the ring's point hashes, built again from its endpoints."""
+    hashes: set[int] = set()
+    for endpoint in ring.endpoints:
+        name = nginx_server_name(endpoint.address)
+        hashes.update(ring_points(name, endpoint.weight))
+    return sorted(hashes)
+
+
+@pytest.mark.parametrize("weights", [(1,), (1, 1, 1), (1, 3, 2, 5, 1), (60,) * 8])
+def test_point_at_matches_bisect(weights: tuple[int, ...]) -> None:
+    ring = ConsistentHashBalancer(endpoints(*weights))
+    hashes = sorted_ring(ring)
+    # Every point, its neighbours, both ends of the hash space and a spread.
+    positions = {0, 2**32 - 1, *range(0, 2**32, 7_919_111)}
+    for point_hash in hashes:
+        positions.update((point_hash - 1, point_hash, point_hash + 1))
+    for position in sorted(p for p in positions if 0 <= p < 2**32):
+        expected = bisect.bisect_left(hashes, position) % len(hashes)
+        assert ring.point_at(position) == expected, position
+
+
+def test_point_for_is_point_at_key_hash() -> None:
+    ring = ConsistentHashBalancer(endpoints(1, 2, 3))
+    for key in KEYS[:500]:
+        assert ring.point_for(key) == ring.point_at(key_hash(key))
+
+
+def test_bucket_starts_bounds_each_bucket() -> None:
+    hashes = [0, 5, 2**31, 2**31 + 1, 2**32 - 1]
+    shift, starts = bucket_starts(hashes)
+    # 5 hashes take 3 bits: 8 buckets of 2**29 values each.
+    assert shift == 29
+    assert starts == [0, 2, 2, 2, 2, 4, 4, 4, 5]
+
+
+def test_bucket_starts_capped() -> None:
+    hashes = list(range(0, 2**32, 2**32 // (2**MAX_BUCKET_BITS * 2)))
+    shift, starts = bucket_starts(hashes)
+    assert shift == 32 - MAX_BUCKET_BITS
+    assert len(starts) == 2**MAX_BUCKET_BITS + 1
+    assert starts[1] == 2
 
 
 def test_same_key_same_endpoint_across_instances() -> None:

@@ -68,3 +68,12 @@ def test_count_over_new_connections() -> None:
     output = count("--requests", "20", "--warmup", "5", "--close")
 
     assert per_request(output, 20) > 0
+
+
+@needs_tools
+def test_count_cycles_hash_keys() -> None:
+    output = count(
+        "--requests", "20", "--warmup", "5", "--path", "/hash", "--keys", "4"
+    )
+
+    assert per_request(output, 20) > 0

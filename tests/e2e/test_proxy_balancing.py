@@ -49,6 +49,10 @@ path_prefix = "/hash"
 cluster = "hash"
 
 [[routes]]
+path_prefix = "/qhash"
+cluster = "qhash"
+
+[[routes]]
 path_prefix = "/least"
 cluster = "least"
 
@@ -82,6 +86,11 @@ endpoints = [{{ address = "{w1}", weight = 2 }}, "{w2}"]
 endpoints = ["{h1}", "{h2}", "{h3}"]
 balancer = "consistent_hash"
 hash_key = "header:x-user"
+
+[clusters.qhash]
+endpoints = ["{q1}", "{q2}", "{q3}"]
+balancer = "consistent_hash"
+hash_key = "query:k"
 
 [clusters.least]
 endpoints = ["{l1}", "{l2}", "{l3}"]
@@ -131,6 +140,9 @@ NAMES = [
         "h1",
         "h2",
         "h3",
+        "q1",
+        "q2",
+        "q3",
         "l1",
         "l2",
         "l3",
@@ -238,6 +250,26 @@ def test_consistent_hash_spreads_keys(proxy: PgproxyProcess) -> None:
 def test_consistent_hash_missing_key_round_robin(proxy: PgproxyProcess) -> None:
     answered = picks(proxy.port(), "/hash/no-key", 6)
     assert set(answered) == {"h1", "h2", "h3"}, (
+        f"requests without the key should spread: {answered}"
+    )
+
+
+def test_query_hash_key_like_nginx_arg(proxy: PgproxyProcess) -> None:
+    """The first k argument picks the endpoint, whatever its position and case."""
+    port = proxy.port()
+    spread = Counter(picks(port, f"/qhash?k={key}", 1)[0] for key in KEYS)
+    assert set(spread) == {"q1", "q2", "q3"}, (
+        f"60 query keys did not reach all 3 endpoints: {spread}"
+    )
+    for key in KEYS[:10]:
+        first = picks(port, f"/qhash?k={key}", 1)[0]
+        same = picks(port, f"/qhash/x?a=1&K={key}&k=other", 3)
+        assert same == [first] * 3, f"key {key} moved with its position: {same}"
+
+
+def test_query_hash_missing_key_round_robin(proxy: PgproxyProcess) -> None:
+    answered = picks(proxy.port(), "/qhash?kk=1&k=", 6)
+    assert set(answered) == {"q1", "q2", "q3"}, (
         f"requests without the key should spread: {answered}"
     )
 
