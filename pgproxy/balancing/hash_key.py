@@ -55,9 +55,9 @@ class HashKey:
         if kind == "query":
             value = self._query_value(query)
         elif kind == "header":
-            value = headers.get(self.name)
+            value = wire_text(headers.get(self.name))
         elif kind == "cookie":
-            value = cookie_value(headers.get("cookie"), self.name)
+            value = wire_text(cookie_value(headers.get("cookie"), self.name))
         elif kind == "path":
             value = path
         else:
@@ -85,6 +85,23 @@ class HashKey:
         if end < 0:
             end = len(query)
         return query[start + len(needle) : end]
+
+
+def wire_text(value: str | None) -> str | None:
+    """Return a header value so that its UTF-8 encoding is its bytes on the wire.
+
+    The proxy decodes header values as latin-1, one character per byte, and
+    the ring hashes the UTF-8 encoding of a key. nginx hashes the bytes as
+    received, so a value with bytes above 0x7F is turned back into those
+    bytes, carried as surrogates where they are not UTF-8.
+    """
+    if value is None or value.isascii():
+        return value
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def find_argument(query: str, needle: str) -> int:

@@ -303,9 +303,15 @@ def _print_target(
     key = None
     pick_reason = f"{config.balancer}, first pick of a fresh balancer"
     if config.balancer == "consistent_hash" and config.hash_key is not None:
+        # A client sends the header text as UTF-8, and the proxy decodes
+        # each byte as one latin-1 character: hash what the proxy would see.
+        wire_headers = {
+            name: value.encode("utf-8").decode("latin-1")
+            for name, value in request.headers.items()
+        }
         key = hash_key_value(
             config.hash_key,
-            request.headers,
+            wire_headers,
             request.routed_path,
             request.query,
             request.client_ip,

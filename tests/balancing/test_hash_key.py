@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from pgproxy.balancing import hash_key_value
+from pgproxy.balancing.consistent_hash import key_hash
 from pgproxy.balancing.hash_key import HashKey, find_argument, query_value
 
 HEADERS = {"x-user": "alice", "cookie": 'theme=dark; sid="s-1"; other=x'}
@@ -111,3 +114,23 @@ def test_hash_key_value_uses_spec() -> None:
     assert hash_key_value("header:x-user", HEADERS, "/p", "", "ip") == "alice"
     with pytest.raises(ValueError, match="invalid hash key"):
         hash_key_value("nothing", {}, "/p", "", "ip")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"caf\xc3\xa9", b"caf\xe9", b"plain"],
+    ids=["utf-8", "not-utf-8", "ascii"],
+)
+def test_header_key_hashes_wire_bytes(raw: bytes) -> None:
+    # The proxy decodes header bytes as latin-1; nginx hashes the raw bytes.
+    headers = {"x-user": raw.decode("latin-1")}
+    key = HashKey("header:x-user").value(headers, "/p", "", "ip")
+    assert key is not None
+    assert key_hash(key) == zlib.crc32(raw)
+
+
+def test_cookie_key_hashes_wire_bytes() -> None:
+    headers = {"cookie": b"sid=\xc3\xa9t\xc3\xa9".decode("latin-1")}
+    key = HashKey("cookie:sid").value(headers, "/p", "", "ip")
+    assert key is not None
+    assert key_hash(key) == zlib.crc32("été".encode())
