@@ -46,12 +46,12 @@ class RequestParsing(DownstreamState):
         if self._tunnel is not None:
             self._tunnel.on_tunnel_client_data(data)
             return
-        was_in_head = self._in_head
         self._feeding = True
         self._chunk = data
         self._scan_from = 0
         self._read_at_message_start = not self._in_message
         self._body_in_read = False
+        self._head_began_in_read = False
         try:
             error = self._feed(data)
         finally:
@@ -60,12 +60,13 @@ class RequestParsing(DownstreamState):
         if error is not None:
             self._reject(*error)
         elif self._in_head:
-            if was_in_head:
-                self._head_bytes += len(data)
-            if not was_in_head:
+            # A read may end one head, carry a body and begin the next head.
+            # Only the bytes of the head still open count and are carried.
+            if self._head_began_in_read:
                 self._carry = bytearray(data[self._scan_from :])
                 self._carry_anywhere = self._body_in_read
             else:
+                self._head_bytes += len(data)
                 self._carry += data
             if max(self._head_bytes, self._header_bytes) > self.limits.max_header_bytes:
                 self._reject(431, "request header fields too large")
@@ -98,6 +99,7 @@ class RequestParsing(DownstreamState):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_began_in_read = True
         self._in_message = True
         self._head_bytes = 0
         self._url = b""
@@ -160,11 +162,14 @@ class RequestParsing(DownstreamState):
         """
         line = b"%b %b HTTP/" % (method, self._url)
         if self._carry:
+            carried_bytes = len(self._carry)
             carried = bytes(self._carry + self._chunk)
-            found = _find_line(carried, line, 0, self._carry_anywhere) >= 0
+            index = _find_line(carried, line, 0, self._carry_anywhere)
             self._carry = bytearray()
-            if not found:
+            if index < 0:
                 raise FramingError("invalid request line")
+            # A later head of this read is searched for after this line.
+            self._scan_from = max(0, index + len(line) - carried_bytes)
             return None
         chunk = self._chunk
         start = self._scan_from

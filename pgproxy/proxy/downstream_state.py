@@ -66,6 +66,7 @@ class DownstreamState(asyncio.Protocol):
         "_feeding",
         "_front_started",
         "_get_method",
+        "_head_began_in_read",
         "_head_bytes",
         "_header_bytes",
         "_header_names",
@@ -153,6 +154,8 @@ class DownstreamState(asyncio.Protocol):
         # that began the carried head: the request line check needs to know.
         self._body_in_read = False
         self._carry_anywhere = False
+        # Whether the head being read, if any, began in the read being parsed.
+        self._head_began_in_read = False
         self._conn_deadline = 0.0
         self._conn_deadline_kind = 0
         self._timer: asyncio.TimerHandle | None = None

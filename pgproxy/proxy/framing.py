@@ -307,11 +307,11 @@ def check_request_head(
 def _set_host(
     info: RequestInfo, hosts: list[bytes], authority: bytes | None, version: str
 ) -> None:
-    # RFC 9112 section 3.2: exactly one Host in HTTP/1.1; with an absolute-form
-    # target the authority wins over the Host header.
+    # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, also next to an
+    # absolute-form target, whose authority then wins over the Host header.
     if len(hosts) > 1:
         raise FramingError("more than one Host header")
-    if not hosts and authority is None and version == "1.1":
+    if not hosts and version == "1.1":
         raise FramingError("missing Host header")
     if (
         authority is not None

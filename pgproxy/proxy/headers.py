@@ -20,7 +20,12 @@ from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from pgproxy.graph.paths import encode_path, needs_normalizing, normalize_path
-from pgproxy.proxy.framing import RequestInfo, ResponseInfo, lower_names
+from pgproxy.proxy.framing import (
+    RequestInfo,
+    ResponseInfo,
+    connection_tokens,
+    lower_names,
+)
 
 # A list, not a Sequence: mypyc indexes and iterates a list without the
 # generic protocol calls.
@@ -254,7 +259,9 @@ def build_response_head(
     parts.append(_via_line(via))
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif info.content_length is not None:
+    elif info.content_length is not None and status != 204:
+        # RFC 9110 section 8.6: a 204 carries no Content-Length. A client
+        # that read one as a body length would lose the next response.
         parts.append(b"Content-Length: %d\r\n" % info.content_length)
     if status == 101:
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
@@ -299,11 +306,21 @@ def _via_line(received: list[bytes]) -> bytes:
 
 
 def build_interim_head(status: int, reason: bytes, headers: Headers) -> bytes:
-    """Build a 1xx interim response head (such as 100 Continue or 103)."""
+    """Build a 1xx interim response head (such as 100 Continue or 103).
+
+    Hop-by-hop fields and the fields that Connection names are dropped, as
+    in a final response, and so is Content-Length, which no 1xx may carry
+    (RFC 9110 section 8.6).
+    """
+    dropped = connection_tokens(
+        [value for name, value in headers if name.lower() == b"connection"]
+    )
     parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
     for name, value in headers:
-        if name.lower() not in HOP_BY_HOP:
-            parts += (name, b": ", value, b"\r\n")
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in dropped or lower == b"content-length":
+            continue
+        parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 

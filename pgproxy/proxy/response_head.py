@@ -13,7 +13,8 @@ understand, and llhttp then parses that head as before. Any doubt means
 None. That covers:
 - a head split over reads or larger than the limit;
 - a version other than HTTP/1.1, and a 1xx or 101 status;
-- no Content-Length where the body would run to the connection's end;
+- no Content-Length where the body would run to the connection's end,
+  and a Content-Length in a 204, which the proxy drops;
 - Transfer-Encoding, Proxy-Connection, two Content-Length or two
   Connection fields, and a Connection option other than keep-alive, close
   or upgrade;
@@ -247,6 +248,8 @@ def read_response_head(
         info.connection_tokens = options
         info.keep_alive = b"close" not in options
     info.content_length = length if length >= 0 else None
+    if status == 204 and length >= 0:
+        return None  # llhttp reads it, and build_response_head drops the length
     if head_request or status == 204 or status == 304:
         body_length = 0
     elif length < 0:

@@ -29,6 +29,7 @@ from typing import Protocol
 import anyio
 
 from pgproxy.errors import ConfigError
+from pgproxy.graph.settings import ServerSettings
 from pgproxy.graph.types import Graph, Listener, LoadedGraph
 from pgproxy.health.state import HealthTable
 from pgproxy.server.listeners import BindError
@@ -70,8 +71,15 @@ class ReloadPlan:
         return ", ".join(parts)
 
 
-def plan_reload(old: Graph, new: Graph) -> ReloadPlan:
-    """Compare two graphs and return what a reload has to change."""
+def plan_reload(
+    old: Graph, new: Graph, started: ServerSettings | None = None
+) -> ReloadPlan:
+    """Compare two graphs and return what a reload has to change.
+
+    `started` contains the `[server]` settings the process started with,
+    `old.server` by default. A reload does not apply `workers` or `admin`,
+    so the new values are compared with those.
+    """
     added, removed, kept = [], [], []
     for name, listener in new.listeners.items():
         previous = old.listeners.get(name)
@@ -95,7 +103,7 @@ def plan_reload(old: Graph, new: Graph) -> ReloadPlan:
         removed_endpoints=frozenset(old_endpoints - new_endpoints),
         kept_endpoints=frozenset(old_endpoints & new_endpoints),
         kept_routes=frozenset(old_routes & new_routes),
-        restart_required=_restart_required(old, new),
+        restart_required=_restart_required(started or old.server, new.server),
     )
 
 
@@ -112,10 +120,10 @@ def _endpoint_keys(graph: Graph) -> set[EndpointKey]:
     }
 
 
-def _restart_required(old: Graph, new: Graph) -> tuple[str, ...]:
+def _restart_required(started: ServerSettings, new: ServerSettings) -> tuple[str, ...]:
     changed = []
     for key in ("workers", "admin"):
-        if getattr(old.server, key) != getattr(new.server, key):
+        if getattr(started, key) != getattr(new, key):
             changed.append(f"[server] {key}")
     return tuple(changed)
 
@@ -232,6 +240,7 @@ class Reloader:
         self._state = state
         self.history = history
         self._level = logging.INFO if log_outcome else logging.DEBUG
+        self._started = state.graph.server
         self._lock = anyio.Lock()
 
     def __repr__(self) -> str:
@@ -265,7 +274,7 @@ class Reloader:
             return ReloadOutcome(False, None, message)
         self._log_warnings(loaded)
 
-        plan = plan_reload(self._state.graph, loaded.graph)
+        plan = plan_reload(self._state.graph, loaded.graph, self._started)
         try:
             await self._state.open_listeners(plan.added_listeners)
         except BindError as error:
@@ -283,7 +292,7 @@ class Reloader:
         self._state.install(loaded, health, plan)
         self._state.retire(plan)
 
-        if plan.restart_required:
+        if plan.restart_required and self._level == logging.INFO:
             logger.warning(
                 "%s changed: restart pgproxy for it to take effect",
                 ", ".join(plan.restart_required),

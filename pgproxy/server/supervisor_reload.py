@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from pgproxy.errors import ConfigError
+from pgproxy.graph.settings import ServerSettings
 from pgproxy.graph.types import LoadedGraph
 from pgproxy.server.listeners import BindError
 from pgproxy.server.loading import load_config_async
@@ -55,6 +56,8 @@ class SupervisorReload:
     # Set by `Supervisor.__init__`.
     config_path: str
     loaded: LoadedGraph
+    # The [server] settings the supervisor started with: reloads keep them.
+    started: ServerSettings
     payload: bytes
     count: int
     slots: list[WorkerSlot]
@@ -88,7 +91,7 @@ class SupervisorReload:
             return self._reload_failed(describe_config_error(self.config_path, error))
         if not payload_fits(payload):
             return self._reload_failed(oversized_message(self.config_path, payload))
-        plan = plan_reload(self.loaded.graph, loaded.graph)
+        plan = plan_reload(self.loaded.graph, loaded.graph, self.started)
         reused = self._reused_sockets(plan)
         try:
             await anyio.to_thread.run_sync(check_tls, plan.added_listeners)

@@ -85,6 +85,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
     ) -> None:
         self.config_path = config_path
         self.loaded = loaded
+        self.started = loaded.graph.server
         self.payload = payload  # the config loader's output for the graph in force
         self.count = count
         self.log_level = log_level

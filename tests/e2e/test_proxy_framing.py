@@ -271,6 +271,25 @@ def test_bodyless_status(
         )
 
 
+def test_no_content_drops_content_length(
+    proxy: PgproxyProcess, upstream: Upstream
+) -> None:
+    """RFC 9110 section 8.6: no Content-Length in a 204, whatever the upstream sent.
+
+    A client that reads the length as a body would take the next response's
+    first bytes for it.
+    """
+    head = response_bytes(204, headers=[("Content-Length", "5")], content_length=False)
+    upstream.handler = by_path({"/no-content-length": raw(head)})
+    with RawConnection(proxy.port()) as conn:
+        conn.send(build_request("GET", "/no-content-length"))
+        response = conn.read_response()
+        assert response.status == 204, response.describe()
+        assert response.header("content-length") is None, response.describe()
+        conn.send(build_request("GET", "/after-no-content"))
+        assert echo_of(conn.read_response())["target"] == "/after-no-content"
+
+
 def test_interim_response_forwarded(proxy: PgproxyProcess, upstream: Upstream) -> None:
     early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
     final = response_bytes(200, b"final body", [("Content-Type", "text/plain")])
@@ -284,6 +303,28 @@ def test_interim_response_forwarded(proxy: PgproxyProcess, upstream: Upstream) -
         "a proxy forwards 1xx to HTTP/1.1 clients"
     )
     assert response.interim[0].header("link") == "</style.css>; rel=preload"
+
+
+def test_interim_drops_length_and_hop_fields(
+    proxy: PgproxyProcess, upstream: Upstream
+) -> None:
+    """A forwarded 1xx carries no Content-Length (RFC 9110 section 8.6) and no
+    field that its Connection header names (RFC 9110 section 7.6.1)."""
+    early_hints = (
+        b"HTTP/1.1 103 Early Hints\r\nConnection: x-hop\r\nX-Hop: 1\r\n"
+        b"Content-Length: 5\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    )
+    upstream.handler = raw(early_hints + response_bytes(200, b"final"))
+    with RawConnection(proxy.port()) as conn:
+        conn.send(build_request("GET", "/hints-with-framing"))
+        response = conn.read_response()
+    assert response.status == 200, response.describe()
+    assert [r.status for r in response.interim] == [103]
+    interim = response.interim[0]
+    assert interim.header("content-length") is None, interim.describe()
+    assert interim.header("x-hop") is None, interim.describe()
+    assert interim.header("connection") is None, interim.describe()
+    assert interim.header("link") == "</a.css>; rel=preload"
 
 
 def test_expect_100_continue(proxy: PgproxyProcess) -> None:

@@ -291,6 +291,13 @@ CASES = [
         "RFC 9112 3.2: an HTTP/1.1 request without Host: MUST 400",
     ),
     Case(
+        "host-missing-absolute-form",
+        b"GET http://test.local/x HTTP/1.1\r\nX-Other: 1\r\n\r\n",
+        400,
+        "RFC 9112 3.2: the MUST 400 covers any HTTP/1.1 request without Host, "
+        "also one whose target names the authority",
+    ),
+    Case(
         "host-twice",
         b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
         400,

@@ -172,3 +172,21 @@ def test_invalid_reload_logged_once(
     assert sum("reload failed" in text for text in lines) == 1
     assert status_json(admin)["config"]["hash"] == before
     assert get(process.port("main"), "/")[2]["x-upstream"] == "api"
+
+
+def test_restart_warning_logged_once(
+    workers: tuple[PgproxyProcess, int], upstreams: dict[str, str]
+) -> None:
+    process, _ = workers
+    changed = CONFIG.format(cluster="api", **upstreams).replace(
+        "workers = 2", "workers = 3"
+    )
+    start = len(process.stderr_lines)
+    process.config_path.write_text(changed)
+
+    process.signal(signal.SIGHUP)
+
+    assert process.wait_for_stderr("reloaded", timeout=10.0, start=start) is not None
+    time.sleep(0.5)  # a line from a worker would come quickly
+    lines = process.stderr_lines[start:]
+    assert sum("restart pgproxy" in line for line in lines) == 1, lines

@@ -340,6 +340,33 @@ async def test_request_line_starting_body_read(
     assert counter.version_calls == 1
 
 
+@pytest.mark.parametrize("body_size", [3, 70_000], ids=["small", "over-head-limit"])
+async def test_pipelined_head_split_after_body(
+    upstream: ScriptedUpstream, body_size: int
+) -> None:
+    # The middle read ends one head, carries its whole body and starts the
+    # next head, which ends in the last read. The next head is checked on its
+    # own bytes: the body before it is no part of its request line, and does
+    # not count against max_header_bytes (64 KiB by default).
+    post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % body_size
+    cut = post.index(b"Length")
+    body = b"b" * body_size
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        reader, writer, protocol, _ = await counting_connection(port, service)
+        writer.write(post[:cut])
+        await wait_until(lambda: protocol._in_head)
+        writer.write(post[cut:] + body + b"GET /after HT")
+        await wait_until(lambda: upstream.heads)
+        writer.write(b"TP/1.1\r\nHost: a\r\n\r\n")
+        with anyio.fail_after(5):
+            first = await read_response(reader)
+            second = await read_response(reader)
+        writer.close()
+    assert first.endswith(b"/p")
+    assert second.startswith(b"HTTP/1.1 200 "), second
+    assert second.endswith(b"/after")
+
+
 async def test_lost_connections_are_freed_without_the_cyclic_gc(
     upstream: ScriptedUpstream,
 ) -> None:

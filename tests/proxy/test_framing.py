@@ -193,6 +193,15 @@ def test_absolute_form_uses_its_authority() -> None:
     assert info.host_raw == b"example.com:8080"
 
 
+def test_absolute_form_without_host_is_400() -> None:
+    assert rejected([], method=b"GET", target=b"http://example.com/") == 400
+
+
+def test_absolute_form_http10_needs_no_host() -> None:
+    info = check([], method=b"GET", target=b"http://example.com/a", version="1.0")
+    assert info.host == "example.com"
+
+
 def test_absolute_form_host_mismatch_is_400() -> None:
     headers = [(b"Host", b"other.com")]
     assert rejected(headers, method=b"GET", target=b"http://example.com/") == 400

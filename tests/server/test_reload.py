@@ -220,3 +220,25 @@ async def test_restart_required_warned(
 
     assert outcome.ok
     assert any("[server] workers" in r.getMessage() for r in caplog.records)
+
+
+async def test_restart_warning_compares_running_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reload cannot change `workers`, so each reload compares the file with
+    # the value the process started with, not with the last reload's.
+    path, _, reloader, _ = _setup(tmp_path)
+    started = path.read_text()
+    path.write_text("[server]\nworkers = 3\n" + started)
+    with caplog.at_level(logging.WARNING, logger="pgproxy.server.reload"):
+        assert (await reloader.reload()).ok
+        caplog.clear()
+        assert (await reloader.reload()).ok
+        still_changed = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        path.write_text(started)
+        assert (await reloader.reload()).ok
+        reverted = [r.getMessage() for r in caplog.records]
+
+    assert any("[server] workers" in message for message in still_changed)
+    assert not any("restart pgproxy" in message for message in reverted), reverted
