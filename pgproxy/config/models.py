@@ -111,7 +111,8 @@ class ListenerConfig(_Model):
     max_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
         description="Max size of the request line and headers (431 above it); "
-        "1KiB to 1MiB.",
+        "1KiB to 1MiB. Also bounds a chunked body's framing (chunk extensions, "
+        "trailer fields) beyond 32 bytes per chunk (400 above it).",
     )
     max_body_bytes: SizeBytes = Field(
         default=100 * 1024 * 1024,

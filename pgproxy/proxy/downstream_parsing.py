@@ -43,20 +43,26 @@ class RequestParsing(DownstreamState):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self._tunnel is not None:
             self._tunnel.on_tunnel_client_data(data)
             return
         self._feeding = True
         self._chunk = data
         self._scan_from = 0
+        in_body = self._in_message and not self._in_head
         self._read_at_message_start = not self._in_message
         self._body_in_read = False
         self._head_began_in_read = False
+        self._read_body_bytes = 0
         try:
             error = self._feed(data)
         finally:
             self._feeding = False
             self._chunk = b""
+        if error is None and in_body and self._in_message and not self._in_head:
+            error = self._count_framing(len(data) - self._read_body_bytes)
         if error is not None:
             self._reject(*error)
         elif self._in_head:
@@ -71,6 +77,20 @@ class RequestParsing(DownstreamState):
             if max(self._head_bytes, self._header_bytes) > self.limits.max_header_bytes:
                 self._reject(431, "request header fields too large")
         self._run_queue()
+
+    def _count_framing(self, extra: int) -> tuple[int, str] | None:
+        """Count the bytes of a body read that were not body, and reject a flood.
+
+        A read that began and ended inside one message's body carries only
+        its body and its framing: chunk sizes, chunk extensions, CRLFs and
+        trailer fields. llhttp skips extensions and pgproxy drops trailers,
+        so neither has a limit of its own. Each message may carry 32 bytes
+        of framing per chunk, plus max_header_bytes for the rest.
+        """
+        self._extra_bytes += extra
+        if self._extra_bytes > self.limits.max_header_bytes + 32 * self._chunks:
+            return 400, "malformed request: chunk extensions or trailers too large"
+        return None
 
     def _feed(self, data: bytes) -> tuple[int, str] | None:
         """Parse bytes; return the status and reason of a malformed request."""
@@ -106,6 +126,8 @@ class RequestParsing(DownstreamState):
         self._headers = []
         self._header_names = []
         self._header_bytes = 0
+        self._chunks = 0
+        self._extra_bytes = 0
         if self._conn_deadline_kind == _IDLE:
             self._set_conn_deadline(_HEADER, self.limits.header_read_timeout)
 
@@ -205,8 +227,12 @@ class RequestParsing(DownstreamState):
             return "1.0"
         return None
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
     def on_body(self, body: bytes) -> None:
         self._body_in_read = True
+        self._read_body_bytes += len(body)
         exchange = self._receiving
         if exchange is None:
             return

@@ -28,6 +28,8 @@ _PAUSE_BODY: Final = 1
 _PAUSE_PIPELINE: Final = 2
 _IDLE: Final = 1
 _HEADER: Final = 2
+# Seconds a connection closed mid-request keeps reading before it closes.
+LINGER_TIMEOUT: Final = 5.0
 # Shared and never appended to: on_header appends only inside a head, and
 # on_message_begin gives each head a list of its own.
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
@@ -55,6 +57,7 @@ class DownstreamState(asyncio.Protocol):
         "_carry",
         "_carry_anywhere",
         "_chunk",
+        "_chunks",
         "_close_when_done",
         "_closed",
         "_conn_deadline",
@@ -62,6 +65,7 @@ class DownstreamState(asyncio.Protocol):
         "_connection_stats",
         "_eof",
         "_error",
+        "_extra_bytes",
         "_feed_data",
         "_feeding",
         "_front_started",
@@ -73,10 +77,12 @@ class DownstreamState(asyncio.Protocol):
         "_headers",
         "_in_head",
         "_in_message",
+        "_lingering",
         "_parser",
         "_paused",
         "_queue",
         "_read_at_message_start",
+        "_read_body_bytes",
         "_receiving",
         "_scan_from",
         "_starting",
@@ -131,6 +137,8 @@ class DownstreamState(asyncio.Protocol):
         self._tunnel: Exchange | None = None
         self._connection_stats: ConnectionStats | None = None
         self._closed = False
+        # Closed for writing, and discarding what the client still sends.
+        self._lingering = False
         self._close_when_done = False
         self._eof = False
         self._tls = False
@@ -156,6 +164,12 @@ class DownstreamState(asyncio.Protocol):
         self._carry_anywhere = False
         # Whether the head being read, if any, began in the read being parsed.
         self._head_began_in_read = False
+        # Body bytes of the read being parsed; and, for the message being
+        # read, its chunks and the bytes of its body reads that were not body
+        # (chunk sizes, extensions, CRLFs, trailer fields).
+        self._read_body_bytes = 0
+        self._chunks = 0
+        self._extra_bytes = 0
         self._conn_deadline = 0.0
         self._conn_deadline_kind = 0
         self._timer: asyncio.TimerHandle | None = None
