@@ -29,6 +29,7 @@ from pgproxy.proxy.downstream_state import (
     _IDLE,
     _PAUSE_BODY,
     _PAUSE_PIPELINE,
+    LINGER_TIMEOUT,
 )
 from pgproxy.proxy.exchange import Exchange
 from pgproxy.proxy.headers import Forwarding, is_trusted
@@ -92,6 +93,8 @@ class DownstreamProtocol(RequestParsing):
         # the last response. Any other client is gone, so its exchange is
         # cancelled, as nginx does by default (proxy_ignore_client_abort off),
         # and an abandoned request frees its upstream.
+        if self._lingering:
+            return False  # the client read the response and closed
         if self._eof:
             return True  # resume_reading after EOF reports it again
         self._eof = True
@@ -281,10 +284,33 @@ class DownstreamProtocol(RequestParsing):
             self.close()
 
     def close(self) -> None:
-        """Close after writing what is buffered."""
-        if not self._closed and self.transport is not None:
-            self._closed = True
-            self.transport.close()
+        """Close after writing what is buffered.
+
+        While the client may still be sending the request, only the write
+        side is closed at first (see `_linger`).
+        """
+        transport = self.transport
+        if self._closed or transport is None:
+            return
+        self._closed = True
+        if self._in_message and not self._eof and not self._tls:
+            self._linger(transport)
+            return
+        transport.close()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        # A close with request bytes still unread makes the kernel send a
+        # reset, and a client that gets it may drop the response it has not
+        # read yet (a 413 during an upload). So close the write side after
+        # the response, and read and discard until the client closes, for
+        # LINGER_TIMEOUT at most, as nginx's lingering_close does.
+        self._lingering = True
+        transport.write_eof()
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
+        self._conn_deadline = self.clock() + LINGER_TIMEOUT
+        self.watch_deadline(self._conn_deadline)
 
     def abort(self) -> None:
         """Drop the connection at once, so a cut response cannot look complete."""
@@ -322,6 +348,9 @@ class DownstreamProtocol(RequestParsing):
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self._lingering:
+            self._end_linger()
+            return
         if self._closed:
             return
         now = self.clock()
@@ -336,6 +365,14 @@ class DownstreamProtocol(RequestParsing):
         later = [at for at in pending if at]
         if later and not self._closed:
             self.watch_deadline(min(later))
+
+    def _end_linger(self) -> None:
+        if self.transport is None:
+            return
+        if self.clock() >= self._conn_deadline:
+            self.transport.close()
+        else:
+            self.watch_deadline(self._conn_deadline)
 
     def _on_conn_deadline(self) -> None:
         if self._conn_deadline_kind == _HEADER and (self._in_head or self._head_bytes):

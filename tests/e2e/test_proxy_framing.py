@@ -10,6 +10,7 @@ an upstream that dies in the middle of a response.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -530,3 +531,76 @@ def test_upstream_obs_fold_not_forwarded(
         assert "second" in folded, f"the folded line was lost: {folded!r}"
         continued = [name for name, _ in response.headers if name[:1] in (" ", "\t")]
         assert continued == [], "pgproxy forwarded the folded line as it was"
+
+
+def send_until_closed(
+    conn: RawConnection, head: bytes, pieces: Iterator[bytes]
+) -> None:
+    """Send `head`, then each piece, until pgproxy stops reading."""
+    conn.send(head)
+    try:
+        for piece in pieces:
+            conn.send(piece)
+    except OSError:
+        pass  # pgproxy responded and closed before the client finished
+
+
+def test_chunk_extension_flood_rejected(proxy: PgproxyProcess) -> None:
+    head = build_request(
+        "POST", "/ext-flood", headers=[("Transfer-Encoding", "chunked")]
+    )
+    # One chunk whose extension runs on for 1 MiB, sent 64 KiB at a time:
+    # llhttp skips extensions, so only the framing budget stops it.
+    pieces = iter([b"5;x="] + [b"a" * 65536] * 16)
+    with RawConnection(proxy.port()) as conn:
+        send_until_closed(conn, head, pieces)
+        response = conn.read_response()
+    assert response.status == 400, response.describe()
+    assert b"chunk extensions or trailers too large" in response.body
+
+
+def test_trailer_flood_rejected(proxy: PgproxyProcess) -> None:
+    head = build_request(
+        "POST", "/trailer-flood", headers=[("Transfer-Encoding", "chunked")]
+    )
+    trailers = b"X-Trailer: " + b"t" * 100 + b"\r\n"
+    pieces = iter([chunk(b"hello") + b"0\r\n"] + [trailers * 600] * 16)
+    with RawConnection(proxy.port()) as conn:
+        send_until_closed(conn, head, pieces)
+        response = conn.read_response()
+    assert response.status == 400, response.describe()
+
+
+def test_many_small_chunks_with_extensions_accepted(proxy: PgproxyProcess) -> None:
+    head = build_request(
+        "POST", "/small-chunks", headers=[("Transfer-Encoding", "chunked")]
+    )
+    # 20,000 one-byte chunks carry 200,000 bytes of framing, three times
+    # max_header_bytes, but within 32 bytes per chunk.
+    body = b"1;a=b\r\nx\r\n" * 20_000 + b"0\r\n\r\n"
+    with RawConnection(proxy.port()) as conn:
+        conn.send(head)
+        for start in range(0, len(body), 65536):
+            conn.send(body[start : start + 65536])
+        document = echo_of(conn.read_response())
+    assert document["body_length"] == 20_000
+
+
+def test_rejected_upload_keeps_reading_until_client_closes(
+    proxy: PgproxyProcess, upstream: Upstream
+) -> None:
+    head = build_request("POST", "/too-big", headers=[("Content-Length", "10000000")])
+    with RawConnection(proxy.port()) as conn:
+        conn.send(head + b"x" * 65536)
+        response = conn.read_response()
+        assert response.status == 413, response.describe()
+        # pgproxy closed its side only: the rest of the upload is read and
+        # discarded, so the client's sends meet no reset.
+        try:
+            for _ in range(8):
+                conn.send(b"x" * 65536)
+            assert not conn.is_open_after(2.0), "no EOF after the 413"
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            pytest.fail(f"pgproxy reset the connection during the upload: {exc}")
+    assert upstream.requests == []
