@@ -61,7 +61,11 @@ class RequestParsing(DownstreamState):
         finally:
             self._feeding = False
             self._chunk = b""
-        if error is None and in_body and self._in_message and not self._in_head:
+        # Only a read inside one message's body is counted. A read that ends
+        # one message and begins the next also carries the end of the first
+        # and the head of the next, and neither is the next message's framing.
+        in_one_body = in_body and not self._head_began_in_read
+        if error is None and in_one_body and self._in_message and not self._in_head:
             error = self._count_framing(len(data) - self._read_body_bytes)
         if error is not None:
             self._reject(*error)

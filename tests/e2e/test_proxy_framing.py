@@ -586,6 +586,36 @@ def test_many_small_chunks_with_extensions_accepted(proxy: PgproxyProcess) -> No
     assert document["body_length"] == 20_000
 
 
+def test_pipelined_head_not_counted_as_framing(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream
+) -> None:
+    # With max_header_bytes at 1 KiB, the end of the first body (318 bytes,
+    # with a trailer field) and the second request's 772-byte head arrive in
+    # one read, and together they exceed the second request's 1 KiB budget.
+    small = CONFIG.format(a=upstream.address).replace(
+        'max_body_bytes = "64KiB"',
+        'max_body_bytes = "64KiB"\nmax_header_bytes = "1KiB"',
+    )
+    proxy = pgproxy_factory(small)
+    first = build_request("POST", "/first", headers=[("Transfer-Encoding", "chunked")])
+    second = build_request(
+        "POST", "/second", headers=[("Content-Length", "10"), ("X-Pad", "p" * 700)]
+    )
+    with RawConnection(proxy.port()) as conn:
+        conn.send(first + chunk(b"hello"))
+        # The first read has been parsed once the upstream has the head, so
+        # the next send arrives as a read that begins inside the first body.
+        upstream.wait_for_requests(1)
+        trailer = b"X-Trailer: " + b"t" * 300 + b"\r\n"
+        conn.send(b"0\r\n" + trailer + b"\r\n" + second + b"01234")
+        first_response = conn.read_response()
+        conn.send(b"56789")
+        second_response = conn.read_response()
+    assert first_response.status == 200, first_response.describe()
+    assert second_response.status == 200, second_response.describe()
+    assert echo_of(second_response)["body_length"] == 10
+
+
 def test_rejected_upload_keeps_reading_until_client_closes(
     proxy: PgproxyProcess, upstream: Upstream
 ) -> None:
