@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -634,3 +635,26 @@ def test_rejected_upload_keeps_reading_until_client_closes(
         except OSError as exc:
             pytest.fail(f"pgproxy reset the connection during the upload: {exc}")
     assert upstream.requests == []
+
+
+def test_lingering_ends_after_linger_timeout(proxy: PgproxyProcess) -> None:
+    head = build_request("POST", "/too-big", headers=[("Content-Length", "10000000")])
+    with RawConnection(proxy.port()) as conn:
+        conn.send(head + b"x" * 1024)
+        response = conn.read_response()
+        assert response.status == 413, response.describe()
+        started = time.monotonic()
+        # A client that keeps its side open is read from until the linger
+        # timeout (5 s), then closed: a later send meets the reset.
+        reset_after = None
+        while time.monotonic() - started < 20.0:
+            try:
+                conn.send(b"x" * 1024)
+            except OSError:
+                reset_after = time.monotonic() - started
+                break
+            time.sleep(0.2)
+    assert reset_after is not None, "the lingering connection was still open after 20 s"
+    assert reset_after >= 4.0, (
+        f"closed {reset_after:.1f} s after the 413, before the linger timeout"
+    )
