@@ -108,6 +108,11 @@ class ListenerConfig(_Model):
         default=75.0,
         description="Time an idle keep-alive client connection is kept open.",
     )
+    tunnel_idle_timeout: PositiveDurationSeconds = Field(
+        default=3600.0,
+        description="Time an upgraded connection (WebSocket) may carry no data "
+        "in either direction before pgproxy closes both sides.",
+    )
     max_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
         description="Max size of the request line and headers (431 above it); "

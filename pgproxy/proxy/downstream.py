@@ -29,6 +29,7 @@ from pgproxy.proxy.downstream_state import (
     _IDLE,
     _PAUSE_BODY,
     _PAUSE_PIPELINE,
+    _TUNNEL,
     LINGER_TIMEOUT,
 )
 from pgproxy.proxy.exchange import Exchange
@@ -274,8 +275,13 @@ class DownstreamProtocol(RequestParsing):
     def start_tunnel(self, exchange: Exchange) -> None:
         """Relay raw bytes between the client and the exchange's upstream."""
         self._tunnel = exchange
-        self._conn_deadline = 0.0
+        self._tunnel_last = self.clock()
+        self._set_conn_deadline(_TUNNEL, self.limits.tunnel_idle_timeout)
         self._resume(_PAUSE_BODY | _PAUSE_PIPELINE)
+
+    def tunnel_activity(self) -> None:
+        """Record tunnel bytes from the upstream, for the tunnel idle timeout."""
+        self._tunnel_last = self.clock()
 
     def drain(self) -> None:
         """Close now if idle, otherwise after the response in progress."""
@@ -366,6 +372,21 @@ class DownstreamProtocol(RequestParsing):
         if later and not self._closed:
             self.watch_deadline(min(later))
 
+    def _on_tunnel_deadline(self) -> None:
+        # The deadline is moved only when it passes, not on every chunk, so
+        # the tunnel's relay path reads the clock and nothing else.
+        idle_until = self._tunnel_last + self.limits.tunnel_idle_timeout
+        if self.clock() < idle_until:
+            self._conn_deadline = idle_until
+            self.watch_deadline(idle_until)
+            return
+        logger.debug("closing idle tunnel of %s", self.client)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.end_idle_tunnel()
+        else:
+            self.close()
+
     def _end_linger(self) -> None:
         if self.transport is None:
             return
@@ -375,6 +396,9 @@ class DownstreamProtocol(RequestParsing):
             self.watch_deadline(self._conn_deadline)
 
     def _on_conn_deadline(self) -> None:
+        if self._conn_deadline_kind == _TUNNEL:
+            self._on_tunnel_deadline()
+            return
         if self._conn_deadline_kind == _HEADER and (self._in_head or self._head_bytes):
             logger.debug("header read timeout for %s", self.client)
             self._write_error(408, "request header read timed out")

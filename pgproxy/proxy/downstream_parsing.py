@@ -46,6 +46,7 @@ class RequestParsing(DownstreamState):
         if self._lingering:
             return
         if self._tunnel is not None:
+            self._tunnel_last = self.clock()
             self._tunnel.on_tunnel_client_data(data)
             return
         self._feeding = True

@@ -28,6 +28,7 @@ _PAUSE_BODY: Final = 1
 _PAUSE_PIPELINE: Final = 2
 _IDLE: Final = 1
 _HEADER: Final = 2
+_TUNNEL: Final = 3
 # Seconds a connection closed mid-request keeps reading before it closes.
 LINGER_TIMEOUT: Final = 5.0
 # Shared and never appended to: on_header appends only inside a head, and
@@ -90,6 +91,7 @@ class DownstreamState(asyncio.Protocol):
         "_timer_at",
         "_tls",
         "_tunnel",
+        "_tunnel_last",
         "_url",
         "_write",
         "client",
@@ -172,6 +174,8 @@ class DownstreamState(asyncio.Protocol):
         self._extra_bytes = 0
         self._conn_deadline = 0.0
         self._conn_deadline_kind = 0
+        # When tunnel bytes last passed in either direction (loop time).
+        self._tunnel_last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 

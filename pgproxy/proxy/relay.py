@@ -246,6 +246,7 @@ class ResponseRelay(ExchangeFailures):
     def on_tunnel_upstream_data(self, data: bytes) -> None:
         """Relay tunnel bytes from the upstream to the client."""
         self.bytes_out += len(data)
+        self.downstream.tunnel_activity()
         self.downstream.write(data)
 
     def on_tunnel_client_data(self, data: bytes) -> None:
@@ -253,6 +254,13 @@ class ResponseRelay(ExchangeFailures):
         self.bytes_in += len(data)
         if self.upstream is not None:
             self.upstream.send(data)
+
+    def end_idle_tunnel(self) -> None:
+        """Close both sides of a tunnel idle for the listener's limit."""
+        self.failure = "tunnel_idle_timeout"
+        self.release_upstream(reuse=False)
+        self.downstream.close()
+        self.finish()
 
     def on_tunnel_closed(self) -> None:
         """End the tunnel when the upstream closes its side."""

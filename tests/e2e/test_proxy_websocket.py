@@ -6,10 +6,13 @@ side closes; the `websockets` client checks the handshake and frames.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from e2e_client import RawConnection, build_request, echo_of, echoed_header
 from e2e_process import PgproxyFactory, PgproxyProcess
 from e2e_upstream import UpstreamFactory, WebSocketUpstream
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 CONFIG = """
@@ -96,3 +99,47 @@ def test_upgrade_declined_is_plain_response(proxy: PgproxyProcess) -> None:
     assert "upgrade" in connection, (
         f"an upgrade request must keep Connection: upgrade, got {connection!r}"
     )
+
+
+IDLE_CONFIG = """
+[listeners.main]
+address = "127.0.0.1:0"
+tunnel_idle_timeout = "1s"
+
+[[routes]]
+path_prefix = "/ws"
+cluster = "ws"
+
+[clusters.ws]
+endpoints = ["{ws}"]
+"""
+
+
+@pytest.fixture
+def idle_proxy(
+    pgproxy_factory: PgproxyFactory, websocket_upstream: WebSocketUpstream
+) -> PgproxyProcess:
+    return pgproxy_factory(IDLE_CONFIG.format(ws=websocket_upstream.address))
+
+
+def test_idle_tunnel_closed(idle_proxy: PgproxyProcess) -> None:
+    url = f"ws://127.0.0.1:{idle_proxy.port()}/ws/idle"
+    with connect(url, open_timeout=5, close_timeout=1) as ws:
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=15)
+        closed_after = time.monotonic() - started
+    assert closed_after >= 0.5, f"closed after {closed_after:.2f} s, before the limit"
+
+
+def test_active_tunnel_outlives_idle_timeout(idle_proxy: PgproxyProcess) -> None:
+    url = f"ws://127.0.0.1:{idle_proxy.port()}/ws/active"
+    with connect(url, open_timeout=5) as ws:
+        started = time.monotonic()
+        index = 0
+        # 2.5 s of traffic, a message every 0.1 s, over a 1 s idle limit.
+        while time.monotonic() - started < 2.5:
+            ws.send(f"ping {index}")
+            assert ws.recv(timeout=5) == f"ping {index}"
+            index += 1
+            time.sleep(0.1)
