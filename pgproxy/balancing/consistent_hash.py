@@ -34,7 +34,7 @@ from pgproxy.graph.types import Endpoint
 
 POINTS_PER_WEIGHT = 160
 # A ring of more points than 2**MAX_BUCKET_BITS gets that many buckets, so
-# its buckets hold more than one point.
+# each bucket then contains more than one point on average.
 MAX_BUCKET_BITS = 16
 # A Final static: compiled code looks a module attribute up on each call.
 _crc32: Final = zlib.crc32

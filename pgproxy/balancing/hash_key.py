@@ -45,9 +45,9 @@ class HashKey:
     def value(
         self, headers: Mapping[str, str], path: str, query: str, client_ip: str
     ) -> str | None:
-        """Extract the key of one request, or None when it is missing or empty.
+        """Return the key of one request, or None when it is missing or empty.
 
-        `headers` maps lower-case names to values; `query` is the raw query
+        `headers` maps lower-case names to values. `query` is the raw query
         string without the `?`.
         """
         kind = self.kind
@@ -72,9 +72,9 @@ class HashKey:
         # because its first argument is the first match.
         start = 0
         if not query.startswith(needle):
-            # Lowering ASCII keeps the length, and the proxy accepts only
-            # ASCII targets. With the length kept, each character became one
-            # character, so an index in `lowered` is an index in `query`.
+            # The proxy accepts only ASCII targets, and lowering ASCII keeps
+            # each character at its index, so an index found in `lowered` is
+            # the same index in `query`. Other text goes the slow way.
             lowered = query.lower()
             if len(lowered) != len(query):
                 return query_value(query, self.name)

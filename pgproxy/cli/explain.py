@@ -304,7 +304,7 @@ def _print_target(
     pick_reason = f"{config.balancer}, first pick of a fresh balancer"
     if config.balancer == "consistent_hash" and config.hash_key is not None:
         # A client sends the header text as UTF-8, and the proxy decodes
-        # each byte as one latin-1 character: hash what the proxy would see.
+        # each byte as one latin-1 character, so hash what the proxy would see.
         wire_headers = {
             name: value.encode("utf-8").decode("latin-1")
             for name, value in request.headers.items()

@@ -67,9 +67,9 @@ class AccessLineHandler(logging.Handler):
         super().__init__()
         self.stream = stream
         # Lines waiting for the next flush. While the batch's loop runs, the
-        # event loop's thread may append to its lines without the lock
-        # (AccessLog.write does): the flush that takes them runs on that
-        # thread too, and no other thread writes access lines.
+        # event loop's thread may append to its lines without the lock, as
+        # AccessLog.write does. That is safe because the flush that takes them
+        # runs on that thread too, and no other thread writes access lines.
         self.batch = LineBatch()
         self._guard = threading.Lock()
         self._failed = False

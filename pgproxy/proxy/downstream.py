@@ -299,6 +299,8 @@ class DownstreamProtocol(RequestParsing):
         if self._closed or transport is None:
             return
         self._closed = True
+        # NOTE: TLS connections close at once, because asyncio's TLS
+        # transports cannot close only their write side.
         if self._in_message and not self._eof and not self._tls:
             self._linger(transport)
             return

@@ -166,10 +166,10 @@ class DownstreamState(asyncio.Protocol):
         self._carry_anywhere = False
         # Whether the head being read, if any, began in the read being parsed.
         self._head_began_in_read = False
-        # Body bytes of the read being parsed; and, for the message being
-        # read, its chunks and the bytes of its body reads that were not body
-        # (chunk sizes, extensions, CRLFs, trailer fields).
+        # Body bytes of the read being parsed.
         self._read_body_bytes = 0
+        # The chunks of the message being read, and the bytes of its body
+        # reads that were not body (chunk sizes, extensions, CRLFs, trailers).
         self._chunks = 0
         self._extra_bytes = 0
         self._conn_deadline = 0.0

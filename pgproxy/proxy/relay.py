@@ -256,7 +256,7 @@ class ResponseRelay(ExchangeFailures):
             self.upstream.send(data)
 
     def end_idle_tunnel(self) -> None:
-        """Close both sides of a tunnel idle for the listener's limit."""
+        """Close both sides of a tunnel that carried no data for too long."""
         self.failure = "tunnel_idle_timeout"
         self.release_upstream(reuse=False)
         self.downstream.close()

@@ -572,7 +572,7 @@ def test_trailer_flood_rejected(proxy: PgproxyProcess) -> None:
     assert response.status == 400, response.describe()
 
 
-def test_many_small_chunks_with_extensions_accepted(proxy: PgproxyProcess) -> None:
+def test_many_small_chunks_accepted(proxy: PgproxyProcess) -> None:
     head = build_request(
         "POST", "/small-chunks", headers=[("Transfer-Encoding", "chunked")]
     )
@@ -617,7 +617,7 @@ def test_pipelined_head_not_counted_as_framing(
     assert echo_of(second_response)["body_length"] == 10
 
 
-def test_rejected_upload_keeps_reading_until_client_closes(
+def test_rejected_upload_read_until_close(
     proxy: PgproxyProcess, upstream: Upstream
 ) -> None:
     head = build_request("POST", "/too-big", headers=[("Content-Length", "10000000")])

@@ -156,3 +156,18 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = _content_length(head)
     return head + (await reader.readexactly(length) if length else b"")
+
+
+async def wait_for_zero(count: Callable[[], int], tries: int = 500) -> int:
+    """Poll `count` every 10 ms until it returns 0; return its last value.
+
+    connection_lost runs a few loop iterations after a close, so a test
+    that counts live connections waits for it, at most `tries` times.
+    """
+    value = count()
+    for _ in range(tries):
+        if not value:
+            break
+        await asyncio.sleep(0.01)
+        value = count()
+    return value

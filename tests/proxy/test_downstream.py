@@ -18,6 +18,7 @@ from tests.proxy.loopback import (
     make_graph,
     read_response,
     running_proxy,
+    wait_for_zero,
 )
 
 pytestmark = pytest.mark.anyio
@@ -388,11 +389,6 @@ async def test_lost_connections_are_freed_without_the_cyclic_gc(
                     assert await reader.read() == b""
                 writer.close()
                 await writer.wait_closed()
-            # connection_lost runs a few loop iterations after the close.
-            for _ in range(500):
-                if not live():
-                    break
-                await asyncio.sleep(0.01)
-            assert live() == 0
+            assert await wait_for_zero(live) == 0
     finally:
         gc.enable()

@@ -20,6 +20,7 @@ from tests.proxy.loopback import (
     make_graph,
     read_response,
     running_proxy,
+    wait_for_zero,
 )
 
 pytestmark = pytest.mark.anyio
@@ -743,12 +744,7 @@ async def test_closed_upstream_connections_freed_without_gc() -> None:
         async with running_proxy(make_graph([upstream.port])) as (port, _):
             for _ in range(3):
                 assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200")
-            # connection_lost runs a few loop iterations after the close.
-            for _ in range(500):
-                if not live():
-                    break
-                await asyncio.sleep(0.01)
-            assert live() == 0
+            assert await wait_for_zero(live) == 0
     finally:
         gc.enable()
         await upstream.stop()
