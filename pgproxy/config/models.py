@@ -113,6 +113,16 @@ class ListenerConfig(_Model):
         description="Time an upgraded connection (WebSocket) may carry no data "
         "in either direction before pgproxy closes both sides.",
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Client connections the listener keeps open at once, in each "
+        "worker process. A connection beyond it is reset as soon as it is accepted, "
+        "and a warning says so at most every 10s. Unset: no limit of the "
+        "listener's own. Each process also caps all its client connections at "
+        "half of its open file limit less 32, and raises that limit to the hard "
+        "limit at startup.",
+    )
     max_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
         description="Max size of the request line and headers (431 above it); "

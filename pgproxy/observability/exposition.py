@@ -112,10 +112,17 @@ def request_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Client connections open now, by listener.",
         labels=["listener"],
     )
-    for name, (opened_count, open_count) in sorted(snapshot.connections.items()):
-        opened.add_metric([name], opened_count)
-        open_now.add_metric([name], open_count)
-    yield from (opened, open_now)
+    rejected = CounterMetricFamily(
+        "pgproxy_downstream_connections_rejected",
+        "Client connections closed at once because the listener or the process "
+        "was at its connection limit, by listener.",
+        labels=["listener"],
+    )
+    for name, counts in sorted(snapshot.connections.items()):
+        opened.add_metric([name], counts[0])
+        open_now.add_metric([name], counts[1])
+        rejected.add_metric([name], counts[2])
+    yield from (opened, open_now, rejected)
 
 
 def endpoint_families(snapshot: Snapshot) -> Iterator[Metric]:

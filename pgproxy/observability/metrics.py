@@ -82,13 +82,18 @@ class RequestStats:
 
 
 class ConnectionStats:
-    """Downstream connections of one listener: opened in total and open now."""
+    """Downstream connections of one listener: opened in total, open now, rejected.
 
-    __slots__ = ("open", "opened")
+    `rejected` counts connections closed at once because the listener or the
+    process was at its connection limit; they count as opened too.
+    """
+
+    __slots__ = ("open", "opened", "rejected")
 
     def __init__(self) -> None:
         self.opened = 0
         self.open = 0
+        self.rejected = 0
 
     def connection_opened(self) -> None:
         """Count a connection accepted by the listener."""
@@ -133,7 +138,8 @@ class Snapshot:
     """Every counter and gauge of one process (or of all workers, merged)."""
 
     requests: dict[RequestKey, RequestStats] = field(default_factory=dict)
-    connections: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Listener name: connections opened, open now, rejected (ConnectionStats).
+    connections: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     upstream_failures: dict[tuple[str, str, str], int] = field(default_factory=dict)
     ejections: dict[EndpointKey, int] = field(default_factory=dict)
     endpoints: dict[EndpointKey, EndpointReading] = field(default_factory=dict)
@@ -180,8 +186,8 @@ class Snapshot:
             stats.seconds_sum = float(seconds_sum)
             stats.retries = int(retries)
             snapshot.requests[stats.key] = stats
-        for name, opened, open_now in data["connections"]:
-            snapshot.connections[name] = (int(opened), int(open_now))
+        for name, opened, open_now, rejected in data["connections"]:
+            snapshot.connections[name] = (int(opened), int(open_now), int(rejected))
         for cluster, endpoint, failure, count in data["upstream_failures"]:
             snapshot.upstream_failures[(cluster, endpoint, failure)] = int(count)
         for cluster, endpoint, count in data["ejections"]:
@@ -270,7 +276,7 @@ class Metrics:
             copy.retries = stats.retries
             snapshot.requests[key] = copy
         snapshot.connections = {
-            name: (stats.opened, stats.open)
+            name: (stats.opened, stats.open, stats.rejected)
             for name, stats in self._connections.items()
         }
         snapshot.upstream_failures = dict(self._upstream_failures)
@@ -293,9 +299,13 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
         merged.processes += snapshot.processes
         for key, stats in snapshot.requests.items():
             _add_request_stats(merged.request_stats(key), stats)
-        for name, (opened, open_now) in snapshot.connections.items():
-            old_opened, old_open = merged.connections.get(name, (0, 0))
-            merged.connections[name] = (old_opened + opened, old_open + open_now)
+        for name, counts in snapshot.connections.items():
+            old = merged.connections.get(name, (0, 0, 0))
+            merged.connections[name] = (
+                old[0] + counts[0],
+                old[1] + counts[1],
+                old[2] + counts[2],
+            )
         _add_counts(merged.upstream_failures, snapshot.upstream_failures)
         _add_counts(merged.ejections, snapshot.ejections)
         _add_endpoints(merged.endpoints, snapshot, health)

@@ -61,11 +61,18 @@ class DownstreamProtocol(RequestParsing):
         self._tls = transport.get_extra_info("sslcontext") is not None
         proto = b"https" if self._tls else b"http"
         self.forwarding = Forwarding(self.client_ip, proto, trusted)
-        self.service.connections.add(self)
+        admitted = self.service.admit(self, self.limits.max_connections)
         metrics = self.service.current.metrics
         if metrics is not None and self.listener_name in metrics:
             self._connection_stats = metrics[self.listener_name].connections
             self._connection_stats.connection_opened()
+        if not admitted:
+            # A reset, not a close: nothing of the request was read, and the
+            # socket does not wait in TIME_WAIT while the process is at its limit.
+            if self._connection_stats is not None:
+                self._connection_stats.rejected += 1
+            self.abort()
+            return
         if self.service.draining:
             self.close()
             return

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pgproxy.balancing import Balancer, HashKey, build_balancer
 from pgproxy.graph.paths import AmbiguousPathRule, encode_path
@@ -19,6 +20,7 @@ from pgproxy.graph.types import Cluster, Graph, Listener
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.observability.metrics import ListenerMetrics, Metrics
+from pgproxy.proxy.fdlimit import RESERVED_DESCRIPTORS, connection_cap, open_file_limit
 from pgproxy.proxy.pool import EndpointPool, Pools
 from pgproxy.proxy.respond import FixedResponse
 
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from pgproxy.proxy.downstream import DownstreamProtocol
 
 logger = logging.getLogger(__name__)
+
+# Seconds between warnings about closed connections, so that a flood of
+# connections cannot flood the log.
+LIMIT_WARNING_INTERVAL: Final = 10.0
 
 
 class ClusterRuntime:
@@ -120,13 +126,20 @@ class ProxyService:
         self.health = health
         self.access = access
         self.connections: set[DownstreamProtocol] = set()
+        self.open_by_listener: dict[str, int] = {}
+        # Client connections this process keeps open at most, within its
+        # open file limit (pgproxy.proxy.fdlimit); None for no cap.
+        self.file_limit = open_file_limit()
+        self.max_open = connection_cap(self.file_limit)
+        self.rejected_since_warning = 0
+        self._warned_at = -LIMIT_WARNING_INTERVAL
         self.draining = False
         self.on_empty: Callable[[], None] | None = None
         self.metrics: Metrics | None = None  # set when a process serves /metrics
 
     def __repr__(self) -> str:
         return (
-            f"<ProxyService connections={len(self.connections)} "
+            f"<ProxyService connections={len(self.connections)} max={self.max_open} "
             f"draining={self.draining} pools={self.pools!r}>"
         )
 
@@ -172,9 +185,54 @@ class ProxyService:
             self.on_empty = closed.set
             await closed.wait()
 
+    def admit(self, conn: DownstreamProtocol, max_connections: int | None) -> bool:
+        """Record a new client connection; return False if it exceeds a limit.
+
+        `max_connections` is the listener's own limit. A connection that
+        exceeds it or the process's cap is still recorded, until `forget`.
+        """
+        self.connections.add(conn)
+        name = conn.listener_name
+        count = self.open_by_listener.get(name, 0) + 1
+        self.open_by_listener[name] = count
+        if max_connections is not None and count > max_connections:
+            self._warn_rejected(
+                name, count - 1, f"the listener's max_connections = {max_connections}"
+            )
+            return False
+        cap = self.max_open
+        if cap is not None and len(self.connections) > cap:
+            limit = (
+                f"{cap} for this process, half of its open file limit "
+                f"({self.file_limit}) less {RESERVED_DESCRIPTORS} reserved; raise "
+                "the limit (ulimit -n, systemd's LimitNOFILE) to serve more"
+            )
+            self._warn_rejected(name, len(self.connections) - 1, limit)
+            return False
+        return True
+
+    def _warn_rejected(self, listener: str, open_now: int, limit: str) -> None:
+        self.rejected_since_warning += 1
+        now = time.monotonic()
+        if now - self._warned_at < LIMIT_WARNING_INTERVAL:
+            return
+        logger.warning(
+            'closing new client connections on listener "%s": %d open, at %s '
+            "(%d closed on all listeners since the last warning)",
+            listener,
+            open_now,
+            limit,
+            self.rejected_since_warning,
+        )
+        self._warned_at = now
+        self.rejected_since_warning = 0
+
     def forget(self, conn: DownstreamProtocol) -> None:
         """Remove a closed client connection; wake `wait_closed` when none is left."""
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.remove(conn)
+            name = conn.listener_name
+            self.open_by_listener[name] = self.open_by_listener.get(name, 1) - 1
         if not self.connections and self.on_empty is not None:
             on_empty, self.on_empty = self.on_empty, None
             on_empty()

@@ -35,6 +35,7 @@ from pgproxy import compiled
 from pgproxy.errors import ConfigError
 from pgproxy.graph.types import Listener, LoadedGraph
 from pgproxy.observability.logging import LOG_LEVELS, setup_logging
+from pgproxy.proxy.fdlimit import raise_open_file_limit
 from pgproxy.server.admin import AdminServer
 from pgproxy.server.allocator import tune_allocator
 from pgproxy.server.listeners import (
@@ -146,6 +147,7 @@ def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
     """Load the config, bind, serve until SIGTERM or SIGINT; return the exit code."""
     tune_allocator()
     setup_logging(log_level)
+    raise_open_file_limit()
     log_request_path()
     try:
         with _stop_raises():

@@ -175,7 +175,7 @@ class Operations:
             "pid": os.getpid(),
             "ready": True,
             "restarts": 0,
-            "connections": sum(opened for opened, _ in snapshot.connections.values()),
+            "connections": sum(counts[0] for counts in snapshot.connections.values()),
             "requests": sum(
                 sum(stats.statuses.values()) for stats in snapshot.requests.values()
             ),

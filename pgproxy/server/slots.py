@@ -64,7 +64,7 @@ class WorkerSlot:
             # Counts of the current process only, so an operator can see
             # how the kernel spreads connections over the workers.
             described["connections"] = sum(
-                opened for opened, _ in snapshot.connections.values()
+                counts[0] for counts in snapshot.connections.values()
             )
             described["requests"] = sum(
                 sum(stats.statuses.values()) for stats in snapshot.requests.values()
@@ -169,7 +169,8 @@ class WorkerSlot:
         counters = Snapshot.from_wire(self.last_snapshot.to_wire())
         counters.endpoints.clear()
         counters.connections = {
-            name: (opened, 0) for name, (opened, _) in counters.connections.items()
+            name: (opened, 0, rejected)
+            for name, (opened, _, rejected) in counters.connections.items()
         }
         counters.processes = 0
         self.last_snapshot = None

@@ -142,6 +142,7 @@ def test_snapshot_wire_round_trip() -> None:
     metrics = Metrics()
     metrics.request_stats("public", "api", "api").observe(404, 0.2, attempts=2)
     metrics.connection_stats("public").connection_opened()
+    metrics.connection_stats("public").rejected += 1
     metrics.record_upstream_failure("api", "127.0.0.1:1", "connect_failure")
     metrics.record_ejection("api", "127.0.0.1:1")
     metrics.set_endpoint_source(
@@ -155,7 +156,7 @@ def test_snapshot_wire_round_trip() -> None:
     assert stats.statuses == {404: 1}
     assert stats.retries == 1
     assert sum(stats.buckets) == 1
-    assert copy.connections == {"public": (1, 1)}
+    assert copy.connections == {"public": (1, 1, 1)}
     assert copy.upstream_failures == {("api", "127.0.0.1:1", "connect_failure"): 1}
     assert copy.ejections == {("api", "127.0.0.1:1"): 1}
     assert copy.endpoints[("api", "127.0.0.1:1")].idle == 2
@@ -167,6 +168,7 @@ def test_merge_sums_counters_averages_health() -> None:
         metrics = Metrics()
         metrics.request_stats("public", "api", "api").observe(status, 0.01)
         metrics.connection_stats("public").connection_opened()
+        metrics.connection_stats("public").rejected += 1
         metrics.record_ejection("api", "a:1")
         metrics.set_endpoint_source(
             lambda healthy=healthy: [EndpointReading("api", "a:1", healthy, 1, 2)]
@@ -177,7 +179,7 @@ def test_merge_sums_counters_averages_health() -> None:
 
     assert merged.processes == 2
     assert merged.requests[("public", "api", "api")].statuses == {200: 1, 503: 1}
-    assert merged.connections == {"public": (2, 2)}
+    assert merged.connections == {"public": (2, 2, 2)}
     assert merged.ejections == {("api", "a:1"): 2}
     reading = merged.endpoints[("api", "a:1")]
     assert reading.healthy == 0.5

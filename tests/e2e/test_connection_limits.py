@@ -1,0 +1,169 @@
+"""Connection limits through a real pgproxy process.
+
+A listener's max_connections, and the cap each process derives from its
+open file limit: a connection over either is reset as soon as it is
+accepted, counted in /metrics and reported by a rate-limited warning.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from e2e_admin import admin_port, labels, samples
+from e2e_client import IncompleteResponse, RawConnection, build_request
+from e2e_process import PgproxyFactory, PgproxyProcess, write_config
+from e2e_upstream import Upstream, UpstreamFactory
+
+CONFIG = """
+[server]
+access_log = "off"
+drain_timeout = "1s"
+admin = "127.0.0.1:0"
+
+[listeners.main]
+address = "127.0.0.1:0"
+{limit}
+
+[[routes]]
+cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+"""
+
+# Starts pgproxy with a soft open file limit of SOFT and a hard one of HARD.
+LIMITED_START = textwrap.dedent(
+    """
+    import resource, runpy, sys
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+    sys.argv = ["pgproxy", *sys.argv[3:]]
+    runpy.run_module("pgproxy", run_name="__main__")
+    """
+)
+
+
+REJECTED = ("pgproxy_downstream_connections_rejected_total", labels(listener="main"))
+
+
+@pytest.fixture
+def upstream(upstream_factory: UpstreamFactory) -> Upstream:
+    return upstream_factory("a")
+
+
+def is_served(conn: RawConnection) -> bool:
+    """Send a GET on `conn`; return True for a 200, False if the connection ended."""
+    try:
+        conn.send(build_request("GET", "/"))
+        response = conn.read_response("GET")
+    except (OSError, IncompleteResponse):
+        return False
+    assert response.status == 200, response.describe()
+    return True
+
+
+def test_listener_limit_resets_extra(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream
+) -> None:
+    proxy = pgproxy_factory(
+        CONFIG.format(a=upstream.address, limit="max_connections = 2")
+    )
+    port = proxy.port()
+    first = RawConnection(port)
+    second = RawConnection(port)
+    try:
+        assert is_served(first)
+        assert is_served(second)
+        with RawConnection(port) as third:
+            assert not is_served(third), "a third connection was served"
+
+        warning = proxy.wait_for_stderr("closing new client connections", timeout=5.0)
+        assert warning is not None, proxy.stderr_text()
+        assert 'listener "main"' in warning
+        assert "max_connections = 2" in warning
+        metrics = samples(admin_port(proxy))
+        rejected = (
+            "pgproxy_downstream_connections_rejected_total",
+            labels(listener="main"),
+        )
+        assert metrics[rejected] == 1
+
+        # A slot that frees up is taken by the next connection.
+        first.close()
+        assert_served_soon(port)
+    finally:
+        first.close()
+        second.close()
+
+
+def assert_served_soon(port: int, attempts: int = 50) -> None:
+    """Check that a new connection is served once pgproxy has seen a close."""
+    for _ in range(attempts):
+        with RawConnection(port) as conn:
+            if is_served(conn):
+                return
+    raise AssertionError(f"no connection served in {attempts} attempts")
+
+
+def test_file_limit_caps_connections(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> None:
+    # Soft 100, hard 120: pgproxy raises the soft limit to 120, so its cap is
+    # (120 - 32) // 2 = 44 connections.
+    directory = tmp_path_factory.mktemp("fdlimit")
+    config = write_config(directory, CONFIG.format(a=upstream.address, limit=""))
+    process = PgproxyProcess(config)
+    process.args = [
+        sys.executable,
+        "-c",
+        LIMITED_START,
+        "100",
+        "120",
+        "run",
+        str(config),
+    ]
+    process.start()
+    conns: list[RawConnection] = []
+    try:
+        process.wait_ready()
+        port = process.port()
+        served = 0
+        for _ in range(50):
+            conn = RawConnection(port)
+            conns.append(conn)
+            served += is_served(conn)
+        assert served == 44
+
+        warning = process.wait_for_stderr("closing new client connections", timeout=5.0)
+        assert warning is not None, process.stderr_text()
+        assert "open file limit (120)" in warning
+    finally:
+        for conn in conns:
+            conn.close()
+        process.stop()
+
+
+def test_limit_warning_rate_limited(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream
+) -> None:
+    proxy = pgproxy_factory(
+        CONFIG.format(a=upstream.address, limit="max_connections = 1")
+    )
+    port = proxy.port()
+    with RawConnection(port) as held:
+        assert is_served(held)
+        for _ in range(20):
+            with RawConnection(port) as extra:
+                assert not is_served(extra)
+        metrics = samples(admin_port(proxy))
+
+    rejected = (
+        "pgproxy_downstream_connections_rejected_total",
+        labels(listener="main"),
+    )
+    assert metrics[rejected] == 20
+    warnings = [
+        line for line in proxy.stderr_lines if "closing new client connections" in line
+    ]
+    assert len(warnings) == 1, warnings
