@@ -17,6 +17,7 @@ import time
 
 from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
 from pgproxy.graph.types import Endpoint
+from pgproxy.observability.throttle import log_failure
 from pgproxy.proxy.exchange_state import ExchangeState
 from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_body, error_response
 from pgproxy.proxy.retry import may_retry_error, may_retry_fresh_connection
@@ -56,7 +57,14 @@ class ExchangeFailures(ExchangeState):
         self.last_error = error
         self.head_deadline = 0.0
         if self.written or self.tunnel:
-            logger.warning("endpoint %s failed mid-response: %s", error.endpoint, error)
+            log_failure(
+                logger,
+                logging.WARNING,
+                ("mid-response", error.endpoint, error.flag),
+                "endpoint %s failed mid-response: %s",
+                error.endpoint,
+                error,
+            )
             self.failure = error.flag
             self.downstream.abort()
             self.finish()
@@ -66,7 +74,13 @@ class ExchangeFailures(ExchangeState):
         if self.route is not None and may_retry_error(
             self.route, self.attempts, self.replayable, error
         ):
-            logger.info("%s; retrying on another endpoint", error)
+            log_failure(
+                logger,
+                logging.INFO,
+                ("retry", error.endpoint, error.flag),
+                "%s; retrying on another endpoint",
+                error,
+            )
             self.next_attempt()
             return
         self.fail(error)
@@ -74,9 +88,16 @@ class ExchangeFailures(ExchangeState):
     def fail(self, error: ProxyError) -> None:
         """Reply with the error's status, logging upstream failures."""
         if isinstance(error, UpstreamError):
-            logger.warning("request to endpoint %s failed: %s", error.endpoint, error)
+            log_failure(
+                logger,
+                logging.WARNING,
+                ("failed", error.endpoint, error.flag),
+                "request to endpoint %s failed: %s",
+                error.endpoint,
+                error,
+            )
         elif isinstance(error, NoEndpointError):
-            logger.warning("%s", error)
+            log_failure(logger, logging.WARNING, ("none", str(error)), "%s", error)
         self.respond_error(
             error.status,
             str(error) if error.status != 503 else "no endpoint is available",
@@ -132,7 +153,10 @@ class ExchangeFailures(ExchangeState):
             return
         self.cancel_connect()
         self.release_upstream(reuse=False)
-        logger.warning(
+        log_failure(
+            logger,
+            logging.WARNING,
+            ("timeout", self.endpoint, flag),
             "request to endpoint %s failed: %s after %.1fs",
             self.endpoint,
             message,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final, cast
 
+from pgproxy.observability.throttle import log_failure
 from pgproxy.proxy.failures import ExchangeFailures
 from pgproxy.proxy.framing import BadResponseError, ResponseInfo, check_response_head
 from pgproxy.proxy.headers import (
@@ -126,7 +127,10 @@ class ResponseRelay(ExchangeFailures):
                 self.info.has_idempotency_key,
                 self.request_complete and self.replayable,
             ):
-                logger.info(
+                log_failure(
+                    logger,
+                    logging.INFO,
+                    ("retry-status", self.endpoint, status),
                     "endpoint %s returned %d, retrying on another endpoint",
                     self.endpoint,
                     status,

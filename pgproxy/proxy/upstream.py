@@ -34,6 +34,7 @@ import httptools
 
 from pgproxy.errors import UpstreamError
 from pgproxy.graph.types import Endpoint
+from pgproxy.observability.throttle import log_failure
 from pgproxy.proxy.response_head import ResponseHead, read_response_head
 
 if TYPE_CHECKING:
@@ -262,7 +263,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._finished = None
         if self._stray:
             self._stray = False
-            logger.warning(
+            log_failure(
+                logger,
+                logging.WARNING,
+                ("stray", self.endpoint),
                 "endpoint %s sent bytes after a complete response; "
                 "closing the connection instead of reusing it",
                 self.endpoint,
