@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -83,11 +84,14 @@ class Operations:
         settings: OperationsSettings,
         service: ProxyService,
         servers: dict[str, asyncio.Server],
+        contexts: dict[str, ssl.SSLContext] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         service.metrics = self.metrics
-        self.state = ServiceState(service, self.metrics, settings.bind, servers)
+        self.state = ServiceState(
+            service, self.metrics, settings.bind, servers, dict(contexts or {})
+        )
         self.history = ReloadHistory(settings.config_path, settings.loaded.config_hash)
         self.reloader = Reloader(
             settings.config_path,

@@ -13,6 +13,8 @@ Invariants:
   connections close, active ones finish.
 - A listener is kept when its name and configured address (and TLS) are the
   same, even when other settings change, so its open connections survive.
+  A kept TLS listener loads its certificate and key files again, so files
+  renewed in place serve new connections after the reload.
 - An upgraded connection (WebSocket) survives when a route of the same name
   still sends to the same cluster and its endpoint is still in that cluster.
 - Reloads run one at a time.
@@ -107,6 +109,16 @@ def plan_reload(
     )
 
 
+def kept_tls_listeners(new: Graph, plan: ReloadPlan) -> tuple[Listener, ...]:
+    """Return the TLS listeners of `new` that the reload keeps.
+
+    Their certificate and key files are loaded again, because renewals
+    (certbot, cert-manager) usually replace the files under the same names.
+    """
+    listeners = (new.listeners[name] for name in plan.kept_listeners)
+    return tuple(item for item in listeners if item.settings.tls is not None)
+
+
 def _same_socket(old: Listener, new: Listener) -> bool:
     before, after = old.settings, new.settings
     return before.address == after.address and before.tls == after.tls
@@ -139,6 +151,13 @@ class RunningState(Protocol):
     @property
     def health(self) -> HealthTable:
         """The health table of the graph in force."""
+        ...
+
+    def check_certificates(self, listeners: tuple[Listener, ...]) -> None:
+        """Load the TLS files of kept `listeners`, for `install` to put in use.
+
+        Raises BindError, changing nothing, when a file cannot be loaded.
+        """
         ...
 
     async def open_listeners(self, listeners: tuple[Listener, ...]) -> None:
@@ -276,6 +295,7 @@ class Reloader:
 
         plan = plan_reload(self._state.graph, loaded.graph, self._started)
         try:
+            self._state.check_certificates(kept_tls_listeners(loaded.graph, plan))
             await self._state.open_listeners(plan.added_listeners)
         except BindError as error:
             message = str(error)  # it names the listener and its address

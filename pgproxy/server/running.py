@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -40,11 +41,15 @@ class ServiceState:
     metrics: Metrics
     bind: BindListener
     servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    # The TLS context each TLS listener's server uses, by listener name.
+    contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
     on_install: list[Callable[[Graph, HealthTable], None]] = field(default_factory=list)
-    # Servers opened by open_listeners, registered by install.
-    _pending: list[tuple[str, asyncio.Server]] = field(
+    # Servers and TLS contexts opened by open_listeners, registered by install.
+    _pending: list[tuple[str, asyncio.Server, ssl.SSLContext | None]] = field(
         default_factory=list, init=False, repr=False
     )
+    # Kept TLS listeners whose files check_certificates loaded, for install.
+    _renewals: list[Listener] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics.set_endpoint_source(self.endpoint_readings)
@@ -59,10 +64,20 @@ class ServiceState:
         """The health table of the graph in force."""
         return self.service.health
 
+    def check_certificates(self, listeners: tuple[Listener, ...]) -> None:
+        """Load the TLS files of kept `listeners` into throwaway contexts.
+
+        Raises BindError when one cannot be loaded, so a reload with a missing
+        or broken file keeps the certificates in use.
+        """
+        for listener in listeners:
+            server_ssl_context(listener)
+        self._renewals = [item for item in listeners if item.name in self.contexts]
+
     async def open_listeners(self, listeners: tuple[Listener, ...]) -> None:
         """Bind and serve `listeners`; on failure close the ones opened here."""
         loop = asyncio.get_running_loop()
-        opened: list[tuple[str, asyncio.Server]] = []
+        opened: list[tuple[str, asyncio.Server, ssl.SSLContext | None]] = []
         try:
             for listener in listeners:
                 bound = self._bind_or_reuse(listener)
@@ -71,12 +86,12 @@ class ServiceState:
                     sock=bound.sock,
                     ssl=bound.ssl_context,
                 )
-                opened.append((listener.name, server))
+                opened.append((listener.name, server, bound.ssl_context))
                 logger.info(
                     'listener "%s" listening on %s', listener.name, bound.describe()
                 )
         except BaseException:
-            for _, server in opened:
+            for _, server, _ in opened:
                 server.close()
             raise
         self._pending = opened
@@ -109,16 +124,44 @@ class ServiceState:
     ) -> None:
         """Swap graph and health table without an await, so no request gets half."""
         for name in plan.removed_listeners:
+            self.contexts.pop(name, None)
             server = self.servers.pop(name, None)
             if server is not None:
                 server.close()
-        for name, server in self._pending:
+        for name, server, context in self._pending:
             self.servers[name] = server
+            if context is not None:
+                self.contexts[name] = context
         self._pending = []
+        self._renew_certificates()
         self.service.health = health
         self.service.swap(loaded.graph)
         for callback in self.on_install:
             callback(loaded.graph, health)
+
+    def _renew_certificates(self) -> None:
+        # A context that loads a chain again uses it for new handshakes; the
+        # connections already open keep theirs.
+        renewals, self._renewals = self._renewals, []
+        for listener in renewals:
+            tls = listener.settings.tls
+            context = self.contexts.get(listener.name)
+            if tls is None or context is None:
+                continue
+            try:
+                context.load_cert_chain(tls.certificate, tls.private_key)
+            except (OSError, ssl.SSLError) as exc:
+                # NOTE: this happens only if the files changed again after
+                # check_certificates read them; OpenSSL may then keep the new
+                # chain with the old key.
+                logger.error(
+                    'listener "%s": cannot load TLS certificate "%s" or key "%s" '
+                    "again: %s",
+                    listener.name,
+                    tls.certificate,
+                    tls.private_key,
+                    exc,
+                )
 
     def retire(self, plan: ReloadPlan) -> None:
         """Drain what the new graph dropped: listeners, pools and tunnels."""

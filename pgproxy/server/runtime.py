@@ -72,7 +72,12 @@ async def serve(
         logger.info(
             'listener "%s" listening on %s', item.listener.name, item.describe()
         )
-    ops = Operations(operations, service, servers) if operations else None
+    contexts = {
+        item.listener.name: item.ssl_context
+        for item in bound
+        if item.ssl_context is not None
+    }
+    ops = Operations(operations, service, servers, contexts) if operations else None
     async with anyio.create_task_group() as group:
         stop_probes = anyio.Event()
         if ops is None:

@@ -1,8 +1,8 @@
 """Two-phase reload across the supervisor's workers: validate, send, commit.
 
 Invariants:
-- A reload is validated here first: the graph, the TLS files of new or
-  changed TLS listeners, and the binds of new listeners. Only then is it
+- A reload is validated here first: the graph, the TLS files of every TLS
+  listener, and the binds of new listeners. Only then is it
   sent to the workers, as the exact bytes validated, so every worker builds
   the same graph.
 - It becomes the supervisor's config (the one /status reports and a
@@ -33,6 +33,7 @@ from pgproxy.server.reload import (
     ReloadHistory,
     ReloadPlan,
     describe_config_error,
+    kept_tls_listeners,
     plan_reload,
 )
 from pgproxy.server.slots import WorkerSlot, send_signal
@@ -93,8 +94,11 @@ class SupervisorReload:
             return self._reload_failed(oversized_message(self.config_path, payload))
         plan = plan_reload(self.loaded.graph, loaded.graph, self.started)
         reused = self._reused_sockets(plan)
+        # Kept TLS listeners load their files again in the workers, so files
+        # renewed in place are checked here too.
+        tls = [*plan.added_listeners, *kept_tls_listeners(loaded.graph, plan)]
         try:
-            await anyio.to_thread.run_sync(check_tls, plan.added_listeners)
+            await anyio.to_thread.run_sync(check_tls, tls)
             bound = bind_added(
                 [item for item in plan.added_listeners if item.name not in reused],
                 self.count,

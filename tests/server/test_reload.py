@@ -66,6 +66,9 @@ class _State:
         self.retired: list[ReloadPlan] = []
         self.fail_bind = False
 
+    def check_certificates(self, listeners: tuple[Listener, ...]) -> None:
+        pass
+
     async def open_listeners(self, listeners: tuple[Listener, ...]) -> None:
         if self.fail_bind and listeners:
             raise OSError(98, "Address already in use")
