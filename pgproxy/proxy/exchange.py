@@ -146,6 +146,10 @@ class Exchange(ResponseRelay):
             )
             self.fail(error)
             return
+        self.try_endpoint(endpoint)
+
+    def try_endpoint(self, endpoint: Endpoint) -> None:
+        """Send the request to `endpoint`, which `pick` returned."""
         assert self.cluster is not None
         self.endpoint = endpoint
         self.attempts += 1

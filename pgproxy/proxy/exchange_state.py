@@ -146,6 +146,12 @@ class ExchangeState:
     def next_attempt(self) -> None:
         raise NotImplementedError
 
+    def pick(self) -> Endpoint | None:
+        raise NotImplementedError
+
+    def try_endpoint(self, endpoint: Endpoint) -> None:
+        raise NotImplementedError
+
     async def connect(self, pool: EndpointPool) -> None:
         raise NotImplementedError
 

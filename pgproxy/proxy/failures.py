@@ -74,15 +74,20 @@ class ExchangeFailures(ExchangeState):
         if self.route is not None and may_retry_error(
             self.route, self.attempts, self.replayable, error
         ):
-            log_failure(
-                logger,
-                logging.INFO,
-                ("retry", error.endpoint, error.flag),
-                "%s; retrying on another endpoint",
-                error,
-            )
-            self.next_attempt()
-            return
+            # Picked before logging, so that a retry with no endpoint left
+            # fails with this error instead of logging a retry.
+            endpoint = self.pick()
+            if endpoint is not None:
+                log_failure(
+                    logger,
+                    logging.INFO,
+                    ("retry", error.endpoint, error.flag),
+                    "%s; retrying on endpoint %s",
+                    error,
+                    endpoint.address,
+                )
+                self.try_endpoint(endpoint)
+                return
         self.fail(error)
 
     def fail(self, error: ProxyError) -> None:

@@ -119,24 +119,28 @@ class ResponseRelay(ExchangeFailures):
         assert conn is not None and self.endpoint is not None and route is not None
         if status >= 502 and status <= 504:
             self.record_failure(self.endpoint, f"HTTP {status}", f"http_{status}")
-            if may_retry_status(
+            retryable = may_retry_status(
                 route,
                 self.attempts,
                 status,
                 self.method,
                 self.info.has_idempotency_key,
                 self.request_complete and self.replayable,
-            ):
+            )
+            # With no endpoint left to retry on, this response is relayed.
+            retry_on = self.pick() if retryable else None
+            if retry_on is not None:
                 log_failure(
                     logger,
                     logging.INFO,
                     ("retry-status", self.endpoint, status),
-                    "endpoint %s returned %d, retrying on another endpoint",
+                    "endpoint %s returned %d, retrying on endpoint %s",
                     self.endpoint,
                     status,
+                    retry_on.address,
                 )
                 self.release_upstream(reuse=False)
-                self.next_attempt()
+                self.try_endpoint(retry_on)
                 return False
         else:
             self.downstream.service.health.record_success(self.endpoint)

@@ -104,6 +104,13 @@ cluster = "retry-status"
 retries = 1
 retry_on = ["connect-failure", 503]
 
+[[routes]]
+name = "retry-status-sole"
+path_prefix = "/retry-status-sole"
+cluster = "retry-status-sole"
+retries = 1
+retry_on = ["connect-failure", 503]
+
 [clusters.dead-first]
 endpoints = ["{dead}", "{live}"]
 
@@ -160,6 +167,12 @@ enabled = false
 endpoints = ["{s503}", "{ok}"]
 
 [clusters.retry-status.outlier_detection]
+enabled = false
+
+[clusters.retry-status-sole]
+endpoints = ["{s503}"]
+
+[clusters.retry-status-sole.outlier_detection]
 enabled = false
 """
 
@@ -419,6 +432,21 @@ def test_status_retry_for_get(
         lambda r: str(r.get("path", "")).startswith("/retry-status/get/"), count=4
     )
     assert any(r["attempts"] == 2 for r in records), records
+
+
+def test_status_retry_without_other_endpoint(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream]
+) -> None:
+    # The cluster's only endpoint answers 503: its response is relayed, not
+    # replaced by pgproxy's own 503 for a cluster with no endpoint left.
+    start = len(proxy.stderr_lines)
+    response = request(proxy.port(), "GET", "/retry-status-sole/x")
+    assert response.status == 503, response.describe()
+    assert response.body == b"unavailable\n", response.describe()
+    assert len(upstreams["s503"].requests_to("/retry-status-sole/")) == 1
+    record = proxy.access_for_path("/retry-status-sole/x")
+    assert record["attempts"] == 1, record
+    assert not any("retrying" in line for line in proxy.stderr_lines[start:])
 
 
 def test_status_retry_not_for_post(
