@@ -3,8 +3,9 @@
 An upstream response that pgproxy rejects costs the client one 502 and
 nothing else: no byte that the upstream sent may reach the client, or a
 keep-alive client would read it as the start of its next response. A status
-code below 100 is invalid (RFC 9110 section 15), so it is neither relayed as
-an interim response nor waited past.
+code outside 100-599 is invalid (RFC 9110 section 15): one below 100 is
+neither relayed as an interim response nor waited past, and one above 599 is
+not relayed as a final response.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def proxy(
             "/switch": raw(SWITCH_WITH_DATA),
             "/status-0": raw(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok"),
             "/status-99": raw(b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok"),
+            "/status-599": raw(b"HTTP/1.1 599 Top\r\nContent-Length: 2\r\n\r\nok"),
+            "/status-600": raw(b"HTTP/1.1 600 High\r\nContent-Length: 2\r\n\r\nok"),
+            "/status-999": raw(b"HTTP/1.1 999 High\r\nContent-Length: 2\r\n\r\nok"),
         }
     )
     return module_pgproxy_factory(CONFIG.format(a=upstream.address))
@@ -67,12 +71,30 @@ def test_unrequested_switch_sends_no_upstream_bytes(proxy: PgproxyProcess) -> No
     assert following.status == 200, following.describe()
 
 
-@pytest.mark.parametrize("path", ["/status-0", "/status-99"])
-def test_status_below_100_is_bad_response(proxy: PgproxyProcess, path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/status-0", "/status-99", "/status-600", "/status-999"]
+)
+def test_status_outside_range_is_bad_response(proxy: PgproxyProcess, path: str) -> None:
     with RawConnection(proxy.port(), timeout=10) as conn:
         conn.send(build_request("GET", path, headers=[("Connection", "close")]))
         response = conn.read_response()
         assert response.status == 502, response.describe()
         assert response.interim == [], "an invalid status was relayed as interim"
+        assert response.body != b"ok", "the upstream's body was relayed"
         assert conn.buffer == b"", f"bytes after the 502: {conn.buffer!r}"
-    assert proxy.access_for_path(path)["failure"] == "bad_response"
+    record = proxy.access_for_path(path)
+    assert record["failure"] == "bad_response"
+    assert record["status"] == 502
+    status = int(path.removeprefix("/status-"))
+    line = proxy.wait_for_stderr(f"status code {status} is outside 100-599")
+    assert line is not None, proxy.stderr_text()
+    assert f"request to endpoint {record['endpoint']} failed" in line
+
+
+def test_status_599_is_relayed(proxy: PgproxyProcess) -> None:
+    with RawConnection(proxy.port(), timeout=10) as conn:
+        conn.send(build_request("GET", "/status-599"))
+        response = conn.read_response()
+    assert response.status == 599, response.describe()
+    assert response.body == b"ok"
+    assert proxy.access_for_path("/status-599")["failure"] is None
