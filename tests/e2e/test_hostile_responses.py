@@ -47,6 +47,11 @@ SWITCH_WITH_DATA = (
 )
 
 
+CUT_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+)
+
+
 def _close_delimited_then_reset(
     request: ReceivedRequest, conn: UpstreamConnection
 ) -> bool:
@@ -85,6 +90,7 @@ def proxy(
             "/status-599": raw(b"HTTP/1.1 599 Top\r\nContent-Length: 2\r\n\r\nok"),
             "/status-600": raw(b"HTTP/1.1 600 High\r\nContent-Length: 2\r\n\r\nok"),
             "/status-999": raw(b"HTTP/1.1 999 High\r\nContent-Length: 2\r\n\r\nok"),
+            "/cut-chunked": raw(CUT_CHUNKED),
             "/close-reset": _close_delimited_then_reset,
         }
     )
@@ -134,6 +140,17 @@ def test_status_599_is_relayed(proxy: PgproxyProcess) -> None:
     assert response.status == 599, response.describe()
     assert response.body == b"ok"
     assert proxy.access_for_path("/status-599")["failure"] is None
+
+
+@pytest.mark.parametrize("path", ["/cut-chunked", "/close-reset"])
+def test_cut_body_resets_http10_client(proxy: PgproxyProcess, path: str) -> None:
+    request = f"GET {path} HTTP/1.0\r\nHost: test.local\r\n\r\n".encode()
+    received, ending = _read_until_closed(proxy.port(), request)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+    assert ending == "reset", (
+        f"a cut close-delimited body ended with a FIN, as if complete: {received!r}"
+    )
+    assert proxy.access_for_path(path)["failure"] is not None
 
 
 def test_reset_cuts_close_delimited_body(proxy: PgproxyProcess) -> None:

@@ -1,7 +1,9 @@
 """Upstreams that send broken responses, over loopback sockets.
 
 A response that fails after its head reached the client must reach the
-client visibly cut: a chunked relay ends without the last chunk.
+client visibly cut: without the last chunk for a chunked relay, and with a
+TCP reset where the client reads the body until the connection closes
+(HTTP/1.0), because such a client takes a FIN for the end of the body.
 """
 
 from __future__ import annotations
@@ -149,6 +151,40 @@ async def test_continue_then_hints_then_final(pause: float) -> None:
         assert reply.endswith(b"\r\n\r\nok")
     assert idle == 1
     assert upstream.connections == 1
+    await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        in_parts(CHUNKED_HEAD + b"5\r\nhello\r\n", b"zz\r\nworld\r\n0\r\n\r\n"),
+        in_parts(CHUNKED_HEAD + b"5\r\nhello\r\n", b"1ffffffffffffffff\r\nx\r\n"),
+        then_reset(CHUNKED_HEAD + b"5\r\nhello\r\n"),
+        then_reset(CLOSE_HEAD + b"hello", b"world"),
+    ],
+    ids=["bad-chunk-size", "chunk-size-overflow", "chunked-reset", "close-reset"],
+)
+async def test_cut_body_resets_http10_client(
+    script: Script, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    upstream = scripted(script)
+    await upstream.start()
+    async with running_proxy(make_graph([upstream.port])) as (port, service):
+        received, ending = await read_until_closed(port, GET_HTTP10)
+        pool = service.pools.all()[0]
+        idle, active = pool.idle, pool.active
+        address = f"127.0.0.1:{upstream.port}"
+        failures = service.health.snapshot()["app"][address]["consecutive_failures"]
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+    assert ending == "reset", (
+        "an HTTP/1.0 client reads the body until the connection closes, so a "
+        f"cut body must end with a reset, not a FIN: {received!r}"
+    )
+    assert idle == 0
+    assert active == 0
+    assert failures == 1
+    assert f"endpoint {address} failed mid-response" in caplog.text
     await upstream.stop()
 
 
