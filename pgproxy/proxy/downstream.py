@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
-from typing import cast
+from typing import Final, cast
 
 from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.downstream_parsing import RequestParsing
@@ -38,6 +40,10 @@ from pgproxy.proxy.respond import error_body, error_response
 from pgproxy.proxy.upstream import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW
 
 logger = logging.getLogger(__name__)
+
+# SO_LINGER on with a zero timeout: close() then sends a reset, not a FIN,
+# and drops the bytes still in the send buffer (socket(7)).
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
 class DownstreamProtocol(RequestParsing):
@@ -328,10 +334,29 @@ class DownstreamProtocol(RequestParsing):
         self.watch_deadline(self._conn_deadline)
 
     def abort(self) -> None:
-        """Drop the connection at once, so a cut response cannot look complete."""
+        """Drop the connection at once, discarding what the transport buffers.
+
+        Unless client bytes are still unread, the kernel ends the connection
+        with a FIN. That shows a cut chunked or Content-Length body, but a
+        body read until the connection closes looks complete, so `reset` is
+        for that case.
+        """
         if self.transport is not None:
             self._closed = True
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset instead of a FIN."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except OSError as exc:
+                logger.debug("setting SO_LINGER failed for %s: %s", self.client, exc)
+        self.abort()
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self._closed:

@@ -5,8 +5,9 @@ Invariants:
   retry policy allows it (pgproxy/proxy/retry.py) and the whole request body
   is still held for replay. Otherwise the client gets the error's status.
 - Once a byte of the response has been written downstream, a failure can
-  only cut the response short (close without the final chunk, or with
-  fewer bytes than Content-Length), never complete it.
+  only cut the response short (close without the final chunk, with fewer
+  bytes than Content-Length, or with a TCP reset where the client reads the
+  body until the connection closes), never complete it.
 - Every failed attempt is reported to the health table and the metrics.
 """
 
@@ -66,7 +67,7 @@ class ExchangeFailures(ExchangeState):
                 error,
             )
             self.failure = error.flag
-            self.downstream.abort()
+            self.cut_response()
             self.finish()
             return
         self.pending = b""
@@ -169,7 +170,7 @@ class ExchangeFailures(ExchangeState):
         )
         if self.written:
             self.failure = flag
-            self.downstream.abort()
+            self.cut_response()
             self.finish()
             return
         self.pending = b""
@@ -184,7 +185,7 @@ class ExchangeFailures(ExchangeState):
         self.release_upstream(reuse=False)
         if self.written:
             self.failure = "bad_request"
-            self.downstream.abort()
+            self.cut_response()
             self.finish()
             return
         self.pending = b""
@@ -201,6 +202,25 @@ class ExchangeFailures(ExchangeState):
             self.status = 499
         self.failure = self.failure or "client_closed"
         self.finish()
+
+    def cut_response(self) -> None:
+        """Drop the client connection of a response that cannot be completed.
+
+        A client reading the body until the connection closes (HTTP/1.0,
+        with chunked or close-delimited upstream bodies) takes a FIN for the
+        end of the body, so it gets a TCP reset. With chunked or
+        Content-Length framing a FIN already shows the cut, and the bytes
+        already in the send buffer still reach the client.
+        """
+        info = self.response_info
+        if (
+            self.http10
+            and info is not None
+            and (info.body == "chunked" or info.body == "close")
+        ):
+            self.downstream.reset()
+        else:
+            self.downstream.abort()
 
     def cancel_connect(self) -> None:
         """Cancel a connect in progress."""

@@ -407,8 +407,14 @@ def check_response_head(
     `names` are the lower-case header names, parallel to `headers`.
 
     Raises BadResponseError for conflicting framing, which the proxy turns
-    into a 502 instead of guessing where the body ends.
+    into a 502 instead of guessing where the body ends, and for a status
+    code outside 100-599.
     """
+    if status < 100 or status > 599:
+        # RFC 9110 section 15 defines codes 100-599, and a client should treat
+        # any other three-digit code as a 5xx. llhttp (httptools 0.9.0)
+        # accepts any three digits, so the range is checked here.
+        raise BadResponseError(f"status code {status} is outside 100-599")
     info = ResponseInfo()
     lengths: list[bytes] = []
     codings: list[bytes] = []

@@ -59,7 +59,11 @@ class ResponseRelay(ExchangeFailures):
         if status < 200 and status != 101:
             if status < 100:
                 # RFC 9110 section 15: a status code has three digits, 100-599.
-                conn.fail(f"invalid response: status code {status}", "bad_response")
+                # check_response_head rejects codes above 599 the same way.
+                conn.fail(
+                    f"invalid response: status code {status} is outside 100-599",
+                    "bad_response",
+                )
                 return
             if status != 100 and not self.http10:
                 self.downstream.write(build_interim_head(status, reason, headers))

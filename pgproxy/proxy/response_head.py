@@ -12,7 +12,8 @@ Invariant: the reader returns None for every head it does not fully
 understand, and llhttp then parses that head as before. Any doubt means
 None. That covers:
 - a head split over reads or larger than the limit;
-- a version other than HTTP/1.1, and a 1xx or 101 status;
+- a version other than HTTP/1.1, and a status outside 200-599: 1xx, 101,
+  and the invalid codes that framing.check_response_head rejects;
 - no Content-Length where the body would run to the connection's end,
   and a Content-Length in a 204, which the proxy drops;
 - Transfer-Encoding, Proxy-Connection, two Content-Length or two

@@ -304,7 +304,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif not self.response_started:
             reason = f"connection closed before the response: {exc or 'EOF'}"
             self.fail(reason, "upstream_reset")
-        elif not exchange.on_upstream_eof():
+        elif exc is not None or not exchange.on_upstream_eof():
+            # Only an EOF ends a body that runs until the connection closes.
+            # An upstream that resets drops what is still in its send buffer.
             self.fail(
                 f"connection closed mid-response: {exc or 'EOF'}", "upstream_reset"
             )

@@ -222,6 +222,35 @@ def test_each_failing_stage(farm: ServerFarm, tmp_path: Path) -> None:
     assert "api: 1/6 healthy, can serve" in text
 
 
+def test_status_outside_range_fails_http_stage(
+    farm: ServerFarm, tmp_path: Path
+) -> None:
+    top = farm.add("status:599")
+    high = farm.add("status:600")
+    highest = farm.add("status:999")
+    addresses = [top.address, high.address, highest.address]
+    check = 'path = "/healthz"\nexpect_status = "100-599"'
+    config = write_config(tmp_path, cluster_toml("api", addresses, check))
+
+    code, document = run_json(str(config))
+    assert code == 1
+    endpoints = endpoints_by_address(document)
+    assert endpoints[top.address]["verdict"] == "UP"
+    for server, status in ((high, 600), (highest, 999)):
+        ep = endpoints[server.address]
+        assert (ep["verdict"], ep["stage"], ep["status"]) == (
+            "DOWN",
+            "http_status",
+            status,
+        )
+        assert ep["detail"] == f"status {status} is outside 100-599"
+
+    text = run(str(config)).stdout
+    assert "HTTP status 600" in text
+    assert "HTTP status 999" in text
+    assert "api: 1/3 healthy, can serve" in text
+
+
 def test_tcp_check_without_health_check(farm: ServerFarm, tmp_path: Path) -> None:
     hanging = farm.add("hang")
     refused = f"127.0.0.1:{refused_port()}"

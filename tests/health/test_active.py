@@ -127,6 +127,25 @@ async def test_http_probe_status_list(farm: ServerFarm) -> None:
     assert result.stage is Stage.HTTP_STATUS
 
 
+@pytest.mark.parametrize("status", [600, 999])
+async def test_http_probe_status_outside_range(farm: ServerFarm, status: int) -> None:
+    server = farm.add(f"status:{status}")
+    check = HealthCheckConfig(expect_status="100-599")
+    result = await probe_endpoint(endpoint(server.address), check, 2.0)
+    assert not result.ok
+    assert result.stage is Stage.HTTP_STATUS
+    assert result.status == status
+    assert result.detail == f"status {status} is outside 100-599"
+
+
+async def test_http_probe_status_599_in_range(farm: ServerFarm) -> None:
+    server = farm.add("status:599")
+    check = HealthCheckConfig(expect_status="100-599")
+    result = await probe_endpoint(endpoint(server.address), check, 2.0)
+    assert result.ok
+    assert result.status == 599
+
+
 async def test_probe_refused() -> None:
     result = await probe_endpoint(
         endpoint(f"127.0.0.1:{refused_port()}"), HTTP_CHECK, 2.0

@@ -334,6 +334,19 @@ def test_conflicting_response_framing_is_rejected(
         check_response_head(200, "1.1", headers, False)
 
 
+@pytest.mark.parametrize("status", [0, 99, 600, 999])
+def test_status_outside_100_to_599_is_rejected(status: int) -> None:
+    headers = [(b"Content-Length", b"0")]
+    with pytest.raises(BadResponseError, match=f"status code {status} is outside"):
+        check_response_head(status, "1.1", headers, False)
+
+
+@pytest.mark.parametrize("status", [100, 200, 599])
+def test_status_inside_100_to_599_is_accepted(status: int) -> None:
+    info = check_response_head(status, "1.1", [(b"Content-Length", b"0")], False)
+    assert info.content_length == 0
+
+
 # The RFC 9110 / 9112 grammar as regular expressions, written apart from the
 # checks in framing.py, which must agree with them byte for byte.
 _TOKEN_GRAMMAR = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")

@@ -74,7 +74,10 @@ UNREAD = [
     b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+    # Outside 100-599: llhttp reads these, and check_response_head rejects them.
     b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n",
     b"HTTP/1.1 200 OK\r\n(bad): 1\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n: 1\r\nContent-Length: 0\r\n\r\n",
