@@ -343,8 +343,9 @@ class OutlierDetectionConfig(_Model):
         default=5,
         ge=1,
         le=1000,
-        description="Connect failures or 502-504 responses in a row that eject an "
-        "endpoint.",
+        description="Failed requests in a row that eject an endpoint: connect "
+        "failures and timeouts, resets, invalid responses, response header "
+        "timeouts, and 502-504 responses.",
     )
     base_ejection_time: PositiveDurationSeconds = Field(
         default=30.0,
