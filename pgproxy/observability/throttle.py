@@ -7,7 +7,9 @@ floods the log and slows the proxy. With both endpoints of a cluster
 refusing connections, pgproxy served about 3,600 req/s with those lines and
 5,400 with them off. So each kind of failure (what failed, and where) is
 logged at most once per interval, and the next line of that kind says how
-many were left out meanwhile.
+many were left out meanwhile. A kind is usually the endpoint and the
+error's message, which names the cause without numbers that change per
+request.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class ExchangeFailures(ExchangeState):
             log_failure(
                 logger,
                 logging.WARNING,
-                ("mid-response", error.endpoint, error.flag),
+                ("mid-response", error.endpoint, str(error)),
                 "endpoint %s failed mid-response: %s",
                 error.endpoint,
                 error,
@@ -82,7 +82,7 @@ class ExchangeFailures(ExchangeState):
                 log_failure(
                     logger,
                     logging.INFO,
-                    ("retry", error.endpoint, error.flag),
+                    ("retry", error.endpoint, str(error)),
                     "%s; retrying on endpoint %s",
                     error,
                     endpoint.address,
@@ -97,7 +97,7 @@ class ExchangeFailures(ExchangeState):
             log_failure(
                 logger,
                 logging.WARNING,
-                ("failed", error.endpoint, error.flag),
+                ("failed", error.endpoint, str(error)),
                 "request to endpoint %s failed: %s",
                 error.endpoint,
                 error,
