@@ -66,7 +66,11 @@ class ExchangeFailures(ExchangeState):
         if self.route is not None and may_retry_error(
             self.route, self.attempts, self.replayable, error
         ):
-            logger.info("%s; retrying on another endpoint", error)
+            logger.info(
+                "request to endpoint %s failed (%s), retrying on another endpoint",
+                error.endpoint,
+                error,
+            )
             self.next_attempt()
             return
         self.fail(error)

@@ -466,3 +466,14 @@ def test_reset_retry_when_configured(
     assert reset_paths, "no GET reached the resetting endpoint first"
     for path in reset_paths:
         assert len(upstreams["ry"].requests_to(path)) == 1, f"{path} was not retried"
+
+
+def test_retry_log_names_endpoint(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream]
+) -> None:
+    start = len(proxy.stderr_lines)
+    for index in range(4):
+        request(proxy.port(), "GET", f"/retry-reset/logged-{index}")
+    line = proxy.wait_for_stderr("retrying on another endpoint", 5, start=start)
+    assert line is not None, proxy.stderr_text()
+    assert upstreams["rx"].address in line
