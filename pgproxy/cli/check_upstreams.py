@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
+import anyio.to_thread
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -37,7 +38,12 @@ from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
 from pgproxy.graph.settings import HealthCheckSettings
 from pgproxy.graph.types import Cluster, Endpoint
-from pgproxy.health.active import ProbeResult, Stage, probe_endpoint
+from pgproxy.health.active import (
+    ProbeResult,
+    Stage,
+    load_tls_contexts,
+    probe_endpoint,
+)
 
 JSON_VERSION = 1
 # Hanging endpoints hold only a part of this many slots, so 200 endpoints of
@@ -146,6 +152,7 @@ async def check_clusters(
             )
             results[(cluster.name, endpoint.address)] = result
 
+    await anyio.to_thread.run_sync(load_tls_contexts, clusters)
     async with anyio.create_task_group() as group:
         for cluster in clusters:
             for endpoint in cluster.endpoints:

@@ -147,6 +147,9 @@ async def show_live(
             live.update(counts_table(upstreams))
             with anyio.move_on_after(1 / REFRESH_PER_SECOND):
                 await signals.wait()
+        # The table left on screen counts the requests of the last refresh
+        # period too.
+        live.update(counts_table(upstreams))
     logging.getLogger(__name__).debug("demo stopped")
 
 

@@ -36,6 +36,7 @@ from pgproxy.graph.load import load_graph
 from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
 from pgproxy.graph.types import Graph, Route
+from pgproxy.proxy.framing import TOKEN_RE, FramingError, check_field, check_target
 
 EXIT_MATCH = 0
 EXIT_NO_MATCH = 1
@@ -76,11 +77,17 @@ def parse_request(
             f'invalid request "{request_line}": expected "METHOD URL", such as '
             '"GET http://api.example.com/v1/users"'
         )
+    if not TOKEN_RE.match(method.encode("utf-8")):
+        raise ValueError(
+            f"invalid method {method!r}: expected a token such as GET "
+            "(pgproxy responds with 400)"
+        )
     headers = {}
     for line in header_lines:
         name, sep, value = line.partition(":")
         if not sep or not name.strip() or name != name.strip():
-            raise ValueError(f'invalid header "{line}": expected "Name: value"')
+            raise ValueError(f'invalid header {line!r}: expected "Name: value"')
+        _check_header(name, value.strip())
         headers[name.lower()] = value.strip()
     if "#" in target:
         raise ValueError(
@@ -92,6 +99,7 @@ def parse_request(
         raise ValueError(f'invalid URL "{target}": the scheme must be http or https')
     if not url.scheme and not target.startswith("/"):
         raise ValueError(f'invalid URL "{target}": expected http://host/path or /path')
+    _check_target(method, target)
     port = url.port if url.scheme else None
     if url.scheme:
         headers["host"] = url.netloc
@@ -113,6 +121,34 @@ def parse_request(
         client_ip=client_ip,
         routed_path=routed_path,
     )
+
+
+def _check_target(method: str, target: str) -> None:
+    """Raise ValueError when pgproxy rejects `target` as the client would send it.
+
+    A client sends the text as UTF-8, and pgproxy accepts only visible ASCII in
+    the path and query, so a space, a control or a non-ASCII character there
+    is rejected before routing. Such characters must be percent-encoded.
+    """
+    try:
+        check_target(method.upper().encode("utf-8"), target.encode("utf-8"))
+    except FramingError as error:
+        message = (
+            f"invalid URL {target!r}: {error} (pgproxy responds with {error.status})"
+        )
+        if any(not "!" <= char <= "~" for char in target):
+            message += ". Percent-encode spaces, controls and non-ASCII characters."
+        raise ValueError(message) from None
+
+
+def _check_header(name: str, value: str) -> None:
+    """Raise ValueError when pgproxy rejects the header field with 400."""
+    try:
+        check_field(name.encode("utf-8"), value.encode("utf-8"))
+    except FramingError as error:
+        raise ValueError(
+            f"invalid header {name!r}: {error} (pgproxy responds with 400)"
+        ) from None
 
 
 def choose_listener(graph: Graph, request: ExplainRequest) -> tuple[str, str | None]:

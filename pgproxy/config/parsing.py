@@ -17,6 +17,11 @@ _DNS_LABEL_RE = re.compile(
     r"^(?=[^.]*[A-Za-z0-9])[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z"
 )
 _DOTTED_DIGITS_RE = re.compile(r"^(?=.*[0-9])[0-9.]+\Z")
+# The zone of a scoped IPv6 address ("fe80::1%eth0") names an interface or
+# gives its index. An interface name has at most 15 bytes (IF_NAMESIZE is 16
+# in <net/if.h>, with the NUL). The ipaddress module accepts any zone text
+# without "%" or "/", controls and spaces included, so this check narrows it.
+_ZONE_RE = re.compile(r"^[!-9;-~]{1,15}\Z")
 
 
 def parse_host_port(address: str) -> tuple[str, int]:
@@ -41,6 +46,7 @@ def parse_host_port(address: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f'invalid IPv6 address "{host}" in "{address}"') from None
+        _check_zone(host, address)
     else:
         host, sep, port_text = address.rpartition(":")
         if not sep or not host:
@@ -58,6 +64,17 @@ def parse_host_port(address: str) -> tuple[str, int]:
     if not digits or int(port_text) > 65535:
         raise ValueError(f'invalid port "{port_text}" in "{address}": expected 0-65535')
     return host, int(port_text)
+
+
+def _check_zone(host: str, address: str) -> None:
+    """Check the zone after "%" in a scoped IPv6 address, if there is one."""
+    _, percent, zone = host.partition("%")
+    if percent and not _ZONE_RE.match(zone):
+        escaped = address.encode("unicode_escape").decode("ascii")
+        raise ValueError(
+            f'invalid IPv6 zone in "{escaped}": expected an interface name or '
+            'index of 1-15 visible ASCII characters without ":"'
+        )
 
 
 def _check_host(host: str, address: str) -> None:

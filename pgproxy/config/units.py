@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 # re.ASCII: \d would also match other scripts' digits ("５s"), which float()
 # accepts, and \s other Unicode spaces. \Z: $ also matches before a newline.
@@ -38,6 +39,9 @@ _SIZE_UNITS = {
 }
 
 DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h)$"
+# The error type that the config loader reports as "invalid type: expected
+# <message>, got <the TOML value>".
+SHAPE_ERROR = "pgproxy_shape"
 MAX_DURATION_SECONDS = 24 * 3600.0
 MIN_POSITIVE_DURATION_SECONDS = 0.001
 SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB|GB)?$"
@@ -46,13 +50,16 @@ SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB|GB)?$"
 def parse_duration(value: Any) -> float:
     """Convert `"250ms"`, `"5s"`, `"2m"` or `"1h"` to float seconds.
 
-    Raises ValueError for bare numbers, because `timeout = 5` is ambiguous
-    between seconds and milliseconds in other proxies' configs.
+    Raises ValueError for an invalid string. A value that is not a string,
+    even a bare number, raises PydanticCustomError, which the config loader
+    reports as an invalid type in TOML terms ("got integer 5"). A number is
+    rejected because `timeout = 5` is ambiguous between seconds and
+    milliseconds in other proxies' configs.
     """
-    if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(
-            f"invalid duration {value!r}: write a string with a unit, "
-            'such as "250ms", "5s", "2m" or "1h"'
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            SHAPE_ERROR,
+            'expected a string with a unit, such as "250ms", "5s", "2m" or "1h"',
         )
     match = _DURATION_RE.match(value)
     if match is None:
@@ -99,18 +106,18 @@ def format_size(size: int) -> str:
 
 
 def parse_size(value: Any) -> int:
-    """Convert an int of bytes, or `"64KiB"`, `"10MiB"`, `"1GB"`, to int bytes."""
-    if isinstance(value, bool):
-        raise ValueError(
-            f"invalid size {value!r}: expected bytes or a string like 64KiB"
-        )
-    if isinstance(value, int):
+    """Convert an int of bytes, or `"64KiB"`, `"10MiB"`, `"1GB"`, to int bytes.
+
+    Raises ValueError for an invalid size, and PydanticCustomError for a
+    value of another type, as `parse_duration` does.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"invalid size {value}: must not be negative")
         return value
     if not isinstance(value, str):
-        raise ValueError(
-            f"invalid size {value!r}: expected bytes or a string like 64KiB"
+        raise PydanticCustomError(
+            SHAPE_ERROR, 'expected an integer of bytes or a string such as "64KiB"'
         )
     match = _SIZE_RE.match(value)
     if match is None:

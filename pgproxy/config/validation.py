@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.config.models import Config
 from pgproxy.config.sourcemap import KeyPart, KeyPath, SourceMap, format_key_path
+from pgproxy.config.units import SHAPE_ERROR
 
 # Errors that mean "the value has another shape than this branch expects",
 # with the phrase naming the expected shape.
@@ -134,7 +135,7 @@ def _merge_shapes(
             shapes.append(shape)
     details, where = items[0]
     merged: ErrorDetails = {
-        "type": "pgproxy_shape",
+        "type": SHAPE_ERROR,
         "loc": details["loc"],
         "msg": f"expected {_join_or(shapes)}",
         "input": details["input"],
@@ -205,8 +206,8 @@ def _describe(details: ErrorDetails, where: _Location) -> tuple[str, str, str | 
         bound, phrase = _BOUNDS[kind]
         message = f"invalid {name} {_show(value)}: must be {phrase} {ctx[bound]}"
         return "invalid-value", message, None
-    if kind == "pgproxy_shape" or kind in _SHAPES:
-        expected = details["msg"] if kind == "pgproxy_shape" else _SHAPES[kind]
+    if kind == SHAPE_ERROR or kind in _SHAPES:
+        expected = details["msg"] if kind == SHAPE_ERROR else _SHAPES[kind]
         expected = expected.removeprefix("expected ")
         message = f"invalid type: expected {expected}, got {describe_value(value)}"
         return "invalid-type", message, _table_hint(where) or _about(last, where)

@@ -83,7 +83,8 @@ class ExchangeFailures(ExchangeState):
                     logger,
                     logging.INFO,
                     ("retry", error.endpoint, str(error)),
-                    "%s; retrying on endpoint %s",
+                    "request to endpoint %s failed (%s), retrying on endpoint %s",
+                    error.endpoint,
                     error,
                     endpoint.address,
                 )

@@ -9,9 +9,10 @@ supervisor sends reloads and scrapes over the control channel, and with
 outcomes) and decides no ejections (the supervisor sends them), but still
 ends ejections on time.
 
-Draining: `begin_drain` turns /healthz to 503 and logs it before the
-runtime closes its listeners, so an outer load balancer can stop sending
-before connections are refused.
+Draining: `begin_drain` turns /healthz to 503 and logs it, then the runtime
+closes its listeners at once. NOTE: nothing waits between the two, so an
+outer load balancer that polls /healthz can meet refused connections
+before its next poll sees the 503.
 """
 
 from __future__ import annotations

@@ -46,7 +46,10 @@ class ShutdownSignals:
                     logger.info("received %s, shutting down", name)
                     self.requested.set()
                 else:
-                    logger.info("received %s again, cancelling the drain", name)
+                    logger.info(
+                        "received %s during the shutdown, so the drain is cancelled",
+                        name,
+                    )
                     self.forced.set()
 
 

@@ -18,7 +18,11 @@ Invariants:
   traffic, and every ejection and its end go to every worker.
 - SIGTERM or SIGINT: /healthz turns 503, the supervisor closes its copies of
   the listening sockets, forwards SIGTERM to every worker, waits for them
-  (each drains within `drain_timeout`), and exits 0.
+  (each drains within `drain_timeout`), and exits 0. A second SIGTERM or
+  SIGINT cuts the drain short, because every worker then gets SIGINT as its
+  second shutdown signal. It is SIGINT and not another SIGTERM because a
+  standard signal does not queue, so two SIGTERMs sent close together can
+  reach a worker as one.
 - /metrics and /status merge every worker's snapshot (see
   `pgproxy.server.supervisor_metrics`).
 """
@@ -30,9 +34,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
+import anyio.abc
 
 from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
@@ -97,6 +102,7 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         self.slots = [WorkerSlot(index, self.health.feed()) for index in range(count)]
         self.draining = False
         self.stopping = False
+        self.drain_cut_short = False
         self.retired = Snapshot(processes=0)
         self._renderer = ThreadedRenderer()
         self._reload_lock = anyio.Lock()
@@ -203,7 +209,9 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
             signal.SIGTERM, signal.SIGINT, signal.SIGHUP
         ) as signals:
             async with anyio.create_task_group() as group:
-                group.start_soon(_receive_signals, signals, reloads, stop)
+                group.start_soon(
+                    _receive_signals, signals, reloads, stop, self.cut_drain_short
+                )
                 self.health.start(group)
                 if isinstance(admin, AdminServer):
                     group.start_soon(admin.serve)
@@ -259,9 +267,13 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         logger.info("draining: admin /healthz returns 503 from now on")
         logger.info("draining %d workers (up to %gs)", self.count, timeout)
         self.close_sockets()
-        processes = [slot.process for slot in self.slots if slot.process is not None]
+        processes = self._processes()
         for process in processes:
             send_signal(process, signal.SIGTERM)
+        if self.drain_cut_short:
+            # The second signal came before the drain began.
+            for process in processes:
+                send_signal(process, signal.SIGINT)
         with anyio.move_on_after(timeout + KILL_GRACE):
             for process in processes:
                 await process.wait()
@@ -273,15 +285,37 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
                 send_signal(process, signal.SIGKILL)
                 await process.wait()
 
+    def cut_drain_short(self) -> None:
+        """Make every worker cancel its drain, now or as soon as it begins."""
+        self.drain_cut_short = True
+        if not self.stopping:
+            return  # `drain` sends the signals after its SIGTERMs
+        for process in self._processes():
+            send_signal(process, signal.SIGINT)
+
+    def _processes(self) -> list[anyio.abc.Process]:
+        return [slot.process for slot in self.slots if slot.process is not None]
+
 
 async def _receive_signals(
-    signals: AsyncIterator[signal.Signals], reloads: CoalescedTrigger, stop: anyio.Event
+    signals: AsyncIterator[signal.Signals],
+    reloads: CoalescedTrigger,
+    stop: anyio.Event,
+    cut_drain_short: Callable[[], None],
 ) -> None:
-    """Request a reload for each SIGHUP; set `stop` at the first SIGTERM or SIGINT."""
+    """Request a reload for each SIGHUP, and set `stop` at the first SIGTERM or SIGINT.
+
+    Each later SIGTERM or SIGINT calls `cut_drain_short`.
+    """
     async for signum in signals:
+        name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             reloads.request()
-            continue
-        logger.info("received %s", signal.Signals(signum).name)
-        stop.set()
-        return
+        elif not stop.is_set():
+            logger.info("received %s", name)
+            stop.set()
+        else:
+            logger.info(
+                "received %s during the shutdown, so the drain is cancelled", name
+            )
+            cut_drain_short()

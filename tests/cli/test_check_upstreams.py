@@ -18,6 +18,7 @@ from typer.testing import CliRunner, Result
 from pgproxy.cli.app import app
 from pgproxy.cli.check_upstreams import check_clusters, exit_code
 from pgproxy.graph.load import load_graph
+from pgproxy.health.active import default_ssl_context
 from tests.health.servers import ServerFarm, refused_port, server_farm
 
 HEADER = """
@@ -398,3 +399,32 @@ def test_https_endpoint_verified_with_tls_ca_file(
     code, document = run_json(str(config))
     assert code == 0, document
     assert endpoints_by_address(document)[endpoint]["verdict"] == "UP"
+
+
+def test_tls_context_load_stalls_no_probe(
+    farm: ServerFarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CA store that takes 1.5s to load. Loaded on the event loop while the
+    # probes run, it would hold the plain probe past its 1s timeout.
+    create_default_context = ssl.create_default_context
+
+    def slow_context(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        time.sleep(1.5)
+        return create_default_context(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", slow_context)
+    default_ssl_context.cache_clear()
+    plain = farm.add("ok")
+    tls = farm.add("hang")
+    config = write_config(
+        tmp_path,
+        cluster_toml("plain", [plain.address]),
+        cluster_toml("secure", [f"https://{tls.address}"]),
+    )
+    try:
+        code, document = run_json(str(config))
+    finally:
+        default_ssl_context.cache_clear()
+    result = endpoints_by_address(document)[plain.address]
+    assert result["verdict"] == "UP", result
+    assert code == 2, "the TLS endpoint never completes its handshake"

@@ -235,6 +235,28 @@ def test_usage_errors_exit_2(config: Path, args: list[str]) -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["GET http://api.example.com/v1/\x1b[31mred"], 400),
+        (["GET /v1/a b"], 400),
+        (["GET /v1/\u00fc"], 400),
+        (["GET http://user@api.example.com/v1"], 400),
+        (["G\x01T /v1"], 400),
+        (["GET /v1", "-H", "X-Canary: 1\x1b[0m"], 400),
+        (["CONNECT http://api.example.com/"], 501),
+    ],
+    ids=["escape", "space", "non-ascii", "userinfo", "method", "header", "connect"],
+)
+def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) -> None:
+    result = _explain(str(config), *args)
+
+    assert result.exit_code == 2, result.output
+    assert f"pgproxy responds with {status}" in result.output
+    assert "=>" not in result.output
+    assert "\x1b" not in result.output  # controls are shown escaped, never raw
+
+
 def test_invalid_config_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(

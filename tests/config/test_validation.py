@@ -158,6 +158,45 @@ def test_datetime_value_is_described() -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "expected", "got"),
+    [
+        (
+            "drain_timeout = false",
+            'a string with a unit, such as "250ms"',
+            "boolean false",
+        ),
+        ("drain_timeout = 5", 'a string with a unit, such as "250ms"', "integer 5"),
+        (
+            "drain_timeout = 2024-01-01",
+            'a string with a unit, such as "250ms"',
+            "date-time 2024-01-01",
+        ),
+        ("drain_timeout = [1]", 'a string with a unit, such as "250ms"', "an array"),
+    ],
+)
+def test_duration_of_other_type(line: str, expected: str, got: str) -> None:
+    error = only_error(f"[server]\n{line}\n")
+
+    assert error.code == "invalid-type"
+    assert error.message.startswith(f"invalid type: expected {expected}")
+    assert error.message.endswith(f", got {got}")
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [("true", "boolean true"), ("1.5", "float 1.5"), ("{ a = 1 }", "a table")],
+)
+def test_size_of_other_type(value: str, got: str) -> None:
+    error = only_error(f"max_body_bytes = {value}\n")
+
+    assert error.code == "invalid-type"
+    assert error.message == (
+        'invalid type: expected an integer of bytes or a string such as "64KiB", '
+        f"got {got}"
+    )
+
+
+@pytest.mark.parametrize(
     ("value", "text"),
     [
         (True, "boolean true"),

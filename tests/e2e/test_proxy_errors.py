@@ -494,3 +494,22 @@ def test_reset_retry_when_configured(
     assert reset_paths, "no GET reached the resetting endpoint first"
     for path in reset_paths:
         assert len(upstreams["ry"].requests_to(path)) == 1, f"{path} was not retried"
+
+
+def test_retry_log_names_endpoint(
+    proxy: PgproxyProcess, upstreams: dict[str, Upstream]
+) -> None:
+    # Retry lines of one kind are logged once per second, and an earlier
+    # test may have just logged this one, so requests go on until it shows.
+    start = len(proxy.stderr_lines)
+    deadline = time.monotonic() + 10.0
+    line = None
+    index = 0
+    while line is None and time.monotonic() < deadline:
+        request(proxy.port(), "GET", f"/retry-reset/logged-{index}")
+        index += 1
+        line = proxy.wait_for_stderr("retrying on endpoint", 0.5, start=start)
+    assert line is not None, proxy.stderr_text()
+    rx, ry = upstreams["rx"].address, upstreams["ry"].address
+    assert f"request to endpoint {rx} failed" in line, line
+    assert line.split("retrying on endpoint ")[1].startswith(ry), line

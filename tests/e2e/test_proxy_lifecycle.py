@@ -146,6 +146,40 @@ def test_drain_timeout_bounds_shutdown(
     )
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_second_signal_cuts_drain_short(
+    pgproxy_factory: PgproxyFactory, upstream_factory: UpstreamFactory, workers: int
+) -> None:
+    upstream = upstream_factory("stuck")
+    upstream.handler = hang
+    config = CONFIG.format(drain="60s", a=upstream.address).replace(
+        "[server]", f"[server]\nworkers = {workers}"
+    )
+    proxy = pgproxy_factory(config)
+    stuck = BackgroundRequest(proxy.port(), "/stuck")
+    stuck.start()
+    upstream.wait_for_requests(1)
+
+    proxy.signal(signal.SIGINT)
+    # Logged by the process that serves the request once its drain has begun.
+    assert proxy.wait_for_stderr("draining 1 client connections", 10) is not None, (
+        proxy.stderr_text()
+    )
+    proxy.signal(signal.SIGINT)
+
+    code = proxy.wait_exit(20)
+    assert code is not None, (
+        "a second SIGINT did not cut short a 60s drain within 20s:\n"
+        f"{proxy.stderr_text()}"
+    )
+    assert code == 0, f"exit code {code}:\n{proxy.stderr_text()}"
+    assert proxy.wait_for_stderr("the drain is cancelled", 1) is not None
+    stuck.join(10)
+    assert stuck.response is None or stuck.response.status >= 500, (
+        "a request cut off by the cancelled drain must not look successful"
+    )
+
+
 def run_to_exit(tmp_path: Path, config_text: str) -> tuple[int | None, PgproxyProcess]:
     process = PgproxyProcess(write_config(tmp_path, config_text))
     process.start()
