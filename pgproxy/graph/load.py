@@ -24,9 +24,10 @@ from pgproxy.graph.types import LoadedGraph as LoadedGraph
 def load_graph(path: str | Path) -> LoadedGraph:
     """Load the config at `path` and build its Graph.
 
-    Raises ConfigError listing every diagnostic (errors and warnings) when
-    the file is unreadable, is not valid TOML, fails model validation or has
-    a semantic error.
+    Relative file paths in the config are resolved against the directory of
+    `path`. Raises ConfigError listing every diagnostic (errors and warnings)
+    when the file is unreadable, is not valid TOML, fails model validation
+    or has a semantic error.
     """
     file = str(path)
     data = read_config_bytes(path)
