@@ -63,7 +63,7 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 from pgproxy.config.diagnostics import Diagnostic, Severity
@@ -86,6 +86,13 @@ from pgproxy.graph.settings import (
 )
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
+
+# Loads the files that the listeners and clusters name and returns a
+# diagnostic for each one that fails (`validate --check-files`). It is passed
+# in because loading them is the server's code, which the graph cannot import.
+FileCheck = Callable[
+    [Mapping[str, Listener], Mapping[str, Cluster], str], list[Diagnostic]
+]
 
 # Lower-case DNS labels (underscores allowed, as in service names), with an
 # optional leading "*." for a wildcard.
@@ -120,18 +127,23 @@ class _Collector:
         return any(item.severity is Severity.ERROR for item in self.items)
 
 
-def build_graph(config: Config, source: str) -> tuple[Graph | None, list[Diagnostic]]:
+def build_graph(
+    config: Config, source: str, file_check: FileCheck | None = None
+) -> tuple[Graph | None, list[Diagnostic]]:
     """Check a Config across its tables and build its Graph.
 
     `source` is the path of the config file: relative file paths in the
-    config are resolved against its directory. Returns the Graph (None when
-    any diagnostic is an error) and every diagnostic found, errors and
-    warnings, in config order.
+    config are resolved against its directory. `file_check`, when given,
+    adds its diagnostics for the files the config names. Returns the Graph
+    (None when any diagnostic is an error) and every diagnostic found,
+    errors and warnings, in config order.
     """
     found = _Collector(source)
     config_dir = _config_dir(source)
     listeners = _build_listeners(config, config_dir, found)
     clusters = _build_clusters(config, config_dir, found)
+    if file_check is not None:
+        found.items.extend(file_check(listeners, clusters, source))
     routes = [
         _build_route(config, i, route, found) for i, route in enumerate(config.routes)
     ]
