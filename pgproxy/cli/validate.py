@@ -2,8 +2,10 @@
 
 Each file goes through the whole load pipeline that `pgproxy run` uses
 (read, TOML, models, graph build with its semantic checks), so a file that
-validates is a file that loads. Nothing is resolved or dialled: endpoints
-are only parsed, never contacted.
+validates is a file that loads. The TLS files it names are loaded only with
+--check-files (see `pgproxy.cli.validate_files`), because CI jobs usually
+lack them. Nothing is resolved or dialled: endpoints are only parsed, never
+contacted.
 
 Exit codes: 0 every file is valid; 1 some file has an error, or a warning
 with --strict; 2 a usage error or a file that could not be read at all.
@@ -26,6 +28,7 @@ from pgproxy.cli.validate_formats import (
 )
 from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.errors import ConfigError
+from pgproxy.graph.build import FileCheck
 from pgproxy.graph.load import load_graph
 
 EXIT_VALID = 0
@@ -61,13 +64,22 @@ def validate_command(
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail (exit 1) on warnings too.")
     ] = False,
+    check_files: Annotated[
+        bool,
+        typer.Option(
+            "--check-files",
+            help="Also load the TLS certificates, private keys and CA files "
+            "that the config names, as `pgproxy run` does, and report each one "
+            "that is missing or does not load.",
+        ),
+    ] = False,
 ) -> None:
     """Check config files and report every error and warning, offline.
 
     Exit status: 0 valid, 1 invalid (or warnings with --strict), 2 usage
     error or unreadable file.
     """
-    results = [check_file(path) for path in configs]
+    results = [check_file(path, check_files=check_files) for path in configs]
     # Machine formats go out as plain text: no styling, no wrapping.
     if output_format is OutputFormat.TEXT:
         write_text(make_console(), results, strict)
@@ -80,11 +92,21 @@ def validate_command(
     raise typer.Exit(exit_code(results, strict=strict))
 
 
-def check_file(path: str) -> FileResult:
-    """Run the whole load pipeline on one file and collect its diagnostics."""
+def check_file(path: str, *, check_files: bool = False) -> FileResult:
+    """Run the whole load pipeline on one file and collect its diagnostics.
+
+    With `check_files` the TLS files that the config names are loaded too.
+    """
+    file_check: FileCheck | None = None
+    if check_files:
+        # Imported here, so that plain validate runs (editors, pre-commit)
+        # do not load the server and health modules (anyio, httpcore).
+        from pgproxy.cli.validate_files import check_tls_files
+
+        file_check = check_tls_files
     diagnostics: list[Diagnostic]
     try:
-        loaded = load_graph(path)
+        loaded = load_graph(path, file_check)
     except ConfigError as error:
         diagnostics = error.diagnostics
     else:

@@ -47,8 +47,15 @@ class _Model(BaseModel):
 class TlsConfig(_Model):
     """TLS termination for a listener."""
 
-    certificate: str = Field(description="Path of the PEM certificate chain.")
-    private_key: str = Field(description="Path of the PEM private key.")
+    certificate: str = Field(
+        description="Path of the PEM certificate chain. A relative path is "
+        "resolved against the directory of the config file; `~` is not expanded."
+    )
+    private_key: str = Field(
+        description="Path of the PEM private key, not encrypted. A relative path "
+        "is resolved against the directory of the config file; `~` is not "
+        "expanded."
+    )
 
 
 class ServerConfig(_Model):
@@ -404,7 +411,9 @@ class ClusterConfig(_Model):
     tls_ca_file: str | None = Field(
         default=None,
         description="Path of a PEM file of CA certificates that verify the "
-        "certificates of https:// endpoints, in place of the system trust store.",
+        "certificates of https:// endpoints, in place of the system trust store. "
+        "A relative path is resolved against the directory of the config file; "
+        "`~` is not expanded.",
     )
     host_header: str = Field(
         default="preserve",

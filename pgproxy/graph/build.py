@@ -4,7 +4,8 @@ The pydantic models check each table alone; this module checks what spans
 tables and what the models cannot see. Every problem becomes a Diagnostic
 with a stable code and a dotted key path; line and column stay 0 here and
 `pgproxy.graph.load` fills them from the source map. The graph is built only
-when no diagnostic is an error.
+when no diagnostic is an error. Relative file paths (TLS certificates, keys
+and CA files) are resolved here against the directory of the config file.
 
 Diagnostic codes (the problem is on the indented line under each code):
 
@@ -60,8 +61,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 from pgproxy.config.diagnostics import Diagnostic, Severity
@@ -84,6 +86,13 @@ from pgproxy.graph.settings import (
 )
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
+
+# Loads the files that the listeners and clusters name and returns a
+# diagnostic for each one that fails (`validate --check-files`). It is passed
+# in because loading them is the server's code, which the graph cannot import.
+FileCheck = Callable[
+    [Mapping[str, Listener], Mapping[str, Cluster], str], list[Diagnostic]
+]
 
 # Lower-case DNS labels (underscores allowed, as in service names), with an
 # optional leading "*." for a wildcard.
@@ -118,15 +127,23 @@ class _Collector:
         return any(item.severity is Severity.ERROR for item in self.items)
 
 
-def build_graph(config: Config, source: str) -> tuple[Graph | None, list[Diagnostic]]:
+def build_graph(
+    config: Config, source: str, file_check: FileCheck | None = None
+) -> tuple[Graph | None, list[Diagnostic]]:
     """Check a Config across its tables and build its Graph.
 
-    Returns the Graph (None when any diagnostic is an error) and every
-    diagnostic found, errors and warnings, in config order.
+    `source` is the path of the config file: relative file paths in the
+    config are resolved against its directory. `file_check`, when given,
+    adds its diagnostics for the files the config names. Returns the Graph
+    (None when any diagnostic is an error) and every diagnostic found,
+    errors and warnings, in config order.
     """
     found = _Collector(source)
-    listeners = _build_listeners(config, found)
-    clusters = _build_clusters(config, found)
+    config_dir = _config_dir(source)
+    listeners = _build_listeners(config, config_dir, found)
+    clusters = _build_clusters(config, config_dir, found)
+    if file_check is not None:
+        found.items.extend(file_check(listeners, clusters, source))
     routes = [
         _build_route(config, i, route, found) for i, route in enumerate(config.routes)
     ]
@@ -146,7 +163,18 @@ def build_graph(config: Config, source: str) -> tuple[Graph | None, list[Diagnos
     return graph, found.items
 
 
-def _build_listeners(config: Config, found: _Collector) -> dict[str, Listener]:
+def _config_dir(source: str) -> str:
+    """Return the absolute directory of the config file at path `source`."""
+    if os.path.isabs(source):
+        return os.path.dirname(source)
+    # Not os.path.abspath: its lexical ".." removal can name another file
+    # than the kernel opened when a directory on the way is a symbolic link.
+    return os.path.dirname(os.path.join(os.getcwd(), source))
+
+
+def _build_listeners(
+    config: Config, config_dir: str, found: _Collector
+) -> dict[str, Listener]:
     if not config.listeners:
         found.error(
             "listeners",
@@ -161,9 +189,8 @@ def _build_listeners(config: Config, found: _Collector) -> dict[str, Listener]:
         bound.append(("server.admin", host, port))
     for name, listener_config in config.listeners.items():
         host, port = parse_host_port(listener_config.address)
-        listeners[name] = Listener(
-            name, host, port, settings_from_config(ListenerSettings, listener_config)
-        )
+        settings = settings_from_config(ListenerSettings, listener_config, config_dir)
+        listeners[name] = Listener(name, host, port, settings)
         bound.append((format_key_path(("listeners", name, "address")), host, port))
     _check_addresses(bound, found)
     _check_trusted_proxies(config, found)
@@ -245,12 +272,14 @@ def _check_trusted_proxies(config: Config, found: _Collector) -> None:
             )
 
 
-def _build_clusters(config: Config, found: _Collector) -> dict[str, Cluster]:
+def _build_clusters(
+    config: Config, config_dir: str, found: _Collector
+) -> dict[str, Cluster]:
     clusters = {}
     for name, cluster_config in config.clusters.items():
         endpoints = _build_endpoints(name, cluster_config, found)
         _check_cluster(name, cluster_config, found)
-        settings = settings_from_config(ClusterSettings, cluster_config)
+        settings = settings_from_config(ClusterSettings, cluster_config, config_dir)
         clusters[name] = Cluster(name, tuple(endpoints), settings)
     return clusters
 

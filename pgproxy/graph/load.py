@@ -17,21 +17,22 @@ from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.config.loader import decode_config, parse_config, read_config_bytes
 from pgproxy.config.sourcemap import SourceMap
 from pgproxy.errors import ConfigError
-from pgproxy.graph.build import build_graph
+from pgproxy.graph.build import FileCheck, build_graph
 from pgproxy.graph.types import LoadedGraph as LoadedGraph
 
 
-def load_graph(path: str | Path) -> LoadedGraph:
+def load_graph(path: str | Path, file_check: FileCheck | None = None) -> LoadedGraph:
     """Load the config at `path` and build its Graph.
 
-    Raises ConfigError listing every diagnostic (errors and warnings) when
-    the file is unreadable, is not valid TOML, fails model validation or has
-    a semantic error.
+    Relative file paths in the config are resolved against the directory of
+    `path`. `file_check` is passed to build_graph. Raises ConfigError listing
+    every diagnostic (errors and warnings) when the file is unreadable, is
+    not valid TOML, fails model validation or has a semantic error.
     """
     file = str(path)
     data = read_config_bytes(path)
     config, source_map = parse_config(decode_config(data, file), file)
-    graph, diagnostics = build_graph(config, file)
+    graph, diagnostics = build_graph(config, file, file_check)
     positioned = [position(item, source_map) for item in diagnostics]
     if graph is None:
         raise ConfigError(positioned)

@@ -7,15 +7,17 @@ imports pydantic (about 13 MiB of resident memory per process), and a graph
 pickles and unpickles without the config models. Field names and units match
 the models' (durations in float seconds, sizes in bytes);
 `settings_from_config` copies them, and a test checks that every field here
-exists on its model.
+exists on its model. It also makes the file paths absolute, so the serving
+processes never depend on their working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os.path
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -167,17 +169,38 @@ _NESTED: dict[str, type[Any]] = {
 }
 
 
-def settings_from_config(cls: type[_S], model: Any) -> _S:
+# Fields whose value is the path of a file that pgproxy reads.
+PATH_FIELDS: Final = frozenset({"certificate", "private_key", "tls_ca_file"})
+
+
+def resolve_config_path(path: str, config_dir: str) -> str:
+    """Join a relative `path` to `config_dir`, the directory of the config file.
+
+    An absolute path is returned unchanged. The process's working directory
+    plays no part. "~" is not expanded: "~/cert.pem" names a directory called
+    "~" next to the config. ".." and symbolic links are left to the kernel to
+    resolve when the file is opened.
+    """
+    return os.path.join(config_dir, path)
+
+
+def settings_from_config(
+    cls: type[_S], model: Any, config_dir: str | None = None
+) -> _S:
     """Copy the fields of `cls` from a config model of the same table.
 
     Lists become tuples and dicts become tuples of pairs, so settings stay
-    immutable; nested tables become their settings class.
+    immutable; nested tables become their settings class. The paths in
+    PATH_FIELDS are resolved against `config_dir` (see resolve_config_path);
+    None leaves them as written, for settings that come from no file.
     """
     values: dict[str, object] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = getattr(model, field.name)
         if field.name in _NESTED and value is not None:
-            value = settings_from_config(_NESTED[field.name], value)
+            value = settings_from_config(_NESTED[field.name], value, config_dir)
+        elif field.name in PATH_FIELDS and isinstance(value, str) and config_dir:
+            value = resolve_config_path(value, config_dir)
         elif isinstance(value, list):
             value = tuple(value)
         elif isinstance(value, dict):

@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 from pgproxy.errors import PgproxyError
+from pgproxy.graph.settings import TlsSettings
 from pgproxy.graph.types import Graph, Listener
 
 BACKLOG = 1024
@@ -63,14 +64,45 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     return sock
 
 
+class EncryptedKeyError(ssl.SSLError):
+    """A TLS private key is encrypted, and pgproxy has no passphrase for it."""
+
+
+def _raise_encrypted_key() -> str:
+    # Without a callback OpenSSL prompts on the terminal, and each process
+    # that loads the key (supervisor, every worker, every reload) would ask.
+    raise EncryptedKeyError("the private key is encrypted with a passphrase")
+
+
+def load_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:
+    """Load the certificate chain and private key of `tls` into `context`.
+
+    Raises OSError when a file cannot be read, EncryptedKeyError for a key
+    with a passphrase, and ssl.SSLError for any other file that OpenSSL
+    rejects (not PEM, or a key that does not match the certificate).
+    """
+    context.load_cert_chain(
+        tls.certificate, tls.private_key, password=_raise_encrypted_key
+    )
+
+
+def tls_server_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Build a server TLS context with the certificate and key of `tls`.
+
+    Raises what load_certificate raises.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_certificate(context, tls)
+    return context
+
+
 def server_ssl_context(listener: Listener) -> ssl.SSLContext | None:
     """Build the TLS context of a listener with `tls`, or return None."""
     tls = listener.settings.tls
     if tls is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(tls.certificate, tls.private_key)
+        context = tls_server_context(tls)
     except (OSError, ssl.SSLError) as exc:
         raise BindError(
             f'listener "{listener.name}": cannot load TLS certificate '

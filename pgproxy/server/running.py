@@ -21,7 +21,12 @@ from pgproxy.health.state import HealthTable
 from pgproxy.observability.metrics import EndpointReading, Metrics
 from pgproxy.proxy.exchange import Exchange
 from pgproxy.proxy.service import ProxyService
-from pgproxy.server.listeners import BindError, BoundListener, server_ssl_context
+from pgproxy.server.listeners import (
+    BindError,
+    BoundListener,
+    load_certificate,
+    server_ssl_context,
+)
 from pgproxy.server.reload import ReloadPlan
 
 logger = logging.getLogger(__name__)
@@ -149,7 +154,7 @@ class ServiceState:
             if tls is None or context is None:
                 continue
             try:
-                context.load_cert_chain(tls.certificate, tls.private_key)
+                load_certificate(context, tls)
             except (OSError, ssl.SSLError) as exc:
                 # NOTE: this happens only if the files changed again after
                 # check_certificates read them; OpenSSL may then keep the new

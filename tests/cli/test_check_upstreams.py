@@ -428,3 +428,29 @@ def test_tls_context_load_stalls_no_probe(
     result = endpoints_by_address(document)[plain.address]
     assert result["verdict"] == "UP", result
     assert code == 2, "the TLS endpoint never completes its handshake"
+
+
+def test_relative_tls_ca_file_next_to_config(
+    farm: ServerFarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = farm.add("ok", tls=context)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    ca.cert_pem.write_to_path(str(conf / "ca.pem"))
+    endpoint = f"https://{server.address}"
+    text = cluster_toml("api", [endpoint]).replace(
+        "[clusters.api.health_check]",
+        'tls_ca_file = "ca.pem"\n\n[clusters.api.health_check]',
+    )
+    config = write_config(conf, text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    code, document = run_json(str(config))
+
+    assert code == 0, document
+    assert endpoints_by_address(document)[endpoint]["verdict"] == "UP"

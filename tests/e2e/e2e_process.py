@@ -39,9 +39,12 @@ class PgproxyProcess:
         config_path: Path,
         extra_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.config_path = config_path
         self.env = dict(env or {})
+        # Working directory of the child; None keeps the test's own.
+        self.cwd = cwd
         self.args = [
             sys.executable,
             "-m",
@@ -78,6 +81,7 @@ class PgproxyProcess:
             encoding="utf-8",
             errors="replace",
             env=env,
+            cwd=self.cwd,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         for stream, lines in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,37 @@ def test_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_graph(tmp_path)
     assert [d.code for d in caught.value.diagnostics] == ["file-unreadable"]
+
+
+TLS = """\
+[listeners.public]
+address = "127.0.0.1:8443"
+tls = { certificate = "certs/cert.pem", private_key = "/keys/key.pem" }
+
+[[routes]]
+cluster = "api"
+
+[clusters.api]
+endpoints = ["https://127.0.0.1:9001"]
+tls_ca_file = "ca.pem"
+"""
+
+
+def test_relative_paths_follow_config_not_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pgproxy.toml").write_text(TLS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    graph = load_graph("../conf/pgproxy.toml").graph
+
+    conf_dir = f"{os.getcwd()}/../conf"
+    tls = graph.listeners["public"].settings.tls
+    assert tls is not None
+    assert tls.certificate == f"{conf_dir}/certs/cert.pem"
+    assert tls.private_key == "/keys/key.pem"
+    assert graph.clusters["api"].settings.tls_ca_file == f"{conf_dir}/ca.pem"

@@ -30,6 +30,7 @@ from pgproxy.graph.settings import (
     RespondSettings,
     ServerSettings,
     TlsSettings,
+    resolve_config_path,
     settings_from_config,
 )
 
@@ -110,6 +111,38 @@ def test_default_health_check_matches_the_model_defaults() -> None:
         HealthCheckConfig(healthy_threshold=1, unhealthy_threshold=1),
     )
     assert model == DEFAULT_HEALTH_CHECK
+
+
+@pytest.mark.parametrize(
+    ("path", "resolved"),
+    [
+        ("cert.pem", "/etc/pgproxy/cert.pem"),
+        ("tls/cert.pem", "/etc/pgproxy/tls/cert.pem"),
+        ("./cert.pem", "/etc/pgproxy/./cert.pem"),
+        ("../certs/cert.pem", "/etc/pgproxy/../certs/cert.pem"),
+        ("/srv/tls/cert.pem", "/srv/tls/cert.pem"),
+        ("~/cert.pem", "/etc/pgproxy/~/cert.pem"),
+    ],
+)
+def test_resolve_config_path(path: str, resolved: str) -> None:
+    assert resolve_config_path(path, "/etc/pgproxy") == resolved
+
+
+def test_listener_tls_paths_resolved_against_config_dir() -> None:
+    model = ListenerConfig(
+        address="127.0.0.1:0",
+        tls=TlsConfig(certificate="cert.pem", private_key="/keys/key.pem"),
+    )
+    settings = settings_from_config(ListenerSettings, model, "/etc/pgproxy")
+    assert settings.tls == TlsSettings("/etc/pgproxy/cert.pem", "/keys/key.pem")
+
+
+def test_cluster_ca_file_resolved_against_config_dir() -> None:
+    model = ClusterConfig(endpoints=["https://a:443"], tls_ca_file="ca/bundle.pem")
+    settings = settings_from_config(ClusterSettings, model, "/etc/pgproxy")
+    assert settings.tls_ca_file == "/etc/pgproxy/ca/bundle.pem"
+    unset = settings_from_config(ClusterSettings, ClusterConfig(endpoints=[]), "/x")
+    assert unset.tls_ca_file is None
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))

@@ -64,6 +64,25 @@ def test_async_load_matches_sync_load(tmp_path: Path) -> None:
     assert anyio.run(main) == load_config(str(path))[0].config_hash
 
 
+def test_workers_get_tls_paths_resolved_against_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    tls = 'tls = { certificate = "cert.pem", private_key = "key.pem" }\n'
+    (conf / "tls.toml").write_text(VALID.replace("[[routes]]", tls + "\n[[routes]]"))
+    monkeypatch.chdir(tmp_path)
+
+    _, payload = load_config("conf/tls.toml")
+
+    # The payload is what the supervisor sends to every worker.
+    graph = decode_loaded(payload, "conf/tls.toml").graph
+    settings = graph.listeners["main"].settings.tls
+    assert settings is not None
+    assert settings.certificate == f"{os.getcwd()}/conf/cert.pem"
+    assert settings.private_key == f"{os.getcwd()}/conf/key.pem"
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(str(tmp_path / "absent.toml"))
