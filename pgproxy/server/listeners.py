@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pgproxy.errors import PgproxyError
 from pgproxy.graph.settings import TlsSettings
-from pgproxy.graph.types import Graph, Listener
+from pgproxy.graph.types import Cluster, Graph, Listener
 
 BACKLOG = 1024
 
@@ -109,6 +110,26 @@ def server_ssl_context(listener: Listener) -> ssl.SSLContext | None:
             f'"{tls.certificate}" or key "{tls.private_key}": {exc}'
         ) from None
     return context
+
+
+def check_ca_files(clusters: Iterable[Cluster]) -> None:
+    """Load the `tls_ca_file` of each cluster with https endpoints.
+
+    The pool loads it again at the first https connection, and whenever the
+    file changes. Loading it here makes a missing or broken file stop
+    start-up, or fail a reload, instead of failing requests later. Raises
+    BindError naming the cluster and the file.
+    """
+    for cluster in clusters:
+        ca_file = cluster.settings.tls_ca_file
+        if ca_file is None or not any(item.tls for item in cluster.endpoints):
+            continue
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise BindError(
+                f'cluster "{cluster.name}": cannot load tls_ca_file "{ca_file}": {exc}'
+            ) from None
 
 
 def bind_listeners(graph: Graph, *, reuse_port: bool = False) -> list[BoundListener]:

@@ -43,6 +43,7 @@ from pgproxy.server.listeners import (
     BoundListener,
     bind_listeners,
     bind_socket,
+    check_ca_files,
     server_ssl_context,
 )
 from pgproxy.server.loading import load_config
@@ -178,6 +179,7 @@ def run(config_path: str, log_level: str = "INFO", watch: bool = False) -> int:
         return code
 
     try:
+        check_ca_files(loaded.graph.clusters.values())
         listeners = bind_listeners(loaded.graph)
         admin = _bind_admin(loaded)
     except (BindError, OSError) as exc:

@@ -34,7 +34,7 @@ from pgproxy.errors import ConfigError
 from pgproxy.graph.settings import ServerSettings
 from pgproxy.graph.types import Graph, Listener, LoadedGraph
 from pgproxy.health.state import HealthTable
-from pgproxy.server.listeners import BindError
+from pgproxy.server.listeners import BindError, check_ca_files
 from pgproxy.server.loading import decode_loaded, load_config_async
 
 logger = logging.getLogger(__name__)
@@ -295,6 +295,7 @@ class Reloader:
 
         plan = plan_reload(self._state.graph, loaded.graph, self._started)
         try:
+            check_ca_files(loaded.graph.clusters.values())
             self._state.check_certificates(kept_tls_listeners(loaded.graph, plan))
             await self._state.open_listeners(plan.added_listeners)
         except BindError as error:

@@ -27,7 +27,7 @@ import anyio.to_thread
 from pgproxy.errors import ConfigError
 from pgproxy.graph.settings import ServerSettings
 from pgproxy.graph.types import LoadedGraph
-from pgproxy.server.listeners import BindError
+from pgproxy.server.listeners import BindError, check_ca_files
 from pgproxy.server.loading import load_config_async
 from pgproxy.server.reload import (
     ReloadHistory,
@@ -99,6 +99,7 @@ class SupervisorReload:
         tls = [*plan.added_listeners, *kept_tls_listeners(loaded.graph, plan)]
         try:
             await anyio.to_thread.run_sync(check_tls, tls)
+            check_ca_files(loaded.graph.clusters.values())
             bound = bind_added(
                 [item for item in plan.added_listeners if item.name not in reused],
                 self.count,

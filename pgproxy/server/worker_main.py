@@ -151,7 +151,13 @@ async def run_worker(settings: WorkerSettings) -> int:
         logger.error("invalid config: %s", message)
         return 1
     runtime = WorkerRuntime(settings, settings.listener_sockets())
-    listeners = [runtime.bind(item) for item in loaded.graph.listeners.values()]
+    try:
+        listeners = [runtime.bind(item) for item in loaded.graph.listeners.values()]
+    except BindError as error:
+        # The supervisor checked the files before it started the workers,
+        # so they changed since.
+        logger.error("%s", error)
+        return 1
     signals = ShutdownSignals()
     shared = start.probe_state is not None
     report = OutcomeReport() if shared else None

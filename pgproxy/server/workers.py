@@ -43,6 +43,7 @@ from pgproxy.graph.types import LoadedGraph
 from pgproxy.observability.metrics import Snapshot, merge_snapshots
 from pgproxy.observability.scrape import ThreadedRenderer
 from pgproxy.server.admin import AdminServer, AdminSources
+from pgproxy.server.listeners import BindError, check_ca_files
 from pgproxy.server.reload import ReloadHistory
 from pgproxy.server.signals import CoalescedTrigger, open_reload_receiver
 from pgproxy.server.slots import (
@@ -52,6 +53,7 @@ from pgproxy.server.slots import (
     describe_exit,
     send_signal,
 )
+from pgproxy.server.sockets import check_tls
 from pgproxy.server.supervisor_health import SharedHealth
 from pgproxy.server.supervisor_metrics import SupervisorMetrics
 from pgproxy.server.supervisor_reload import SupervisorReload
@@ -191,6 +193,15 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         SIGHUPs received before every worker is ready, and one held since
         start-up, cause one reload once they are.
         """
+        graph = self.loaded.graph
+        try:
+            # The workers load these files too; checked here, a broken one
+            # stops start-up with one line instead of failing every worker.
+            check_tls(list(graph.listeners.values()))
+            check_ca_files(graph.clusters.values())
+        except BindError as error:
+            logger.error("%s", error)
+            return 1
         try:
             lines = self.bind_all()
         except OSError as error:
