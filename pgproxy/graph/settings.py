@@ -53,6 +53,7 @@ class ListenerSettings:
     header_read_timeout: float
     idle_timeout: float
     tunnel_idle_timeout: float
+    send_timeout: float
     max_header_bytes: int
     max_body_bytes: int
     # Names from pgproxy.graph.paths.AMBIGUOUS_NAMES; empty forwards all.
