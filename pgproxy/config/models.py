@@ -130,6 +130,13 @@ class ListenerConfig(_Model):
         "half of its open file limit less 32, and raises that limit to the hard "
         "limit at startup.",
     )
+    send_timeout: PositiveDurationSeconds = Field(
+        default=60.0,
+        description="Time a client may go without reading while pgproxy waits "
+        "to send to it (a full write buffer, or a closed connection with unsent "
+        "bytes), tunnels included. pgproxy then aborts the connection and logs "
+        "the request in progress with send_timeout.",
+    )
     max_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
         description="Max size of the request line and headers (431 above it); "

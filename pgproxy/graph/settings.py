@@ -56,6 +56,7 @@ class ListenerSettings:
     idle_timeout: float
     tunnel_idle_timeout: float
     max_connections: int | None
+    send_timeout: float
     max_header_bytes: int
     max_body_bytes: int
     # Names from pgproxy.graph.paths.AMBIGUOUS_NAMES; empty forwards all.

@@ -11,16 +11,25 @@ Invariants:
 - Malformed requests are logged at DEBUG only: hostile traffic must not
   flood the log.
 - One timer per connection serves every deadline: idle keep-alive, header
-  read, and the front exchange's route and response header timeouts. It is
-  re-armed only when a deadline moves earlier, not per request.
+  read, linger, tunnel idle, send timeout, and the front exchange's route
+  and response header timeouts. It is re-armed only when a deadline moves
+  earlier, not per request.
+- The send timeout runs only while pgproxy waits for the client to read:
+  from pause_writing to resume_writing, and from close() until the
+  transport has written its buffer. A client that takes no bytes for
+  send_timeout has its connection aborted and its exchange logged with
+  send_timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
+import sys
+import termios
 import time
 from typing import Final, cast
 
@@ -44,6 +53,9 @@ logger = logging.getLogger(__name__)
 # SO_LINGER on with a zero timeout: close() then sends a reset, not a FIN,
 # and drops the bytes still in the send buffer (socket(7)).
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+# The ioctl that returns the bytes in a socket's send queue, sent but not
+# acknowledged or not sent yet: SIOCOUTQ on Linux, 0 where termios lacks it.
+_SIOCOUTQ: Final = int(getattr(termios, "TIOCOUTQ", 0))
 
 
 class DownstreamProtocol(RequestParsing):
@@ -146,12 +158,17 @@ class DownstreamProtocol(RequestParsing):
             upstream = self._queue[0].upstream
             if upstream is not None:
                 upstream.pause_reading()
+        self._start_send_timeout()
 
     def resume_writing(self) -> None:
         if self._queue and self._front_started:
             upstream = self._queue[0].upstream
             if upstream is not None:
                 upstream.resume_reading()
+        # A closed connection keeps its send timeout until the transport has
+        # written everything, however small its buffer gets.
+        if not self._closed:
+            self._send_wait = None
 
     # exchange queue
 
@@ -312,6 +329,10 @@ class DownstreamProtocol(RequestParsing):
         if self._closed or transport is None:
             return
         self._closed = True
+        # The transport stays open until the client has read what is
+        # buffered, so the send timeout bounds that wait.
+        if transport.get_write_buffer_size():
+            self._start_send_timeout()
         # NOTE: TLS connections close at once, because asyncio's TLS
         # transports cannot close only their write side.
         if self._in_message and not self._eof and not self._tls:
@@ -377,6 +398,17 @@ class DownstreamProtocol(RequestParsing):
         self._conn_deadline = self.clock() + timeout
         self.watch_deadline(self._conn_deadline)
 
+    def _start_send_timeout(self) -> None:
+        # Called when pgproxy starts waiting for the client to read. Only
+        # pause_writing and close call it, so a request whose response fits
+        # in the write buffer costs nothing here.
+        transport = self.transport
+        if self._send_wait is not None or transport is None:
+            return
+        deadline = self.clock() + self.limits.send_timeout
+        self._send_wait = (deadline, _unsent_bytes(transport))
+        self.watch_deadline(deadline)
+
     def watch_deadline(self, at: float) -> None:
         """Make sure the connection timer fires no later than `at`."""
         if self._timer is not None and self._timer_at <= at:
@@ -388,11 +420,19 @@ class DownstreamProtocol(RequestParsing):
 
     def _on_timer(self) -> None:
         self._timer = None
+        send_wait = self._send_wait
+        if send_wait is not None and self.clock() >= send_wait[0]:
+            if self._on_send_deadline(send_wait[1]):
+                return
         if self._lingering:
             self._end_linger()
-            return
-        if self._closed:
-            return
+        elif not self._closed:
+            self._on_deadlines()
+        send_wait = self._send_wait
+        if send_wait is not None and self.transport is not None:
+            self.watch_deadline(send_wait[0])
+
+    def _on_deadlines(self) -> None:
         now = self.clock()
         if self._conn_deadline and now >= self._conn_deadline:
             self._on_conn_deadline()
@@ -405,6 +445,34 @@ class DownstreamProtocol(RequestParsing):
         later = [at for at in pending if at]
         if later and not self._closed:
             self.watch_deadline(min(later))
+
+    def _on_send_deadline(self, unsent_before: int) -> bool:
+        """Extend the send timeout if the client read, else abort and return True."""
+        # As with nginx's send_timeout, the client must take some bytes in
+        # each period. The kernel's send queue counts too. Linux grows the
+        # send buffer to MiBs and wakes the writer only once much of it is
+        # free, so a client reading 100 KiB/s left the transport's buffer
+        # unchanged for over a second (measured on loopback, Linux 6.18).
+        transport = self.transport
+        assert transport is not None
+        unsent = _unsent_bytes(transport)
+        if unsent < unsent_before:
+            self._send_wait = (self.clock() + self.limits.send_timeout, unsent)
+            return False
+        logger.debug(
+            "send timeout: client %s took no bytes for %.1f s, aborting with "
+            "%d bytes unsent",
+            self.client,
+            self.limits.send_timeout,
+            unsent,
+        )
+        self._send_wait = None
+        # Taken first so that ending the exchange starts no queued request.
+        queue, self._queue = self._queue, []
+        self.abort()
+        if queue and self._front_started:
+            queue[0].on_send_timeout()
+        return True
 
     def _on_tunnel_deadline(self) -> None:
         # The deadline is moved only when it passes, not on every chunk, so
@@ -438,3 +506,20 @@ class DownstreamProtocol(RequestParsing):
             self._write_error(408, "request header read timed out")
         else:
             self.close()
+
+
+def _unsent_bytes(transport: asyncio.Transport) -> int:
+    """Return the bytes not yet taken by the client: buffered, or in the kernel.
+
+    Only the transport's buffer counts where the kernel's send queue cannot
+    be read (no SIOCOUTQ, or a socket that does not support it).
+    """
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is None or not _SIOCOUTQ:
+        return unsent
+    try:
+        queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4))
+    except (OSError, ValueError):
+        return unsent
+    return unsent + int.from_bytes(queued, sys.byteorder)

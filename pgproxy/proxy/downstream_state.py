@@ -86,6 +86,7 @@ class DownstreamState(asyncio.Protocol):
         "_read_body_bytes",
         "_receiving",
         "_scan_from",
+        "_send_wait",
         "_starting",
         "_timer",
         "_timer_at",
@@ -176,6 +177,13 @@ class DownstreamState(asyncio.Protocol):
         self._conn_deadline_kind = 0
         # When tunnel bytes last passed in either direction (loop time).
         self._tunnel_last = 0.0
+        # While pgproxy waits for the client to read (write buffer above its
+        # high-water mark, or closed with bytes unsent): the loop time when the
+        # send timeout passes, and the bytes the client had not taken when
+        # that period began. One slot keeps each connection 8 bytes smaller
+        # than two fields would, and only pause_writing, close and the timer
+        # read it.
+        self._send_wait: tuple[float, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 

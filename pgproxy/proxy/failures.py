@@ -223,6 +223,23 @@ class ExchangeFailures(ExchangeState):
         else:
             self.downstream.abort()
 
+    def on_send_timeout(self) -> None:
+        """End the exchange of a client that stopped reading (send_timeout).
+
+        The upstream connection is closed, not pooled, because it was
+        mid-response. A request that had no response bytes written yet, one
+        pipelined behind the response the client did not read, is logged
+        with 499 like a client that closed.
+        """
+        if self.done:
+            return
+        self.cancel_connect()
+        self.release_upstream(reuse=False)
+        if not self.written:
+            self.status = 499
+        self.failure = "send_timeout"
+        self.finish()
+
     def cancel_connect(self) -> None:
         """Cancel a connect in progress."""
         task, self.connect_task = self.connect_task, None

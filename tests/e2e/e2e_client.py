@@ -72,11 +72,18 @@ class RawConnection:
         host: str = "127.0.0.1",
         timeout: float = DEFAULT_TIMEOUT,
         rcvbuf: int | None = None,
+        mss: int | None = None,
     ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Set before connect so the window scale matches the small buffer.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if mss is not None:
+            # Linux sizes the peer's send buffer from the MSS this side
+            # announces, up to net.ipv4.tcp_wmem's maximum (4 MiB by default)
+            # on loopback. A small MSS keeps most of an unread response in
+            # pgproxy's own write buffer instead.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect((host, port))
