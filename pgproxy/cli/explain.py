@@ -13,7 +13,10 @@ is answered with 400 before routing, so the command names the spelling and
 shows no routes.
 
 Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404) or
-the listener rejects the path (400); 2 a usage error or an invalid config.
+the listener's reject_ambiguous_paths rejects the path (400); 2 a usage
+error, an invalid config, or a request that pgproxy rejects as malformed
+before routing (400 or 501: a space or control byte in the target, a
+method that is not a token, a fragment).
 """
 
 from __future__ import annotations

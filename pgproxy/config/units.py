@@ -38,13 +38,13 @@ _SIZE_UNITS = {
     "GB": 1000**3,
 }
 
-DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h)$"
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
 # The error type that the config loader reports as "invalid type: expected
 # <message>, got <the TOML value>".
 SHAPE_ERROR = "pgproxy_shape"
 MAX_DURATION_SECONDS = 24 * 3600.0
 MIN_POSITIVE_DURATION_SECONDS = 0.001
-SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB|GB)?$"
+SIZE_PATTERN = r"^\s*\d+\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$"
 
 
 def parse_duration(value: Any) -> float:

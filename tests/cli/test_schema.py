@@ -69,6 +69,15 @@ MINIMAL: dict[str, Any] = {"listeners": {"public": {"address": "0.0.0.0:80"}}}
     [
         MINIMAL,
         {**MINIMAL, "server": {"drain_timeout": "250ms", "workers": "auto"}},
+        # The loader accepts spaces around the number and the unit, and so
+        # does the schema, so an editor does not mark a valid value.
+        {**MINIMAL, "server": {"drain_timeout": " 5 s "}},
+        {
+            **MINIMAL,
+            "listeners": {
+                "public": {"address": "0.0.0.0:80", "max_body_bytes": "1 KiB"}
+            },
+        },
         {**MINIMAL, "clusters": {"a": {"endpoints": ["a:1", {"address": "b:2"}]}}},
     ],
 )
@@ -83,7 +92,7 @@ def test_schema_accepts(document: dict[str, Any]) -> None:
         ({"listeners": {"a b": {"address": "x"}}}, "does not match any of the regexes"),
         ({"listeners": {"a": {"adress": "x"}}}, "'adress' was unexpected"),
         ({**MINIMAL, "server": {"drain_timeout": 5}}, "5 is not of type 'string'"),
-        ({**MINIMAL, "server": {"drain_timeout": "5 s"}}, "does not match"),
+        ({**MINIMAL, "server": {"drain_timeout": "5 sec"}}, "does not match"),
         ({**MINIMAL, "server": {"access_log": "text"}}, "is not one of"),
         ({**MINIMAL, "routes": {"cluster": "a"}}, "is not of type 'array'"),
     ],
