@@ -44,7 +44,8 @@ def demo_command(
             "--requests",
             min=0,
             help="Send this many requests, print the counts and exit 0 "
-            "(130 when Ctrl-C stops it first).",
+            "(130 when Ctrl-C stops it first). 0, the default, shows the live "
+            "table until Ctrl-C instead.",
         ),
     ] = 0,
 ) -> None:
