@@ -59,33 +59,29 @@ Diagnostic codes (the problem is on the indented line under each code):
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from pgproxy.config.diagnostics import Diagnostic, Severity
+from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.config.models import (
     ClusterConfig,
     Config,
-    RouteConfig,
     parse_host_port,
     split_endpoint_address,
 )
 from pgproxy.config.sourcemap import format_key_path
-from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
+from pgproxy.graph.build_routes import build_route, check_route_names, check_shadowed
+from pgproxy.graph.collector import Collector
 from pgproxy.graph.routing import RouteTable
 from pgproxy.graph.settings import (
     ClusterSettings,
     ListenerSettings,
-    RespondSettings,
     ServerSettings,
     settings_from_config,
 )
-from pgproxy.graph.shadowing import find_shadowed, shadow_reason
-from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Route
+from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, Route
 
 # Loads the files that the listeners and clusters name and returns a
 # diagnostic for each one that fails (`validate --check-files`). It is passed
@@ -93,38 +89,6 @@ from pgproxy.graph.types import Cluster, Endpoint, Graph, Listener, PathKind, Ro
 FileCheck = Callable[
     [Mapping[str, Listener], Mapping[str, Cluster], str], list[Diagnostic]
 ]
-
-# Lower-case DNS labels (underscores allowed, as in service names), with an
-# optional leading "*." for a wildcard.
-_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-_HOST_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
-
-
-class _Collector:
-    """Diagnostics of one build, all pointing into one source file."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.items: list[Diagnostic] = []
-
-    def error(self, key: str, code: str, message: str, hint: str | None = None) -> None:
-        self._add(key, code, message, hint, Severity.ERROR)
-
-    def warning(
-        self, key: str, code: str, message: str, hint: str | None = None
-    ) -> None:
-        self._add(key, code, message, hint, Severity.WARNING)
-
-    def _add(
-        self, key: str, code: str, message: str, hint: str | None, severity: Severity
-    ) -> None:
-        self.items.append(
-            Diagnostic(self.source, 0, 0, key, code, message, severity, hint)
-        )
-
-    @property
-    def has_errors(self) -> bool:
-        return any(item.severity is Severity.ERROR for item in self.items)
 
 
 def build_graph(
@@ -138,17 +102,17 @@ def build_graph(
     (None when any diagnostic is an error) and every diagnostic found,
     errors and warnings, in config order.
     """
-    found = _Collector(source)
+    found = Collector(source)
     config_dir = _config_dir(source)
     listeners = _build_listeners(config, config_dir, found)
     clusters = _build_clusters(config, config_dir, found)
     if file_check is not None:
         found.items.extend(file_check(listeners, clusters, source))
     routes = [
-        _build_route(config, i, route, found) for i, route in enumerate(config.routes)
+        build_route(config, i, route, found) for i, route in enumerate(config.routes)
     ]
-    _check_route_names(routes, found)
-    _check_shadowed(routes, found)
+    check_route_names(routes, found)
+    check_shadowed(routes, found)
     _check_usage(config, routes, found)
     if found.has_errors:
         return None, found.items
@@ -173,7 +137,7 @@ def _config_dir(source: str) -> str:
 
 
 def _build_listeners(
-    config: Config, config_dir: str, found: _Collector
+    config: Config, config_dir: str, found: Collector
 ) -> dict[str, Listener]:
     if not config.listeners:
         found.error(
@@ -198,7 +162,7 @@ def _build_listeners(
     return listeners
 
 
-def _check_admin_address(config: Config, found: _Collector) -> None:
+def _check_admin_address(config: Config, found: Collector) -> None:
     if config.server.admin is None:
         return
     host, port = parse_host_port(config.server.admin)
@@ -229,7 +193,7 @@ def admin_beyond_loopback(host: str) -> bool:
         return False
 
 
-def _check_addresses(bound: list[tuple[str, str, int]], found: _Collector) -> None:
+def _check_addresses(bound: list[tuple[str, str, int]], found: Collector) -> None:
     for i, (key, host, port) in enumerate(bound):
         for other_key, other_host, other_port in bound[:i]:
             # Port 0 asks the OS for a free port, so two of them never clash.
@@ -260,7 +224,7 @@ def _addresses_overlap(first: str, second: str) -> bool:
     return a == b or a.is_unspecified or b.is_unspecified
 
 
-def _check_trusted_proxies(config: Config, found: _Collector) -> None:
+def _check_trusted_proxies(config: Config, found: Collector) -> None:
     for i, network in enumerate(config.server.trusted_proxies):
         if network.prefixlen == 0:
             found.warning(
@@ -273,7 +237,7 @@ def _check_trusted_proxies(config: Config, found: _Collector) -> None:
 
 
 def _build_clusters(
-    config: Config, config_dir: str, found: _Collector
+    config: Config, config_dir: str, found: Collector
 ) -> dict[str, Cluster]:
     clusters = {}
     for name, cluster_config in config.clusters.items():
@@ -285,7 +249,7 @@ def _build_clusters(
 
 
 def _build_endpoints(
-    name: str, cluster_config: ClusterConfig, found: _Collector
+    name: str, cluster_config: ClusterConfig, found: Collector
 ) -> list[Endpoint]:
     key = format_key_path(("clusters", name, "endpoints"))
     if not cluster_config.endpoints:
@@ -313,7 +277,7 @@ def _build_endpoints(
     return endpoints
 
 
-def _check_cluster(name: str, cluster_config: ClusterConfig, found: _Collector) -> None:
+def _check_cluster(name: str, cluster_config: ClusterConfig, found: Collector) -> None:
     key = format_key_path(("clusters", name))
     balancer = cluster_config.balancer
     if balancer == "consistent_hash" and cluster_config.hash_key is None:
@@ -360,136 +324,7 @@ def _check_cluster(name: str, cluster_config: ClusterConfig, found: _Collector) 
         )
 
 
-def _build_route(
-    config: Config, index: int, route_config: RouteConfig, found: _Collector
-) -> Route:
-    key = f"routes[{index}]"
-    listeners = _route_listeners(config, key, route_config, found)
-    if route_config.cluster is not None and route_config.cluster not in config.clusters:
-        found.error(
-            f"{key}.cluster",
-            "unknown-cluster",
-            f'cluster "{route_config.cluster}" is not defined',
-            _did_you_mean(route_config.cluster, config.clusters),
-        )
-    path_kind, path, pattern = _route_path(key, route_config, found)
-    return Route(
-        name=route_config.name if route_config.name is not None else key,
-        index=index,
-        listeners=listeners,
-        priority=route_config.priority,
-        host=_route_host(key, route_config.host, found),
-        path_kind=path_kind,
-        path=path,
-        path_regex=pattern,
-        methods=frozenset(route_config.methods) if route_config.methods else None,
-        headers=tuple(
-            (name.lower(), value)
-            for name, value in (route_config.headers or {}).items()
-        ),
-        cluster=route_config.cluster,
-        respond=(
-            None
-            if route_config.respond is None
-            else settings_from_config(RespondSettings, route_config.respond)
-        ),
-        strip_prefix=route_config.strip_prefix,
-        timeout=route_config.timeout,
-        retries=route_config.retries,
-        retry_on=frozenset(route_config.retry_on),
-    )
-
-
-def _route_listeners(
-    config: Config, key: str, route_config: RouteConfig, found: _Collector
-) -> frozenset[str]:
-    if route_config.listeners is None:
-        return frozenset(config.listeners)
-    for i, name in enumerate(route_config.listeners):
-        if name not in config.listeners:
-            found.error(
-                f"{key}.listeners[{i}]",
-                "unknown-listener",
-                f'listener "{name}" is not defined',
-                _did_you_mean(name, config.listeners),
-            )
-    return frozenset(
-        name for name in route_config.listeners if name in config.listeners
-    )
-
-
-def _route_host(key: str, host: str | None, found: _Collector) -> str | None:
-    if host is None:
-        return None
-    normal = host.lower().rstrip(".")
-    if normal.startswith("[") and normal.endswith("]"):
-        try:
-            ipaddress.IPv6Address(normal[1:-1])
-        except ValueError:
-            pass
-        else:
-            return normal
-    # fullmatch: $ alone would accept a newline at the end.
-    if not _HOST_RE.fullmatch(normal):
-        found.error(
-            f"{key}.host",
-            "invalid-host",
-            f'invalid host "{host}": expected a name such as "api.example.com" '
-            'or a wildcard such as "*.example.com", without port or path',
-            "leave host unset to match any host",
-        )
-    return normal
-
-
-def _route_path(
-    key: str, route_config: RouteConfig, found: _Collector
-) -> tuple[PathKind, str, re.Pattern[str] | None]:
-    if route_config.path is not None:
-        return "exact", route_config.path, None
-    if route_config.path_prefix is not None:
-        return "prefix", route_config.path_prefix, None
-    if route_config.path_regex is None:
-        return "any", "", None
-    regex = route_config.path_regex
-    try:
-        pattern = compile_path_regex(regex)
-    except ValueError as error:
-        found.error(f"{key}.path_regex", "invalid-regex", str(error))
-        return "regex", regex, None
-    warning = backtracking_warning(regex)
-    if warning is not None:
-        found.warning(f"{key}.path_regex", "regex-backtracking", *warning)
-    return "regex", regex, pattern
-
-
-def _check_route_names(routes: list[Route], found: _Collector) -> None:
-    first_index: dict[str, int] = {}
-    for route in routes:
-        if route.name in first_index:
-            found.error(
-                f"routes[{route.index}].name",
-                "duplicate-route-name",
-                f'route name "{route.name}" is already used by '
-                f"routes[{first_index[route.name]}]",
-                "route names label logs and metrics, so each must be unique",
-            )
-        else:
-            first_index[route.name] = route.index
-
-
-def _check_shadowed(routes: list[Route], found: _Collector) -> None:
-    for shadowed, winner in find_shadowed(routes):
-        found.warning(
-            f"routes[{shadowed.index}]",
-            "shadowed-route",
-            f'route "{shadowed.name}" can never match: route "{winner.name}" '
-            f"(routes[{winner.index}]) matches every request it matches and "
-            f"ranks first because {shadow_reason(winner, shadowed)}",
-            "remove the route, or make it more specific or give it a higher priority",
-        )
-
-
-def _check_usage(config: Config, routes: list[Route], found: _Collector) -> None:
+def _check_usage(config: Config, routes: list[Route], found: Collector) -> None:
     used_clusters = {route.cluster for route in routes}
     for name in config.clusters:
         if name not in used_clusters:
@@ -507,13 +342,3 @@ def _check_usage(config: Config, routes: list[Route], found: _Collector) -> None
                 f"no route applies to listener {name}, so it answers 404 to every "
                 "request",
             )
-
-
-def _did_you_mean(name: str, choices: Iterable[str]) -> str | None:
-    options = sorted(choices)
-    close = difflib.get_close_matches(name, options, n=1)
-    if close:
-        return f'did you mean "{close[0]}"?'
-    if options:
-        return "defined: " + ", ".join(options)
-    return None
