@@ -7,8 +7,10 @@ accepted, counted in /metrics and reported by a rate-limited warning.
 
 from __future__ import annotations
 
+import socket
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from e2e_admin import admin_port, labels, samples
@@ -167,3 +169,52 @@ def test_limit_warning_rate_limited(
         line for line in proxy.stderr_lines if "closing new client connections" in line
     ]
     assert len(warnings) == 1, warnings
+
+
+def start_limited(config: Path, soft: int, hard: int) -> PgproxyProcess:
+    """Start `pgproxy run config` with the given open file limits; wait for ready."""
+    process = PgproxyProcess(config)
+    process.args = [
+        sys.executable,
+        "-c",
+        LIMITED_START,
+        str(soft),
+        str(hard),
+        "run",
+        str(config),
+    ]
+    process.start()
+    process.wait_ready()
+    return process
+
+
+def test_admin_survives_descriptor_exhaustion(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> None:
+    # With 64 descriptors, 70 admin connections run the process out of them
+    # before the admin listener's own limit of 64 connections is reached.
+    directory = tmp_path_factory.mktemp("adminfd")
+    config = write_config(directory, CONFIG.format(a=upstream.address, limit=""))
+    process = start_limited(config, 64, 64)
+    conns: list[socket.socket] = []
+    try:
+        port = admin_port(process)
+        for _ in range(70):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        warning = process.wait_for_stderr("admin listener: accept failed", timeout=10.0)
+        assert warning is not None, process.stderr_text()
+        assert "Too many open files" in warning
+        for conn in conns:
+            conn.close()
+        conns.clear()
+
+        assert process.proc is not None
+        assert process.proc.poll() is None, process.stderr_text()
+        metrics = samples(port)
+        assert REJECTED in metrics
+        with RawConnection(process.port()) as conn:
+            assert is_served(conn)
+    finally:
+        for conn in conns:
+            conn.close()
+        process.stop()
