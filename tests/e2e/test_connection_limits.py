@@ -8,11 +8,13 @@ accepted, counted in /metrics and reported by a rate-limited warning.
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import trustme
 from e2e_admin import admin_port, labels, samples
 from e2e_client import IncompleteResponse, RawConnection, build_request
 from e2e_process import PgproxyFactory, PgproxyProcess, write_config
@@ -218,3 +220,100 @@ def test_admin_survives_descriptor_exhaustion(
         for conn in conns:
             conn.close()
         process.stop()
+
+
+TLS_CONFIG = """
+[server]
+access_log = "off"
+drain_timeout = "1s"
+admin = "127.0.0.1:0"
+workers = {workers}
+
+[listeners.main]
+address = "127.0.0.1:0"
+max_connections = {limit}
+tls = {{ certificate = "{pem}", private_key = "{pem}" }}
+
+[[routes]]
+cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+"""
+
+
+def is_reset(conn: socket.socket) -> bool:
+    """Return True if pgproxy ends `conn` within 5 s, False if it keeps it open."""
+    conn.settimeout(5.0)
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_tls_handshakes_count_against_limit(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # Connections that never start their handshake hold a descriptor each,
+    # so they take the listener's slots like any other connection.
+    authority = trustme.CA()
+    pem = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(pem)
+    )
+    proxy = pgproxy_factory(
+        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=1, limit=2)
+    )
+    port = proxy.port()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            assert is_reset(extra), "a third connection was kept open"
+        warning = proxy.wait_for_stderr("closing new client connections", timeout=5.0)
+        assert warning is not None, proxy.stderr_text()
+        assert "max_connections = 2" in warning
+        assert samples(admin_port(proxy))[REJECTED] == 1
+    finally:
+        for conn in silent:
+            conn.close()
+
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as raw:
+            try:
+                conn = client.wrap_socket(raw, server_hostname="127.0.0.1")
+            except (OSError, ssl.SSLError):
+                continue  # pgproxy has not seen the silent connections close yet
+            with conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert conn.recv(12) == b"HTTP/1.1 200"
+                return
+    raise AssertionError("no TLS connection served in 50 attempts")
+
+
+def test_tls_request_right_after_handshake(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The ClientHello can arrive before the handshake starts, and the request
+    # together with the client's Finished message; neither may be lost.
+    authority = trustme.CA()
+    pem = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(pem)
+    )
+    proxy = pgproxy_factory(
+        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=2, limit=100)
+    )
+    port = proxy.port()
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    for attempt in range(40):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10.0) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+        ):
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert conn.recv(12) == b"HTTP/1.1 200", f"connection {attempt}"
