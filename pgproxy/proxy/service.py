@@ -52,6 +52,8 @@ class ClientConnection(Protocol):
 
     def abort(self) -> None: ...
 
+    def reset(self) -> None: ...
+
 
 class ClusterRuntime:
     """A cluster with its balancer, pools and Host header policy."""
@@ -202,10 +204,15 @@ class ProxyService:
             conn.drain()
 
     def abort_all(self) -> int:
-        """Abort every remaining client connection; return how many there were."""
+        """Reset every remaining client connection; return how many there were.
+
+        A reset, not a FIN, because a connection still open after the drain
+        has response bytes unsent, and an HTTP/1.0 client reading its body
+        until the close would take a FIN for the end of the body.
+        """
         remaining = list(self.connections)
         for conn in remaining:
-            conn.abort()
+            conn.reset()
         return len(remaining)
 
     async def wait_closed(self) -> None:

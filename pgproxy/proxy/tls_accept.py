@@ -164,6 +164,10 @@ class TlsHandshake(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def reset(self) -> None:
+        """Drop the connection at once, as no response has begun."""
+        self.abort()
+
 
 def feed_protocol(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     """Pass `data` to `protocol` as its transport would have.
