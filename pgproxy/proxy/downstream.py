@@ -447,7 +447,7 @@ class DownstreamProtocol(RequestParsing):
             self.watch_deadline(min(later))
 
     def _on_send_deadline(self, unsent_before: int) -> bool:
-        """Extend the send timeout if the client read, else abort and return True."""
+        """Extend the send timeout if the client read, else reset and return True."""
         # As with nginx's send_timeout, the client must take some bytes in
         # each period. The kernel's send queue counts too. Linux grows the
         # send buffer to MiBs and wakes the writer only once much of it is

@@ -207,7 +207,7 @@ class ProxyService:
         """Reset every remaining client connection; return how many there were.
 
         A reset, not a FIN, because a connection still open after the drain
-        has response bytes unsent, and an HTTP/1.0 client reading its body
+        is usually mid-response, and an HTTP/1.0 client reading its body
         until the close would take a FIN for the end of the body.
         """
         remaining = list(self.connections)
