@@ -15,6 +15,7 @@ request.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Hashable
 from typing import Final
@@ -24,6 +25,7 @@ INTERVAL: Final = 1.0
 # Kinds remembered at most. Endpoints and clusters come from the config, but
 # reloads can replace them, so the table is bounded.
 MAX_KINDS: Final = 1024
+_DIGITS: Final = re.compile(r"[0-9]+")
 
 
 class LogThrottle:
@@ -57,6 +59,16 @@ class LogThrottle:
 
 
 _THROTTLE = LogThrottle()
+
+
+def message_kind(message: str) -> str:
+    """Return `message` with each run of digits replaced by "#", as part of a kind.
+
+    Messages that quote the upstream's bytes, such as "status code 731 is
+    outside 100-599", would otherwise make a new kind for each value that a
+    faulty endpoint sends, and a line per request.
+    """
+    return _DIGITS.sub("#", message)
 
 
 def log_failure(

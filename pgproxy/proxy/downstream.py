@@ -17,7 +17,7 @@ Invariants:
 - The send timeout runs only while pgproxy waits for the client to read:
   from pause_writing to resume_writing, and from close() until the
   transport has written its buffer. A client that takes no bytes for
-  send_timeout has its connection aborted and its exchange logged with
+  send_timeout has its connection reset and its exchange logged with
   send_timeout.
 """
 
@@ -447,7 +447,7 @@ class DownstreamProtocol(RequestParsing):
             self.watch_deadline(min(later))
 
     def _on_send_deadline(self, unsent_before: int) -> bool:
-        """Extend the send timeout if the client read, else abort and return True."""
+        """Extend the send timeout if the client read, else reset and return True."""
         # As with nginx's send_timeout, the client must take some bytes in
         # each period. The kernel's send queue counts too. Linux grows the
         # send buffer to MiBs and wakes the writer only once much of it is
@@ -469,7 +469,9 @@ class DownstreamProtocol(RequestParsing):
         self._send_wait = None
         # Taken first so that ending the exchange starts no queued request.
         queue, self._queue = self._queue, []
-        self.abort()
+        # A reset, because bytes of the response are left unsent, and an
+        # HTTP/1.0 client reading to the close would take a FIN for its end.
+        self.reset()
         if queue and self._front_started:
             queue[0].on_send_timeout()
         return True

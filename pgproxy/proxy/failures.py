@@ -18,7 +18,7 @@ import time
 
 from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
 from pgproxy.graph.types import Endpoint
-from pgproxy.observability.throttle import log_failure
+from pgproxy.observability.throttle import log_failure, message_kind
 from pgproxy.proxy.exchange_state import ExchangeState
 from pgproxy.proxy.respond import RETRY_AFTER_SECONDS, error_body, error_response
 from pgproxy.proxy.retry import may_retry_error, may_retry_fresh_connection
@@ -61,7 +61,7 @@ class ExchangeFailures(ExchangeState):
             log_failure(
                 logger,
                 logging.WARNING,
-                ("mid-response", error.endpoint, str(error)),
+                ("mid-response", error.endpoint, message_kind(str(error))),
                 "endpoint %s failed mid-response: %s",
                 error.endpoint,
                 error,
@@ -82,7 +82,7 @@ class ExchangeFailures(ExchangeState):
                 log_failure(
                     logger,
                     logging.INFO,
-                    ("retry", error.endpoint, str(error)),
+                    ("retry", error.endpoint, message_kind(str(error))),
                     "request to endpoint %s failed (%s), retrying on endpoint %s",
                     error.endpoint,
                     error,
@@ -98,7 +98,7 @@ class ExchangeFailures(ExchangeState):
             log_failure(
                 logger,
                 logging.WARNING,
-                ("failed", error.endpoint, str(error)),
+                ("failed", error.endpoint, message_kind(str(error))),
                 "request to endpoint %s failed: %s",
                 error.endpoint,
                 error,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from pgproxy.balancing import Balancer, HashKey, build_balancer
 from pgproxy.graph.paths import AmbiguousPathRule, encode_path
@@ -25,13 +26,33 @@ from pgproxy.proxy.pool import EndpointPool, Pools
 from pgproxy.proxy.respond import FixedResponse
 
 if TYPE_CHECKING:
-    from pgproxy.proxy.downstream import DownstreamProtocol
+    from pgproxy.proxy.exchange import Exchange
 
 logger = logging.getLogger(__name__)
 
 # Seconds between warnings about closed connections, so that a flood of
 # connections cannot flood the log.
 LIMIT_WARNING_INTERVAL: Final = 10.0
+
+
+class ClientConnection(Protocol):
+    """A client connection that counts against the connection limits.
+
+    A DownstreamProtocol, or a TlsHandshake while its TLS handshake runs.
+    """
+
+    listener_name: str
+
+    @property
+    def tunnel(self) -> Exchange | None: ...
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 class ClusterRuntime:
@@ -125,7 +146,7 @@ class ProxyService:
         self.current = RuntimeGraph(graph, self.pools)
         self.health = health
         self.access = access
-        self.connections: set[DownstreamProtocol] = set()
+        self.connections: set[ClientConnection] = set()
         self.open_by_listener: dict[str, int] = {}
         # Client connections this process keeps open at most, within its
         # open file limit (pgproxy.proxy.fdlimit); None for no cap.
@@ -147,21 +168,32 @@ class ProxyService:
         """Make `graph` the one new requests use; in-flight ones keep theirs."""
         self.current = RuntimeGraph(graph, self.pools)
 
-    def protocol_factory(self, listener: Listener) -> Callable[[], DownstreamProtocol]:
-        """Return the protocol factory for `loop.create_server` on one listener."""
+    def protocol_factory(
+        self, listener: Listener, tls: ssl.SSLContext | None = None
+    ) -> Callable[[], asyncio.Protocol]:
+        """Return the protocol factory for `loop.create_server` on one listener.
+
+        With `tls`, the server must be created without `ssl=`: each
+        connection runs its handshake in a TlsHandshake, which counts it
+        against the connection limits from the accept on.
+        """
         from pgproxy.proxy.downstream import DownstreamProtocol
+        from pgproxy.proxy.tls_accept import TlsHandshake
 
         name = listener.name
         # The loop that serves the listener, taken at its first connection.
         loops: list[asyncio.AbstractEventLoop] = []
 
-        def factory() -> DownstreamProtocol:
+        def factory() -> asyncio.Protocol:
             # A reload may change a kept listener's limits; new connections
             # take them from the graph in force.
             current = self.current.graph.listeners.get(name, listener)
             if not loops:
                 loops.append(asyncio.get_running_loop())
-            return DownstreamProtocol(self, current, loops[0])
+            downstream = DownstreamProtocol(self, current, loops[0])
+            if tls is None:
+                return downstream
+            return TlsHandshake(self, downstream, tls)
 
         return factory
 
@@ -172,10 +204,15 @@ class ProxyService:
             conn.drain()
 
     def abort_all(self) -> int:
-        """Abort every remaining client connection; return how many there were."""
+        """Reset every remaining client connection; return how many there were.
+
+        A reset, not a FIN, because a connection still open after the drain
+        is usually mid-response, and an HTTP/1.0 client reading its body
+        until the close would take a FIN for the end of the body.
+        """
         remaining = list(self.connections)
         for conn in remaining:
-            conn.abort()
+            conn.reset()
         return len(remaining)
 
     async def wait_closed(self) -> None:
@@ -185,7 +222,7 @@ class ProxyService:
             self.on_empty = closed.set
             await closed.wait()
 
-    def admit(self, conn: DownstreamProtocol, max_connections: int | None) -> bool:
+    def admit(self, conn: ClientConnection, max_connections: int | None) -> bool:
         """Record a new client connection; return False if it exceeds a limit.
 
         `max_connections` is the listener's own limit. A connection that
@@ -227,7 +264,7 @@ class ProxyService:
         self._warned_at = now
         self.rejected_since_warning = 0
 
-    def forget(self, conn: DownstreamProtocol) -> None:
+    def forget(self, conn: ClientConnection) -> None:
         """Remove a closed client connection; wake `wait_closed` when none is left."""
         if conn in self.connections:
             self.connections.remove(conn)

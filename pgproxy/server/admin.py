@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import socket
@@ -38,6 +39,13 @@ IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 MAX_REQUEST_BYTES = 16 * 1024  # request line, headers and body together
 MAX_CONNECTIONS = 64
 REJECT_LINGER = 1.0  # seconds a rejected connection is read before it closes
+# accept(2) errors that leave the listening socket usable: the process or the
+# system is out of file descriptors or memory for now.
+_ACCEPT_RETRY_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+)
+ACCEPT_RETRY_DELAY = 0.1  # seconds before accepting again after such an error
+ACCEPT_WARNING_INTERVAL = 10.0  # seconds between two warnings about them
 _READ_SIZE = 4096
 # Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,6 +81,7 @@ class AdminServer:
         self._socket: socket.socket | None = None
         self._connections = 0
         self._rejected = 0  # connections rejected since the listener became full
+        self._accept_warned_at: float | None = None
         self.bound_address = address
 
     def __repr__(self) -> str:
@@ -103,8 +112,31 @@ class AdminServer:
             raise RuntimeError("AdminServer.serve() needs bind() and sources")
         listener = await anyio.abc.SocketListener.from_socket(self._socket)
         self._socket = None
-        async with listener:
-            await listener.serve(self._handle)
+        async with listener, anyio.create_task_group() as group:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # anyio's SocketListener.serve (4.16.0) re-raises accept
+                    # errors, so running out of descriptors stopped the process.
+                    if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                        raise
+                    self._warn_accept_failed(exc)
+                    await anyio.sleep(ACCEPT_RETRY_DELAY)
+                    continue
+                group.start_soon(self._handle, stream)
+
+    def _warn_accept_failed(self, exc: OSError) -> None:
+        now = anyio.current_time()
+        last = self._accept_warned_at
+        if last is not None and now - last < ACCEPT_WARNING_INTERVAL:
+            return
+        self._accept_warned_at = now
+        logger.warning(
+            "admin listener: accept failed, retrying every %gs: %s",
+            ACCEPT_RETRY_DELAY,
+            exc,
+        )
 
     async def _handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:

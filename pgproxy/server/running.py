@@ -87,9 +87,9 @@ class ServiceState:
             for listener in listeners:
                 bound = self._bind_or_reuse(listener)
                 server = await loop.create_server(
-                    self.service.protocol_factory(listener),
+                    # TLS runs in the protocol, so handshakes count too.
+                    self.service.protocol_factory(listener, bound.ssl_context),
                     sock=bound.sock,
-                    ssl=bound.ssl_context,
                 )
                 opened.append((listener.name, server, bound.ssl_context))
                 logger.info(

@@ -64,9 +64,9 @@ async def serve(
     servers: dict[str, asyncio.Server] = {}
     for item in bound:
         server = await loop.create_server(
-            service.protocol_factory(item.listener),
+            # TLS runs in the protocol, so handshakes count against the limits.
+            service.protocol_factory(item.listener, item.ssl_context),
             sock=item.sock,
-            ssl=item.ssl_context,
         )
         servers[item.listener.name] = server
         logger.info(

@@ -7,10 +7,14 @@ accepted, counted in /metrics and reported by a rate-limited warning.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import trustme
 from e2e_admin import admin_port, labels, samples
 from e2e_client import IncompleteResponse, RawConnection, build_request
 from e2e_process import PgproxyFactory, PgproxyProcess, write_config
@@ -167,3 +171,149 @@ def test_limit_warning_rate_limited(
         line for line in proxy.stderr_lines if "closing new client connections" in line
     ]
     assert len(warnings) == 1, warnings
+
+
+def start_limited(config: Path, soft: int, hard: int) -> PgproxyProcess:
+    """Start `pgproxy run config` with the given open file limits; wait for ready."""
+    process = PgproxyProcess(config)
+    process.args = [
+        sys.executable,
+        "-c",
+        LIMITED_START,
+        str(soft),
+        str(hard),
+        "run",
+        str(config),
+    ]
+    process.start()
+    process.wait_ready()
+    return process
+
+
+def test_admin_survives_descriptor_exhaustion(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> None:
+    # With 64 descriptors, 70 admin connections run the process out of them
+    # before the admin listener's own limit of 64 connections is reached.
+    directory = tmp_path_factory.mktemp("adminfd")
+    config = write_config(directory, CONFIG.format(a=upstream.address, limit=""))
+    process = start_limited(config, 64, 64)
+    conns: list[socket.socket] = []
+    try:
+        port = admin_port(process)
+        for _ in range(70):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        warning = process.wait_for_stderr("admin listener: accept failed", timeout=10.0)
+        assert warning is not None, process.stderr_text()
+        assert "Too many open files" in warning
+        for conn in conns:
+            conn.close()
+        conns.clear()
+
+        assert process.proc is not None
+        assert process.proc.poll() is None, process.stderr_text()
+        metrics = samples(port)
+        assert REJECTED in metrics
+        with RawConnection(process.port()) as conn:
+            assert is_served(conn)
+    finally:
+        for conn in conns:
+            conn.close()
+        process.stop()
+
+
+TLS_CONFIG = """
+[server]
+access_log = "off"
+drain_timeout = "1s"
+admin = "127.0.0.1:0"
+workers = {workers}
+
+[listeners.main]
+address = "127.0.0.1:0"
+max_connections = {limit}
+tls = {{ certificate = "{pem}", private_key = "{pem}" }}
+
+[[routes]]
+cluster = "a"
+
+[clusters.a]
+endpoints = ["{a}"]
+"""
+
+
+def is_reset(conn: socket.socket) -> bool:
+    """Return True if pgproxy ends `conn` within 5 s, False if it keeps it open."""
+    conn.settimeout(5.0)
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_tls_handshakes_count_against_limit(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # Connections that never start their handshake hold a descriptor each,
+    # so they take the listener's slots like any other connection.
+    authority = trustme.CA()
+    pem = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(pem)
+    )
+    proxy = pgproxy_factory(
+        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=1, limit=2)
+    )
+    port = proxy.port()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            assert is_reset(extra), "a third connection was kept open"
+        warning = proxy.wait_for_stderr("closing new client connections", timeout=5.0)
+        assert warning is not None, proxy.stderr_text()
+        assert "max_connections = 2" in warning
+        assert samples(admin_port(proxy))[REJECTED] == 1
+    finally:
+        for conn in silent:
+            conn.close()
+
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as raw:
+            try:
+                conn = client.wrap_socket(raw, server_hostname="127.0.0.1")
+            except (OSError, ssl.SSLError):
+                continue  # pgproxy has not seen the silent connections close yet
+            with conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert conn.recv(12) == b"HTTP/1.1 200"
+                return
+    raise AssertionError("no TLS connection served in 50 attempts")
+
+
+def test_tls_request_right_after_handshake(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The ClientHello can arrive before the handshake starts, and the request
+    # together with the client's Finished message; neither may be lost.
+    authority = trustme.CA()
+    pem = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(pem)
+    )
+    proxy = pgproxy_factory(
+        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=2, limit=100)
+    )
+    port = proxy.port()
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    for attempt in range(40):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10.0) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+        ):
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert conn.recv(12) == b"HTTP/1.1 200", f"connection {attempt}"

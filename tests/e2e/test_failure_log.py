@@ -12,6 +12,7 @@ import time
 
 from e2e_client import request
 from e2e_process import PgproxyFactory
+from e2e_upstream import ReceivedRequest, UpstreamConnection, UpstreamFactory
 
 CONFIG = """
 [server]
@@ -69,3 +70,26 @@ def test_next_line_counts_left_out(pgproxy_factory: PgproxyFactory) -> None:
     lines = [line for line in proxy.stderr_lines if FAILED in line]
     assert len(lines) == 2, lines
     assert lines[1].endswith(counted)
+
+
+def test_invalid_statuses_share_one_kind(
+    pgproxy_factory: PgproxyFactory, upstream_factory: UpstreamFactory
+) -> None:
+    # A faulty endpoint that sends a different invalid status code each time
+    # must not get a line per request because each code is a new message.
+    upstream = upstream_factory("a")
+    statuses = iter(range(600, 1000))
+
+    def invalid_status(request: ReceivedRequest, conn: UpstreamConnection) -> None:
+        conn.send(b"HTTP/1.1 %d Odd\r\nContent-Length: 2\r\n\r\nok" % next(statuses))
+
+    upstream.handler = invalid_status
+    proxy = pgproxy_factory(CONFIG.format(port=upstream.port))
+    started = time.monotonic()
+    for _ in range(40):
+        assert request(proxy.port()).status == 502
+    elapsed = time.monotonic() - started
+    assert proxy.wait_for_stderr("is outside 100-599", timeout=5.0) is not None
+
+    lines = [line for line in proxy.stderr_lines if FAILED in line]
+    assert 1 <= len(lines) <= math.ceil(elapsed) + 1, lines

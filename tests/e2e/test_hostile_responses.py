@@ -127,8 +127,9 @@ def test_status_outside_range_is_bad_response(proxy: PgproxyProcess, path: str) 
     record = proxy.access_for_path(path)
     assert record["failure"] == "bad_response"
     assert record["status"] == 502
-    status = int(path.removeprefix("/status-"))
-    line = proxy.wait_for_stderr(f"status code {status} is outside 100-599")
+    # Invalid status codes are one kind of failure line, logged once per
+    # second, so the line may name the code of an earlier request.
+    line = proxy.wait_for_stderr("is outside 100-599")
     assert line is not None, proxy.stderr_text()
     assert f"request to endpoint {record['endpoint']} failed" in line
 

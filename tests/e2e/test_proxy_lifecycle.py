@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from e2e_client import RawConnection, Response, build_request, echo_of
 from e2e_process import PgproxyFactory, PgproxyProcess, write_config
-from e2e_upstream import UpstreamFactory, by_path, echo, gated, hang
+from e2e_upstream import UpstreamFactory, by_path, chunked, echo, gated, hang
 
 CONFIG = """
 [server]
@@ -265,3 +265,29 @@ def test_ipv6_listener(
     assert forwarded_for == "::1", (
         f"X-Forwarded-For for an IPv6 client: {forwarded_for!r}"
     )
+
+
+def test_drain_timeout_resets_http10_client(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+    gate: threading.Event,
+) -> None:
+    # The client reads its body until the connection closes, so a FIN at the
+    # end of the drain would make the cut body look complete.
+    upstream = upstream_factory("a")
+    upstream.handler = chunked([b"first piece", b"never sent"], gate=gate)
+    proxy = pgproxy_factory(CONFIG.format(drain="1s", a=upstream.address))
+    with RawConnection(proxy.port(), timeout=20) as conn:
+        conn.send(b"GET /slow HTTP/1.0\r\nHost: a\r\n\r\n")
+        head = conn.read_head()
+        assert head.status == 200, head.describe()
+        proxy.signal(signal.SIGTERM)
+        conn.sock.settimeout(20)
+        ending = "fin"
+        try:
+            while conn.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            ending = "reset"
+    assert proxy.wait_exit(10) == 0, proxy.stderr_text()
+    assert ending == "reset", "a body cut by the drain timeout ended with a FIN"

@@ -83,7 +83,13 @@ def _websocket_pusher(
 @pytest.fixture
 def upstream(upstream_factory: UpstreamFactory) -> Upstream:
     upstream = upstream_factory("a")
-    upstream.handler = by_path({"/big": big_body(BIG), "/ws": _websocket_pusher})
+    upstream.handler = by_path(
+        {
+            "/big": big_body(BIG),
+            "/chunked": big_body(BIG, use_chunked=True),
+            "/ws": _websocket_pusher,
+        }
+    )
     return upstream
 
 
@@ -147,6 +153,32 @@ def test_stuck_client_aborted(proxy: PgproxyProcess, upstream: Upstream) -> None
     assert _timeout_line(proxy, port) is not None, proxy.stderr_text()[-2000:]
     # Mid-response, the upstream connection must be closed, not pooled.
     assert _wait_until(lambda: upstream.open_connections == 0), upstream
+
+
+def _ending(conn: RawConnection) -> str:
+    """Read until the connection ends; return "reset", "fin" or "open"."""
+    conn.sock.settimeout(WAIT_S)
+    try:
+        while conn.sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+    return "fin"
+
+
+def test_stuck_http10_client_reset(proxy: PgproxyProcess) -> None:
+    # An HTTP/1.0 client reads a chunked upstream body until the close, so a
+    # FIN would look like the end of the whole body.
+    with _client(proxy) as conn:
+        conn.send(b"GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n")
+        record = proxy.wait_for_access(
+            lambda r: r.get("path") == "/chunked", timeout=WAIT_S
+        )[-1]
+        ending = _ending(conn)
+    assert record["failure"] == "send_timeout", record
+    assert ending == "reset", "a cut close-delimited body ended with a FIN"
 
 
 def test_slow_reader_gets_whole_response(

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pgproxy.observability.throttle import LogThrottle, log_failure
+from pgproxy.observability.throttle import LogThrottle, log_failure, message_kind
 
 
 class FakeClock:
@@ -62,3 +62,12 @@ def test_log_failure_skips_disabled_level(caplog: pytest.LogCaptureFixture) -> N
         log_failure(logger, logging.WARNING, kind, "failed")
     # The INFO line was not enabled, so it used up no slot of its kind.
     assert [r.getMessage() for r in caplog.records] == ["failed"]
+
+
+def test_message_kind_ignores_numbers() -> None:
+    first = message_kind("invalid response: status code 600 is outside 100-599")
+    second = message_kind("invalid response: status code 731 is outside 100-599")
+    assert first == second
+    assert message_kind("connect failed: connection refused") == (
+        "connect failed: connection refused"
+    )
