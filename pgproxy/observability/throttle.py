@@ -6,10 +6,10 @@ an endpoint or a whole cluster fails every request, one line per request
 floods the log and slows the proxy. With both endpoints of a cluster
 refusing connections, pgproxy served about 3,600 req/s with those lines and
 5,400 with them off. So each kind of failure (what failed, and where) is
-logged at most once per interval, and the next line of that kind says how
-many were left out meanwhile. A kind is usually the endpoint and the
-error's message, which names the cause without numbers that change per
-request.
+logged at most once per interval, and the next line of that kind reports
+how many were left out meanwhile. A kind is usually the endpoint and the
+error's message with its digits masked (`message_kind`).
+NOTE: a kind that stops failing never reports the lines it left out last.
 """
 
 from __future__ import annotations

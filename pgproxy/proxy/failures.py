@@ -195,14 +195,7 @@ class ExchangeFailures(ExchangeState):
 
     def on_client_closed(self) -> None:
         """Stop work for a client that went away (access log: client_closed)."""
-        if self.done:
-            return
-        self.cancel_connect()
-        self.release_upstream(reuse=False)
-        if not self.written:
-            self.status = 499
-        self.failure = self.failure or "client_closed"
-        self.finish()
+        self._end_for_client(self.failure or "client_closed")
 
     def cut_response(self) -> None:
         """Drop the client connection of a response that cannot be completed.
@@ -226,18 +219,22 @@ class ExchangeFailures(ExchangeState):
     def on_send_timeout(self) -> None:
         """End the exchange of a client that stopped reading (send_timeout).
 
-        The upstream connection is closed, not pooled, because it was
-        mid-response. A request that had no response bytes written yet, one
-        pipelined behind the response the client did not read, is logged
-        with 499 like a client that closed.
+        A request that had no response bytes written yet, one pipelined
+        behind the response the client did not read, is logged with 499
+        like a client that closed.
         """
+        self._end_for_client("send_timeout")
+
+    def _end_for_client(self, flag: str) -> None:
+        # The upstream connection is closed, not pooled, because it may be
+        # mid-response.
         if self.done:
             return
         self.cancel_connect()
         self.release_upstream(reuse=False)
         if not self.written:
             self.status = 499
-        self.failure = "send_timeout"
+        self.failure = flag
         self.finish()
 
     def cancel_connect(self) -> None:

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # connection it uses: listening sockets, the admin listener, health probes,
 # log files and worker pipes.
 # NOTE: idle pooled connections come on top, up to max_idle_connections per
-# endpoint, so a process with many endpoints can still run out; its upstream
+# endpoint. A process with many endpoints can still run out, and its upstream
 # connects then fail with 502 (connect_failure).
 RESERVED_DESCRIPTORS = 32
 # The lowest cap, so that a tiny limit still serves a few clients.

@@ -1,20 +1,20 @@
 """The TLS handshake of a client connection, counted against the connection limits.
 
 With `ssl=` passed to `loop.create_server`, connection_made runs only once
-the handshake has finished, so clients that connected and sent nothing held
-a file descriptor each for up to 60 s (the default handshake timeout of
-asyncio and uvloop) that no limit counted. With an open file limit of 64,
-80 such connections made every new connection fail.
+the handshake has finished. Clients that connected and sent nothing then
+held a file descriptor each, uncounted by any limit, for up to 60 s (the
+default handshake timeout of asyncio and uvloop). With an open file limit
+of 64, 80 such connections made every new connection fail.
 TLS listeners therefore accept plain TCP: `TlsHandshake` admits the
 connection under `max_connections` and the process's cap first, then runs
 the handshake with `loop.start_tls` and passes the TLS transport to the
 connection's `DownstreamProtocol`, which takes over its place in the count.
 
 Until that hand-over, bytes can reach this protocol on either side of the
-handshake: uvloop starts reading once connection_made returns, before the
-handshake task runs, and the TLS protocol passes on request bytes that came
-with the client's Finished message before start_tls returns. Both kinds are
-kept here and passed on in order.
+handshake. uvloop starts reading once connection_made returns, before the
+handshake task runs. The TLS protocol also passes on request bytes that
+came with the client's Finished message before start_tls returns. Both
+kinds are kept here and passed on in order.
 """
 
 from __future__ import annotations

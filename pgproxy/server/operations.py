@@ -11,7 +11,7 @@ ends ejections on time.
 
 Draining: `begin_drain` turns /healthz to 503 and logs it, then the runtime
 closes its listeners at once. NOTE: nothing waits between the two, so an
-outer load balancer that polls /healthz can meet refused connections
+outer load balancer that polls /healthz can get refused connections
 before its next poll sees the 503.
 """
 

@@ -253,19 +253,33 @@ def is_reset(conn: socket.socket) -> bool:
         return False
 
 
-def test_tls_handshakes_count_against_limit(
-    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
-) -> None:
-    # Connections that never start their handshake hold a descriptor each,
-    # so they take the listener's slots like any other connection.
+def start_tls_proxy(
+    pgproxy_factory: PgproxyFactory,
+    upstream: Upstream,
+    tmp_path: Path,
+    workers: int,
+    limit: int,
+) -> tuple[PgproxyProcess, ssl.SSLContext]:
+    """Start pgproxy with a TLS listener; return it and a client context trusting it."""
     authority = trustme.CA()
     pem = tmp_path / "server.pem"
     authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
         str(pem)
     )
     proxy = pgproxy_factory(
-        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=1, limit=2)
+        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=workers, limit=limit)
     )
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    return proxy, client
+
+
+def test_tls_handshakes_count_against_limit(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # Connections that never start their handshake hold a descriptor each,
+    # so they take the listener's slots like any other connection.
+    proxy, client = start_tls_proxy(pgproxy_factory, upstream, tmp_path, 1, 2)
     port = proxy.port()
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
@@ -279,8 +293,6 @@ def test_tls_handshakes_count_against_limit(
         for conn in silent:
             conn.close()
 
-    client = ssl.create_default_context()
-    authority.configure_trust(client)
     for _ in range(50):
         with socket.create_connection(("127.0.0.1", port), timeout=5.0) as raw:
             try:
@@ -299,17 +311,8 @@ def test_tls_request_right_after_handshake(
 ) -> None:
     # The ClientHello can arrive before the handshake starts, and the request
     # together with the client's Finished message; neither may be lost.
-    authority = trustme.CA()
-    pem = tmp_path / "server.pem"
-    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        str(pem)
-    )
-    proxy = pgproxy_factory(
-        TLS_CONFIG.format(a=upstream.address, pem=pem, workers=2, limit=100)
-    )
+    proxy, client = start_tls_proxy(pgproxy_factory, upstream, tmp_path, 2, 100)
     port = proxy.port()
-    client = ssl.create_default_context()
-    authority.configure_trust(client)
     for attempt in range(40):
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10.0) as raw,

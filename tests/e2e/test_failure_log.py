@@ -32,7 +32,7 @@ endpoints = ["127.0.0.1:{port}"]
 FAILED = "request to endpoint"
 
 
-def refused_port() -> int:
+def closed_port() -> int:
     """Return a loopback port that nothing listens on (it was just released)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -43,7 +43,7 @@ def refused_port() -> int:
 def test_repeated_failures_logged_once_per_second(
     pgproxy_factory: PgproxyFactory,
 ) -> None:
-    proxy = pgproxy_factory(CONFIG.format(port=refused_port()))
+    proxy = pgproxy_factory(CONFIG.format(port=closed_port()))
     started = time.monotonic()
     for _ in range(40):
         assert request(proxy.port()).status == 502
@@ -57,7 +57,7 @@ def test_repeated_failures_logged_once_per_second(
 
 
 def test_next_line_counts_left_out(pgproxy_factory: PgproxyFactory) -> None:
-    proxy = pgproxy_factory(CONFIG.format(port=refused_port()))
+    proxy = pgproxy_factory(CONFIG.format(port=closed_port()))
     for _ in range(5):
         assert request(proxy.port()).status == 502
     time.sleep(1.2)

@@ -437,7 +437,7 @@ def test_status_retry_for_get(
 def test_status_retry_without_other_endpoint(
     proxy: PgproxyProcess, upstreams: dict[str, Upstream]
 ) -> None:
-    # The cluster's only endpoint answers 503: its response is relayed, not
+    # The cluster's only endpoint returns 503. That response is relayed, not
     # replaced by pgproxy's own 503 for a cluster with no endpoint left.
     start = len(proxy.stderr_lines)
     response = request(proxy.port(), "GET", "/retry-status-sole/x")

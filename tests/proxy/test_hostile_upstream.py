@@ -1,9 +1,9 @@
 """Upstreams that send broken responses, over loopback sockets.
 
 A response that fails after its head reached the client must reach the
-client visibly cut: without the last chunk for a chunked relay, and with a
-TCP reset where the client reads the body until the connection closes
-(HTTP/1.0), because such a client takes a FIN for the end of the body.
+client visibly cut. A chunked relay ends without the last chunk. A client
+that reads the body until the connection closes (HTTP/1.0) gets a TCP
+reset, because it takes a FIN for the end of the body.
 """
 
 from __future__ import annotations
