@@ -71,6 +71,14 @@ class ServerConfig(_Model):
         description="On SIGTERM or reload, the time in-flight requests may take "
         'to finish before they are cancelled; "0s" cancels them at once.',
     )
+    shutdown_delay: DurationSeconds = Field(
+        default=0.0,
+        description="On SIGTERM or SIGINT, the time pgproxy keeps accepting and "
+        "serving after admin /healthz turns 503 and before its listeners close, "
+        "so that an outer load balancer polling /healthz stops sending first. "
+        'The drain follows. "0s" closes the listeners at once; a second signal '
+        "ends the delay and cancels the drain.",
+    )
     admin: str | None = Field(
         default=None,
         description='Address of the admin listener ("host:port") serving '

@@ -28,6 +28,7 @@ class ServerSettings:
 
     workers: int | Literal["auto"]
     drain_timeout: float
+    shutdown_delay: float
     admin: str | None
     access_log: Literal["json", "combined", "off"]
     trusted_proxies: tuple[IPNetwork, ...]

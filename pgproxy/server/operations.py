@@ -9,10 +9,10 @@ supervisor sends reloads and scrapes over the control channel, and with
 outcomes) and decides no ejections (the supervisor sends them), but still
 ends ejections on time.
 
-Draining: `begin_drain` turns /healthz to 503 and logs it, then the runtime
-closes its listeners at once. NOTE: nothing waits between the two, so an
-outer load balancer that polls /healthz can get refused connections
-before its next poll sees the 503.
+Draining: `begin_drain` turns /healthz to 503 and logs it. The runtime
+then serves for `[server] shutdown_delay` more, so that an outer load
+balancer polling /healthz sees the 503 before connections are refused,
+and only then closes its listeners.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Lifecycle, one INFO line per stage: every listener is bound before anything
 is served (a bind failure stops startup with one line), then each listener
 logs `listener "NAME" listening on HOST:PORT` and the process logs
-`pgproxy ready`. On shutdown: stop accepting, drain in-flight requests for
-up to drain_timeout, abort what is left, close idle upstream connections,
-then log `pgproxy stopped`.
+`pgproxy ready`. On shutdown: /healthz turns 503, serving goes on for
+shutdown_delay, then the process stops accepting, drains in-flight requests
+for up to drain_timeout, aborts what is left, closes idle upstream
+connections, and logs `pgproxy stopped`.
 
 anyio structures the process (task group, signals, health probes); the data
 plane runs on asyncio Protocols of the same event loop.
@@ -90,6 +91,9 @@ async def serve(
         await shutdown_trigger()
         if ops is not None:
             ops.begin_drain()
+        await _delay_shutdown(
+            service.current.graph.server.shutdown_delay, force_trigger
+        )
         # Servers as they are now: a reload may have added or closed some.
         await _shutdown(
             service,
@@ -115,6 +119,19 @@ async def _run_health(graph: Graph, health: HealthTable, stop: anyio.Event) -> N
     from pgproxy.health.active import run_active_checks
 
     await run_active_checks(graph, health, stop=stop)
+
+
+async def _delay_shutdown(delay: float, force_trigger: ShutdownTrigger | None) -> None:
+    """Keep serving for `delay` seconds, or until the force trigger returns."""
+    if delay <= 0:
+        return
+    logger.info("closing the listeners in %gs (shutdown_delay)", delay)
+    with anyio.move_on_after(delay):
+        if force_trigger is None:
+            await anyio.sleep_forever()
+        else:
+            await force_trigger()
+            logger.info("shutdown_delay cut short by a second signal")
 
 
 async def _shutdown(

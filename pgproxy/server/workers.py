@@ -18,7 +18,8 @@ Invariants:
   traffic, and every ejection and its end go to every worker.
 - SIGTERM or SIGINT: /healthz turns 503, the supervisor closes its copies of
   the listening sockets, forwards SIGTERM to every worker, waits for them
-  (each drains within `drain_timeout`), and exits 0. A second SIGTERM or
+  (each serves for `shutdown_delay`, then drains within `drain_timeout`),
+  and exits 0. A second SIGTERM or
   SIGINT cuts the drain short, because every worker then gets SIGINT as its
   second shutdown signal. It is SIGINT and not another SIGTERM because a
   standard signal does not queue, so two SIGTERMs sent close together can
@@ -274,7 +275,8 @@ class Supervisor(SupervisorReload, SupervisorMetrics):
         """Stop every worker gracefully, then kill what is left."""
         self.draining = True
         self.stopping = True
-        timeout = self.loaded.graph.server.drain_timeout
+        server = self.loaded.graph.server
+        timeout = server.shutdown_delay + server.drain_timeout
         logger.info("draining: admin /healthz returns 503 from now on")
         logger.info("draining %d workers (up to %gs)", self.count, timeout)
         self.close_sockets()
