@@ -5,6 +5,7 @@
     └── ProxyError           one request failed; carries status, side and retry safety
         ├── DownstreamError  the client sent something we reject (4xx)
         ├── UpstreamError    an endpoint failed (502 / 504)
+        │   └── EndpointBusyError  the endpoint is at max_connections (503)
         └── NoEndpointError  no endpoint of the cluster may be tried (503)
 
 Third-party exceptions (socket, ssl, httpcore, pydantic, tomllib) are
@@ -109,6 +110,21 @@ class UpstreamError(ProxyError):
         # the response: most likely the upstream's keep-alive timeout raced
         # the request, not a fault of the endpoint.
         self.pooled_before_response = pooled_before_response
+
+
+class EndpointBusyError(UpstreamError):
+    """No connection to the endpoint became free within the wait's limit.
+
+    The endpoint is not at fault (pgproxy's own `max_connections` is), so
+    this is no failure for outlier detection, and no byte of the request
+    was sent.
+    """
+
+    status = 503
+    flag = "upstream_overflow"
+
+    def __init__(self, message: str, *, endpoint: str) -> None:
+        super().__init__(message, endpoint=endpoint, bytes_sent=False)
 
 
 class NoEndpointError(ProxyError):

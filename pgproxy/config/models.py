@@ -416,6 +416,16 @@ class ClusterConfig(_Model):
     max_idle_connections: int = Field(
         default=32, ge=0, le=10_000, description="Idle pooled connections per endpoint."
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Max connections to each endpoint, in each process, that "
+        "are carrying a request or opening; idle pooled connections do not "
+        "count. A request that finds every available endpoint at its limit "
+        "waits, first come first served, for up to connect_timeout, then gets "
+        "503 with the flag upstream_overflow. No limit when unset.",
+    )
     max_response_header_bytes: HeaderSizeBytes = Field(
         default=64 * 1024,
         description="Max size of an upstream response head, counted from the first "

@@ -137,6 +137,7 @@ class ClusterSettings:
     response_header_timeout: float
     pool_idle_timeout: float
     max_idle_connections: int
+    max_connections: int | None
     max_response_header_bytes: int
     tls_ca_file: str | None
     host_header: str

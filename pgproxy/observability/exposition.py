@@ -138,10 +138,17 @@ def endpoint_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Upstream connections per endpoint, idle in the pool or active.",
         labels=[*_ENDPOINT_LABELS, "state"],
     )
+    waiting = GaugeMetricFamily(
+        "pgproxy_pool_waiting_requests",
+        "Requests waiting for a connection to the endpoint because it is at "
+        "its cluster's max_connections.",
+        labels=_ENDPOINT_LABELS,
+    )
     for (cluster, endpoint), reading in sorted(snapshot.endpoints.items()):
         healthy.add_metric([cluster, endpoint], reading.healthy)
         pool.add_metric([cluster, endpoint, "idle"], reading.idle)
         pool.add_metric([cluster, endpoint, "active"], reading.active)
+        waiting.add_metric([cluster, endpoint], reading.waiting)
     ejections = CounterMetricFamily(
         "pgproxy_endpoint_ejections",
         "Passive ejections of an endpoint after failures of real traffic.",
@@ -156,7 +163,7 @@ def endpoint_families(snapshot: Snapshot) -> Iterator[Metric]:
     )
     for failure_key, count in sorted(snapshot.upstream_failures.items()):
         failures.add_metric(list(failure_key), count)
-    yield from (healthy, pool, ejections, failures)
+    yield from (healthy, pool, waiting, ejections, failures)
 
 
 def server_families(server: ServerState) -> Iterator[Metric]:

@@ -131,6 +131,8 @@ class EndpointReading:
     healthy: float
     idle: int
     active: int
+    # Requests waiting for a connection slot under max_connections.
+    waiting: int = 0
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Snapshot:
             "upstream_failures": [[*k, v] for k, v in self.upstream_failures.items()],
             "ejections": [[*k, v] for k, v in self.ejections.items()],
             "endpoints": [
-                [r.cluster, r.endpoint, r.healthy, r.idle, r.active]
+                [r.cluster, r.endpoint, r.healthy, r.idle, r.active, r.waiting]
                 for r in self.endpoints.values()
             ],
             "processes": self.processes,
@@ -192,8 +194,10 @@ class Snapshot:
             snapshot.upstream_failures[(cluster, endpoint, failure)] = int(count)
         for cluster, endpoint, count in data["ejections"]:
             snapshot.ejections[(cluster, endpoint)] = int(count)
-        for cluster, endpoint, healthy, idle, active in data["endpoints"]:
-            reading = EndpointReading(cluster, endpoint, float(healthy), idle, active)
+        for cluster, endpoint, healthy, idle, active, waiting in data["endpoints"]:
+            reading = EndpointReading(
+                cluster, endpoint, float(healthy), idle, active, waiting
+            )
             snapshot.endpoints[(cluster, endpoint)] = reading
         return snapshot
 
@@ -317,6 +321,7 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
             sum(values) / len(values),
             reading.idle,
             reading.active,
+            reading.waiting,
         )
     return merged
 
@@ -330,13 +335,16 @@ def _add_endpoints(
     for key, reading in part.endpoints.items():
         health.setdefault(key, []).extend([reading.healthy] * part.processes)
         old = total.get(key)
-        idle, active = (old.idle, old.active) if old else (0, 0)
+        idle, active, waiting = (
+            (old.idle, old.active, old.waiting) if old else (0, 0, 0)
+        )
         total[key] = EndpointReading(
             reading.cluster,
             reading.endpoint,
             0.0,
             idle + reading.idle,
             active + reading.active,
+            waiting + reading.waiting,
         )
 
 

@@ -124,7 +124,12 @@ class Exchange(ResponseRelay):
         )
 
     def pick(self) -> Endpoint | None:
-        """Return the next endpoint to try: untried and available, in balancer order."""
+        """Return the next endpoint to try: untried and available, in balancer order.
+
+        With max_connections, an endpoint at its limit is passed over while
+        another is free. When none is, the first one passed over is
+        returned, and try_endpoint waits for one of its connections.
+        """
         cluster = self.cluster
         assert cluster is not None and self.candidates is not None
         health = self.downstream.service.health
@@ -132,10 +137,32 @@ class Exchange(ResponseRelay):
             cluster.settings.when_all_unhealthy == "route_to_all"
             and health.all_unavailable(cluster.name)
         )
+        limited = cluster.limited
         for endpoint in self.candidates:
             if ignore_health or health.is_available(endpoint):
+                if limited and cluster.pools[endpoint.address].full():
+                    if self.deferred is None:
+                        self.deferred = []
+                    self.deferred.append(endpoint)
+                    continue
                 return endpoint
+        if self.deferred:
+            return self._pick_deferred(ignore_health)
         return None
+
+    def _pick_deferred(self, ignore_health: bool) -> Endpoint | None:
+        """Return the first passed-over endpoint that is free, else the first one."""
+        assert self.cluster is not None and self.deferred is not None
+        health = self.downstream.service.health
+        deferred = self.deferred = [
+            endpoint
+            for endpoint in self.deferred
+            if ignore_health or health.is_available(endpoint)
+        ]
+        for i, endpoint in enumerate(deferred):
+            if not self.cluster.pools[endpoint.address].full():
+                return deferred.pop(i)
+        return deferred.pop(0) if deferred else None
 
     def next_attempt(self) -> None:
         """Try the next endpoint: a pooled connection at once, or connect."""
@@ -155,11 +182,37 @@ class Exchange(ResponseRelay):
         self.attempts += 1
         pool = self.cluster.pools[endpoint.address]
         self.pool = pool
+        if self.cluster.limited and pool.full():
+            task = self.connect_when_free(pool)
+            self.connect_task = self.downstream.loop.create_task(task)
+            return
         conn = pool.acquire()
         if conn is not None:
             self.attach(conn)
             return
         self.connect_task = self.downstream.loop.create_task(self.connect(pool))
+
+    async def connect_when_free(self, pool: EndpointPool) -> None:
+        """Wait for a connection slot of the endpoint, then forward on it.
+
+        The wait is bounded by connect_timeout, and so is the connect after it.
+        """
+        assert self.cluster is not None
+        try:
+            await pool.wait_for_slot(self.cluster.settings.connect_timeout)
+        except UpstreamError as error:
+            self.connect_task = None
+            if not self.done:
+                self.on_upstream_failed(error)
+            return
+        # The reserved slot is taken below, before anything else runs.
+        pool.end_reservation()
+        conn = pool.acquire()
+        if conn is None:
+            await self.connect(pool)
+            return
+        self.connect_task = None
+        self.attach(conn)
 
     async def connect(self, pool: EndpointPool) -> None:
         """Open a new connection to the picked endpoint, then forward on it."""

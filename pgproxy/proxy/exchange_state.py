@@ -44,6 +44,7 @@ class ExchangeState:
         "cluster",
         "connect_task",
         "deadline",
+        "deferred",
         "done",
         "downstream",
         "early_data",
@@ -68,7 +69,6 @@ class ExchangeState:
         "stale_retried",
         "started",
         "status",
-        "tried",
         "tunnel",
         "upstream",
         "upstream_head",
@@ -107,7 +107,9 @@ class ExchangeState:
         self.route: Route | None = None
         self.cluster: ClusterRuntime | None = None
         self.candidates: Iterator[Endpoint] | None = None
-        self.tried = 0
+        # Endpoints that pick() passed over because they were at their
+        # max_connections, in preference order.
+        self.deferred: list[Endpoint] | None = None
         self.endpoint: Endpoint | None = None
         self.pool: EndpointPool | None = None
         self.upstream: UpstreamConnection | None = None
@@ -153,6 +155,9 @@ class ExchangeState:
         raise NotImplementedError
 
     async def connect(self, pool: EndpointPool) -> None:
+        raise NotImplementedError
+
+    async def connect_when_free(self, pool: EndpointPool) -> None:
         raise NotImplementedError
 
     def finish(self) -> None:

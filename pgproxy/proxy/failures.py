@@ -16,7 +16,12 @@ from __future__ import annotations
 import logging
 import time
 
-from pgproxy.errors import NoEndpointError, ProxyError, UpstreamError
+from pgproxy.errors import (
+    EndpointBusyError,
+    NoEndpointError,
+    ProxyError,
+    UpstreamError,
+)
 from pgproxy.graph.types import Endpoint
 from pgproxy.observability.throttle import log_failure, message_kind
 from pgproxy.proxy.exchange_state import ExchangeState
@@ -52,7 +57,10 @@ class ExchangeFailures(ExchangeState):
                 self.connect(self.pool)
             )
             return
-        if self.endpoint is not None:
+        if isinstance(error, EndpointBusyError):
+            # pgproxy's own limit, not the endpoint's fault: metrics only.
+            self.record_overflow(error)
+        elif self.endpoint is not None:
             self.record_failure(self.endpoint, error.flag, error.flag)
         self.release_upstream(reuse=False)
         self.last_error = error
@@ -242,6 +250,14 @@ class ExchangeFailures(ExchangeState):
         task, self.connect_task = self.connect_task, None
         if task is not None:
             task.cancel()
+
+    def record_overflow(self, error: EndpointBusyError) -> None:
+        """Count a request that found no free connection to its endpoint."""
+        metrics = self.downstream.service.metrics
+        if metrics is not None and self.endpoint is not None:
+            metrics.record_upstream_failure(
+                self.endpoint.cluster, self.endpoint.address, error.flag
+            )
 
     def record_failure(self, endpoint: Endpoint, reason: str, flag: str) -> None:
         """Report a failed attempt to the health table and the metrics."""

@@ -13,6 +13,10 @@ Invariants:
 - Connect, DNS and TLS handshake errors become an UpstreamError with
   `bytes_sent=False`, which tells the retry policy that no byte of the
   request reached the upstream.
+- With `max_active` set, connections in use, opening, or reserved for a
+  woken waiter never exceed it. Waiters are served first come, first
+  served: while one waits, a new request waits behind it, and each slot
+  that frees up is reserved for the oldest waiter before its task runs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from pgproxy.errors import UpstreamError
+from pgproxy.errors import EndpointBusyError, UpstreamError
 from pgproxy.graph.types import Endpoint
 from pgproxy.proxy.response_head import FieldLayout
 from pgproxy.proxy.upstream import MAX_RESPONSE_HEAD, UpstreamConnection
@@ -35,8 +39,10 @@ logger = logging.getLogger(__name__)
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, most recently used on top.
 
-    `active` counts connections handed out and not yet returned or closed.
-    Expiry runs from one timer per pool, armed only while connections idle.
+    `active` counts connections handed out and not yet returned or closed,
+    `opening` connections being opened. `max_active` (0: no limit) caps
+    their sum, and `wait_for_slot` waits for room under it. Expiry runs
+    from one timer per pool, armed only while connections idle.
     """
 
     def __init__(
@@ -50,7 +56,13 @@ class EndpointPool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.active = 0
+        self.opening = 0
         self.opened = 0
+        self.max_active = 0
+        # Slots held for woken waiters whose tasks have not run yet.
+        self._reserved = 0
+        # A list, not a deque: compiled code tests a list's truth inline.
+        self._waiters: list[asyncio.Future[None]] = []
         self.max_response_head = MAX_RESPONSE_HEAD
         # Field names of the endpoint's last response head (response_head.py).
         self.layout = FieldLayout()
@@ -76,6 +88,62 @@ class EndpointPool:
     def idle(self) -> int:
         """Number of idle connections."""
         return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Number of requests waiting for a connection slot."""
+        return len(self._waiters)
+
+    def full(self) -> bool:
+        """Return whether a new request must wait for a connection slot."""
+        if not self.max_active:
+            return False
+        used = self.active + self.opening + self._reserved
+        return used >= self.max_active or bool(self._waiters)
+
+    async def wait_for_slot(self, timeout: float) -> None:
+        """Wait until a connection slot is reserved for the caller.
+
+        The caller then takes the slot in the same step, with `acquire` or
+        `connect`, after `end_reservation`. Raises EndpointBusyError when no
+        slot frees up within `timeout` seconds.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Woken and then cancelled or timed out: pass the slot on.
+                self.end_reservation()
+                self.wake()
+            else:
+                waiter.cancel()
+                self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise EndpointBusyError(
+                    f"no connection to {self.endpoint.address} became free within "
+                    f"{timeout:g}s (max_connections = {self.max_active})",
+                    endpoint=self.endpoint.address,
+                ) from None
+            raise
+
+    def end_reservation(self) -> None:
+        """Give up the slot reserved for a woken waiter (taken or passed on)."""
+        self._reserved -= 1
+
+    def wake(self) -> None:
+        """Reserve free slots for the oldest waiters and wake them."""
+        waiters = self._waiters
+        while waiters:
+            limit = self.max_active
+            if limit and self.active + self.opening + self._reserved >= limit:
+                return
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(None)
 
     def acquire(self) -> UpstreamConnection | None:
         """Pop the newest usable idle connection, closing stale ones on the way."""
@@ -106,6 +174,8 @@ class EndpointPool:
         conn.exchange = None
         if conn.closed or not conn.keep_alive or len(self._idle) >= self.max_idle:
             conn.close()
+            if self._waiters:
+                self.wake()
             return
         # A connection paused for a slow client must read again while idle, to
         # see the upstream's EOF and to read the next response.
@@ -118,6 +188,8 @@ class EndpointPool:
             self._timer = loop.call_at(
                 conn.idle_since + self.idle_timeout, self._expire
             )
+        if self._waiters:
+            self.wake()
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a connection that closed while idle."""
@@ -129,6 +201,8 @@ class EndpointPool:
     def forget_active(self) -> None:
         """Count down a connection handed out that will not come back."""
         self.active -= 1
+        if self._waiters:
+            self.wake()
 
     def close_idle(self) -> None:
         """Close every idle connection (shutdown, or endpoint removed)."""
@@ -157,9 +231,14 @@ class EndpointPool:
         connect_failure, or 504 with flag connect_timeout.
         """
         endpoint = self.endpoint
+        self.opening += 1
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._open()
+            # Counted as active before it stops counting as opening, so
+            # that the wake below does not hand its slot to a waiter.
+            self.active += 1
+            self.opened += 1
         except TimeoutError:
             raise UpstreamError(
                 f"connect to {endpoint.address} timed out after {timeout:g}s",
@@ -178,8 +257,10 @@ class EndpointPool:
                 retryable=True,
                 bytes_sent=False,
             ) from None
-        self.opened += 1
-        self.active += 1
+        finally:
+            self.opening -= 1
+            if self._waiters:
+                self.wake()
         return conn
 
     async def _open(self) -> UpstreamConnection:
@@ -266,6 +347,9 @@ class Pools:
         closed = pool.idle
         pool.max_idle = 0
         pool.close_idle()
+        # Waiters go ahead as requests already sent to the endpoint do.
+        pool.max_active = 0
+        pool.wake()
         return closed
 
     def all(self) -> list[EndpointPool]:

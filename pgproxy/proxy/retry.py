@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pgproxy.errors import UpstreamError
+from pgproxy.errors import EndpointBusyError, UpstreamError
 from pgproxy.graph.types import Route
 
 IDEMPOTENT_METHODS: Final = frozenset(
@@ -27,6 +27,10 @@ def may_retry_error(
 ) -> bool:
     """Return whether a failed attempt (no response yet) may be retried."""
     if attempts > route.retries or not replayable:
+        return False
+    if isinstance(error, EndpointBusyError):
+        # Every endpoint was at its limit when this one was picked, and the
+        # wait for it already took connect_timeout.
         return False
     if not error.bytes_sent:
         return "connect-failure" in route.retry_on

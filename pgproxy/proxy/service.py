@@ -64,6 +64,7 @@ class ClusterRuntime:
         "hash_key",
         "host_literal",
         "hosts",
+        "limited",
         "name",
         "pools",
         "settings",
@@ -82,6 +83,8 @@ class ClusterRuntime:
             self.hash_key = HashKey(spec)
         self.pools: dict[str, EndpointPool] = {}
         self.hosts: dict[str, bytes] = {}
+        # Whether pick() must look at each endpoint's connection count.
+        self.limited = self.settings.max_connections is not None
         for endpoint in cluster.endpoints:
             pool = pools.get(
                 endpoint,
@@ -92,6 +95,9 @@ class ClusterRuntime:
             pool.max_idle = self.settings.max_idle_connections
             pool.max_response_head = self.settings.max_response_header_bytes
             pool.tls_ca_file = self.settings.tls_ca_file
+            pool.max_active = self.settings.max_connections or 0
+            if pool.waiting:
+                pool.wake()  # the limit may have been raised or removed
             self.pools[endpoint.address] = pool
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             self.hosts[endpoint.address] = f"{host}:{endpoint.port}".encode("idna")

@@ -203,6 +203,7 @@ class ServiceState:
                     1.0 if health.is_available(endpoint) else 0.0,
                     pool.idle,
                     pool.active,
+                    pool.waiting,
                 )
 
 

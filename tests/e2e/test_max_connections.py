@@ -1,0 +1,139 @@
+"""End-to-end tests of `[clusters.NAME] max_connections`.
+
+A request that finds its endpoint at the limit waits for a connection to
+come free, up to connect_timeout, then gets 503 with the flag
+upstream_overflow. The endpoint is not blamed: no health failure, no
+ejection. The upstream never accepts more connections than the limit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from e2e_admin import admin_port, labels, samples, status_json
+from e2e_process import PgproxyFactory
+from e2e_upstream import UpstreamFactory, by_path, fixed, gated
+from test_proxy_lifecycle import BackgroundRequest
+
+CONFIG = """
+[server]
+admin = "127.0.0.1:0"
+drain_timeout = "1s"
+
+[listeners.main]
+address = "127.0.0.1:0"
+
+[[routes]]
+path_prefix = "/"
+cluster = "api"
+
+[clusters.api]
+endpoints = ["{api}"]
+max_connections = 1
+connect_timeout = "{wait}"
+
+[clusters.api.outlier_detection]
+consecutive_failures = 1
+"""
+
+WAITING = "pgproxy_pool_waiting_requests"
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def wait_for_waiting(admin: int, endpoint: str, count: int) -> float:
+    """Poll /metrics (bounded) until `count` requests wait; return the last value."""
+    key = (WAITING, labels(cluster="api", endpoint=endpoint))
+    value = -1.0
+    for _ in range(100):
+        value = samples(admin).get(key, -1.0)
+        if value == count:
+            break
+        time.sleep(0.05)
+    return value
+
+
+def test_second_request_waits_for_the_connection(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+    gate: threading.Event,
+) -> None:
+    api = upstream_factory("api")
+    api.handler = by_path(
+        {"/slow": gated(gate, fixed(200, b"slow"))}, fixed(200, b"ok")
+    )
+    proxy = pgproxy_factory(CONFIG.format(api=api.address, wait="20s"))
+    admin, port = admin_port(proxy), proxy.port("main")
+
+    slow = BackgroundRequest(port, "/slow")
+    slow.start()
+    api.wait_for_requests(1)
+    queued = BackgroundRequest(port, "/queued")
+    queued.start()
+    waiting = wait_for_waiting(admin, api.address, 1)
+    connections_while_waiting = api.open_connections
+    gate.set()
+    slow.join(20)
+    queued.join(20)
+
+    assert waiting == 1
+    assert connections_while_waiting == 1
+    assert slow.response is not None and slow.response.status == 200
+    assert queued.response is not None and queued.response.status == 200
+    assert queued.response.body == b"ok"
+    assert api.connections_accepted == 1
+    assert wait_for_waiting(admin, api.address, 0) == 0
+
+
+def test_wait_ends_with_503_overflow(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+    gate: threading.Event,
+) -> None:
+    api = upstream_factory("api")
+    api.handler = by_path(
+        {"/slow": gated(gate, fixed(200, b"slow"))}, fixed(200, b"ok")
+    )
+    proxy = pgproxy_factory(CONFIG.format(api=api.address, wait="200ms"))
+    admin, port = admin_port(proxy), proxy.port("main")
+
+    slow = BackgroundRequest(port, "/slow")
+    slow.start()
+    api.wait_for_requests(1)
+    overflows = [BackgroundRequest(port, f"/overflow/{i}") for i in range(3)]
+    for request in overflows:
+        request.start()
+        request.join(20)
+    gate.set()
+    slow.join(20)
+    after = BackgroundRequest(port, "/after")
+    after.start()
+    after.join(20)
+
+    for request in overflows:
+        assert request.response is not None
+        assert request.response.status == 503
+        assert request.response.header("retry-after") is not None
+        assert b"upstream_overflow" in request.response.body
+    assert slow.response is not None and slow.response.status == 200
+    # Three overflows with consecutive_failures = 1 eject nothing.
+    assert after.response is not None and after.response.status == 200
+    assert status_json(admin)["clusters"]["api"][api.address]["status"] == "healthy"
+    failures = samples(admin).get(
+        (
+            "pgproxy_upstream_failures_total",
+            labels(cluster="api", endpoint=api.address, failure="upstream_overflow"),
+        )
+    )
+    assert failures == 3
+    flags = [record.get("failure") for record in proxy.access_records()]
+    assert flags.count("upstream_overflow") == 3
+    assert len(api.requests_to("/overflow")) == 0
