@@ -31,6 +31,7 @@ COMPILED_MODULES = (
     "pgproxy.proxy.framing",
     "pgproxy.proxy.response_head",
     "pgproxy.proxy.headers",
+    "pgproxy.proxy.header_rules",
     "pgproxy.proxy.pool",
     "pgproxy.proxy.upstream",
     "pgproxy.proxy.retry",

@@ -10,7 +10,7 @@ cluster) are checked later, when the graph is built.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -28,6 +28,7 @@ from pgproxy.config.fields import (
 from pgproxy.config.fields import parse_host_port as parse_host_port
 from pgproxy.config.fields import parse_status_ranges as parse_status_ranges
 from pgproxy.config.fields import split_endpoint_address as split_endpoint_address
+from pgproxy.config.sourcemap import format_key_path
 from pgproxy.config.units import (
     DurationSeconds,
     HeaderSizeBytes,
@@ -198,6 +199,55 @@ class RespondConfig(_Model):
         return self
 
 
+class HeaderRulesConfig(_Model):
+    """Changes to the header fields of a proxied request or response."""
+
+    set: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict,
+        description="Fields to send in place of every received field of the same "
+        "name (names match in any case).",
+    )
+    add: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict,
+        description="Fields to send after the received ones, which are kept.",
+    )
+    remove: list[HeaderName] = Field(
+        default_factory=list,
+        description="Names of received fields to drop (names match in any case).",
+    )
+
+    def named(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Return (key path, field name) for every name the rules contain."""
+        return [
+            *((("set", name), name) for name in self.set),
+            *((("add", name), name) for name in self.add),
+            *((("remove", i), name) for i, name in enumerate(self.remove)),
+        ]
+
+
+# Fields that pgproxy writes itself from the framing, the connection and its
+# own policies. A rule changing them would break the framing, or make them
+# contradict what pgproxy did.
+_OWN_FIELDS: Final = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "via",
+    }
+)
+_OWN_REQUEST_FIELDS: Final = _OWN_FIELDS | {
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+}
+
 RetryCondition = Literal["connect-failure", "reset-before-response", 502, 503, 504]
 
 
@@ -253,6 +303,18 @@ class RouteConfig(_Model):
     retries: int = Field(
         default=1, ge=0, le=10, description="Extra attempts, each on another endpoint."
     )
+    request_headers: HeaderRulesConfig | None = Field(
+        default=None,
+        description="Changes to the request header fields sent upstream. Host, "
+        "Via, X-Forwarded-For/Proto/Host and the framing and hop-by-hop fields "
+        "are pgproxy's own and cannot be changed.",
+    )
+    response_headers: HeaderRulesConfig | None = Field(
+        default=None,
+        description="Changes to the header fields of upstream responses sent to "
+        "the client; pgproxy's own error responses are left as they are. Via "
+        "and the framing and hop-by-hop fields cannot be changed.",
+    )
     retry_on: list[RetryCondition] = Field(
         default_factory=lambda: list[RetryCondition](["connect-failure"]),
         description='When to retry: "connect-failure", "reset-before-response", '
@@ -296,7 +358,47 @@ class RouteConfig(_Model):
                 "strip_prefix = true needs path_prefix",
                 {"key": "strip_prefix"},
             )
+        self._check_header_rules("request_headers", _OWN_REQUEST_FIELDS)
+        self._check_header_rules("response_headers", _OWN_FIELDS)
         return self
+
+    def _check_header_rules(self, key: str, own_fields: frozenset[str]) -> None:
+        rules: HeaderRulesConfig | None = getattr(self, key)
+        if rules is None:
+            return
+        if self.respond is not None:
+            raise PydanticCustomError(
+                "conflicting-keys",
+                "{key} applies to proxied requests only: put the headers of a "
+                "fixed response in respond.headers",
+                {"key": key},
+            )
+        removed = {name.lower() for name in rules.remove}
+        for path, name in rules.named():
+            lower = name.lower()
+            if lower in own_fields:
+                hint = (
+                    " (the cluster's host_header chooses the Host sent upstream)"
+                    if lower == "host"
+                    else ""
+                )
+                raise PydanticCustomError(
+                    "invalid-value",
+                    'pgproxy writes the "{name}" field itself, so a rule cannot '
+                    "change it{hint}",
+                    {"key": format_key_path((key, *path)), "name": name, "hint": hint},
+                )
+            if lower in removed and path[0] != "remove":
+                raise PydanticCustomError(
+                    "conflicting-keys",
+                    '"{name}" is both removed and sent: drop it from remove or '
+                    "from {part}",
+                    {
+                        "key": format_key_path((key, *path)),
+                        "name": name,
+                        "part": path[0],
+                    },
+                )
 
 
 class EndpointConfig(_Model):

@@ -26,7 +26,13 @@ from pydantic_core import ErrorDetails
 
 from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.config.models import Config
-from pgproxy.config.sourcemap import KeyPart, KeyPath, SourceMap, format_key_path
+from pgproxy.config.sourcemap import (
+    KeyPart,
+    KeyPath,
+    SourceMap,
+    format_key_path,
+    parse_key_path,
+)
 from pgproxy.config.units import SHAPE_ERROR
 
 # Errors that mean "the value has another shape than this branch expects",
@@ -163,7 +169,8 @@ def _translate(
     ctx = details.get("ctx") or {}
     path = where.path
     if kind in _CUSTOM_CODES and isinstance(ctx.get("key"), str):
-        path = (*path, ctx["key"])
+        # A display path such as `set."X-Id"` names a key inside the model.
+        path = (*path, *parse_key_path(ctx["key"]))
     key = format_key_path(path)
     code, message, hint = _describe(details, where)
     if code in ("invalid-type", "invalid-value") and not where.dict_key:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pgproxy.config.models import Config, RouteConfig
+from pgproxy.config.models import Config, HeaderRulesConfig, RouteConfig
 from pgproxy.graph.collector import Collector, did_you_mean
 from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
-from pgproxy.graph.settings import RespondSettings, settings_from_config
+from pgproxy.graph.settings import (
+    HeaderRulesSettings,
+    RespondSettings,
+    settings_from_config,
+)
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import PathKind, Route
 
@@ -59,7 +63,15 @@ def build_route(
         timeout=route_config.timeout,
         retries=route_config.retries,
         retry_on=frozenset(route_config.retry_on),
+        request_headers=_header_rules(route_config.request_headers),
+        response_headers=_header_rules(route_config.response_headers),
     )
+
+
+def _header_rules(rules: HeaderRulesConfig | None) -> HeaderRulesSettings | None:
+    if rules is None or not (rules.set or rules.add or rules.remove):
+        return None
+    return settings_from_config(HeaderRulesSettings, rules)
 
 
 def _route_listeners(

@@ -81,6 +81,18 @@ class RespondSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderRulesSettings:
+    """A route's changes to the header fields of a request or a response."""
+
+    set: tuple[tuple[str, str], ...]
+    add: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheckSettings:
     """An active health check of a cluster's endpoints."""
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 from pgproxy.config.diagnostics import Diagnostic
 from pgproxy.graph.settings import (
     ClusterSettings,
+    HeaderRulesSettings,
     ListenerSettings,
     RespondSettings,
     ServerSettings,
@@ -98,6 +99,8 @@ class Route:
     timeout: float
     retries: int
     retry_on: frozenset[str | int]
+    request_headers: HeaderRulesSettings | None = None
+    response_headers: HeaderRulesSettings | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return reduce_dataclass(self)

@@ -278,7 +278,7 @@ class Exchange(ResponseRelay):
         prefix = self.runtime.strip.get(self.route.index)
         if prefix is not None:
             target = strip_routed_prefix(target, prefix)
-        return build_request_head(
+        head = build_request_head(
             self.method,
             target,
             self.headers,
@@ -287,6 +287,11 @@ class Exchange(ResponseRelay):
             self.downstream.forwarding,
             self.header_names,
         )
+        if self.runtime.request_rules:
+            rules = self.runtime.request_rules.get(self.route.index)
+            if rules is not None:
+                head = rules.apply(head)
+        return head
 
     def on_request_body(self, chunk: bytes) -> None:
         """Forward a body chunk from the client, or hold it until connected."""

@@ -93,6 +93,8 @@ class ResponseRelay(ExchangeFailures):
             client_http10=self.http10,
             names=names,
         )
+        if self.runtime.response_rules:
+            head = self.apply_response_rules(head)
         if status == 101:
             self.start_tunnel(head)
             return
@@ -115,6 +117,14 @@ class ResponseRelay(ExchangeFailures):
             keep_alive=keep_alive,
             client_http10=self.http10,
         )
+        if self.runtime.response_rules:
+            self.pending = self.apply_response_rules(self.pending)
+
+    def apply_response_rules(self, head: bytes) -> bytes:
+        """Apply the route's response_headers rules to a head for the client."""
+        assert self.route is not None
+        rules = self.runtime.response_rules.get(self.route.index)
+        return head if rules is None else rules.apply(head)
 
     def accept_response(self, status: int, info: ResponseInfo) -> bool:
         """Record the endpoint's outcome; return False if the exchange retries."""

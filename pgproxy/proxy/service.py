@@ -22,6 +22,7 @@ from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
 from pgproxy.observability.metrics import ListenerMetrics, Metrics
 from pgproxy.proxy.fdlimit import RESERVED_DESCRIPTORS, connection_cap, open_file_limit
+from pgproxy.proxy.header_rules import HeaderRules
 from pgproxy.proxy.pool import EndpointPool, Pools
 from pgproxy.proxy.respond import FixedResponse
 
@@ -121,7 +122,15 @@ class RuntimeGraph:
         }
         self.fixed: dict[int, FixedResponse] = {}
         self.strip: dict[int, bytes] = {}
+        # Header rules by route index; empty when no route has any, which
+        # is all the request path checks then.
+        self.request_rules: dict[int, HeaderRules] = {}
+        self.response_rules: dict[int, HeaderRules] = {}
         for route in graph.routes:
+            if route.request_headers is not None:
+                self.request_rules[route.index] = HeaderRules(route.request_headers)
+            if route.response_headers is not None:
+                self.response_rules[route.index] = HeaderRules(route.response_headers)
             if route.respond is not None:
                 self.fixed[route.index] = FixedResponse(route.respond)
             if route.strip_prefix and route.path_kind == "prefix":
