@@ -38,8 +38,10 @@ from pgproxy.errors import ConfigError
 from pgproxy.graph.load import load_graph
 from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
+from pgproxy.graph.settings import RedirectSettings
 from pgproxy.graph.types import Graph, Route
 from pgproxy.proxy.framing import TOKEN_RE, FramingError, check_field, check_target
+from pgproxy.proxy.respond import Redirect
 
 EXIT_MATCH = 0
 EXIT_NO_MATCH = 1
@@ -325,6 +327,20 @@ def _verdict_line(verdict: RouteVerdict, is_winner: bool) -> Text:
     return line
 
 
+def _describe_redirect(settings: RedirectSettings, request: ExplainRequest) -> str:
+    """Return the redirect line, with the Location a plain-HTTP listener sends."""
+    # `request.host` is the Host value, port included, as the proxy reads it.
+    host = (request.host or "").encode("utf-8")
+    target = request.path + (f"?{request.query}" if request.query else "")
+    location = Redirect(settings).location(b"http", host, target.encode("utf-8"))
+    if location is None:
+        return f"redirect: {settings.status}, but the request has no Host (400)"
+    text = f"redirect: {settings.status} to {location.decode('utf-8')}"
+    if settings.scheme is None:
+        text += " (https on a TLS listener)"
+    return text
+
+
 def _print_target(
     console: Console, graph: Graph, route: Route, request: ExplainRequest
 ) -> None:
@@ -333,6 +349,9 @@ def _print_target(
             f"response: {route.respond.status} sent by pgproxy itself (no upstream)",
             style="bold green",
         )
+        return
+    if route.redirect is not None:
+        console.print(_describe_redirect(route.redirect, request), style="bold green")
         return
     assert route.cluster is not None
     cluster = graph.clusters[route.cluster]

@@ -10,6 +10,7 @@ cluster) are checked later, when the graph is built.
 
 from __future__ import annotations
 
+import re
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -199,6 +200,85 @@ class RespondConfig(_Model):
         return self
 
 
+class RedirectConfig(_Model):
+    """A redirect sent by pgproxy itself: the request's URL with parts replaced."""
+
+    status: Literal[301, 302, 303, 307, 308] = Field(
+        default=301,
+        description="Redirect status: 301 or 308 moved for good, 302, 303 or 307 "
+        "for now; 307 and 308 keep the method and body.",
+    )
+    scheme: Literal["http", "https"] | None = Field(
+        default=None,
+        description="Scheme of the Location; default the request's (https on a "
+        "TLS listener).",
+    )
+    host: str | None = Field(
+        default=None,
+        description="Host of the Location, without a port; default the host "
+        "of the request's Host header.",
+    )
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the Location. Default: the request's port when "
+        "scheme and host stay the same, otherwise none (the scheme's default). "
+        "80 with http and 443 with https are left out.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="Path of the Location in place of the request's; the query "
+        "is kept unless strip_query is set.",
+    )
+    strip_query: bool = Field(
+        default=False, description="Leave the request's query out of the Location."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not _REDIRECT_HOST_RE.fullmatch(value):
+            raise ValueError(
+                f'invalid redirect host "{value}": use a DNS name or an IP '
+                'address ("[::1]" for IPv6), without a port'
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not _REDIRECT_PATH_RE.fullmatch(value):
+            raise ValueError(
+                f'invalid redirect path "{value}": it must start with "/" and '
+                "contain only URL path characters (percent-encode the others)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> RedirectConfig:
+        if self.scheme is None and self.host is None and self.port is None:
+            if self.path is None:
+                raise PydanticCustomError(
+                    "missing-key",
+                    "a redirect to the request's own URL would loop: set "
+                    "scheme, host, port or path",
+                    {"key": "scheme"},
+                )
+        return self
+
+
+# RFC 3986: a reg-name of letters, digits, "-" and ".", or an IP literal.
+_REDIRECT_HOST_RE: Final = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\]"
+)
+# RFC 3986 path-absolute: pchar and "/", with percent-encoded octets.
+_REDIRECT_PATH_RE: Final = re.compile(
+    r"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*"
+)
+
+
 class HeaderRulesConfig(_Model):
     """Changes to the header fields of a proxied request or response."""
 
@@ -289,6 +369,10 @@ class RouteConfig(_Model):
         "exactly these values (names case-insensitive).",
     )
     cluster: str | None = Field(default=None, description="Cluster to proxy to.")
+    redirect: RedirectConfig | None = Field(
+        default=None,
+        description="Redirect sent by pgproxy itself, instead of a cluster.",
+    )
     respond: RespondConfig | None = Field(
         default=None, description="Fixed response instead of a cluster."
     )
@@ -333,16 +417,21 @@ class RouteConfig(_Model):
     def _one_target_one_path(self) -> RouteConfig:
         # The error types double as diagnostic codes, and "key" in the context
         # names the key the problem is reported on.
-        if self.cluster is not None and self.respond is not None:
+        targets = [
+            k
+            for k in ("cluster", "respond", "redirect")
+            if getattr(self, k) is not None
+        ]
+        if len(targets) > 1:
             raise PydanticCustomError(
                 "conflicting-keys",
-                'set either "cluster" or "respond", not both',
-                {"key": "respond"},
+                'set one of "cluster", "respond" and "redirect", not {keys}',
+                {"key": targets[1], "keys": " and ".join(targets)},
             )
-        if self.cluster is None and self.respond is None:
+        if not targets:
             raise PydanticCustomError(
                 "missing-key",
-                'a route needs a target: set "cluster" or "respond"',
+                'a route needs a target: set "cluster", "respond" or "redirect"',
                 {"key": "cluster"},
             )
         paths = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k)]
@@ -366,11 +455,12 @@ class RouteConfig(_Model):
         rules: HeaderRulesConfig | None = getattr(self, key)
         if rules is None:
             return
-        if self.respond is not None:
+        if self.cluster is None:
             raise PydanticCustomError(
                 "conflicting-keys",
-                "{key} applies to proxied requests only: put the headers of a "
-                "fixed response in respond.headers",
+                "{key} applies to proxied requests only, and this route "
+                "answers itself (respond.headers sets the fields of a fixed "
+                "response)",
                 {"key": key},
             )
         removed = {name.lower() for name in rules.remove}

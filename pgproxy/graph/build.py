@@ -28,6 +28,9 @@ Diagnostic codes (the problem is on the indented line under each code):
         path_regex does not compile as a Python regular expression
     regex-backtracking                 warning   routes[N].path_regex
         path_regex may take exponential time to match, as "(a+)+" does
+    redirect-loop                      warning   routes[N].redirect
+        the redirect only sets the scheme that every listener of the route
+        already has, so the Location is the request's own URL
     shadowed-route                     warning   routes[N]
         the route can never match, because a route ranked before it matches
         every request it matches

@@ -9,11 +9,17 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pgproxy.config.models import Config, HeaderRulesConfig, RouteConfig
+from pgproxy.config.models import (
+    Config,
+    HeaderRulesConfig,
+    RedirectConfig,
+    RouteConfig,
+)
 from pgproxy.graph.collector import Collector, did_you_mean
 from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
 from pgproxy.graph.settings import (
     HeaderRulesSettings,
+    RedirectSettings,
     RespondSettings,
     settings_from_config,
 )
@@ -39,6 +45,8 @@ def build_route(
             did_you_mean(route_config.cluster, config.clusters),
         )
     path_kind, path, pattern = _route_path(key, route_config, found)
+    if route_config.redirect is not None:
+        _check_redirect_loop(config, key, route_config.redirect, listeners, found)
     return Route(
         name=route_config.name if route_config.name is not None else key,
         index=index,
@@ -65,7 +73,35 @@ def build_route(
         retry_on=frozenset(route_config.retry_on),
         request_headers=_header_rules(route_config.request_headers),
         response_headers=_header_rules(route_config.response_headers),
+        redirect=(
+            None
+            if route_config.redirect is None
+            else settings_from_config(RedirectSettings, route_config.redirect)
+        ),
     )
+
+
+def _check_redirect_loop(
+    config: Config,
+    key: str,
+    redirect: RedirectConfig,
+    listeners: frozenset[str],
+    found: Collector,
+) -> None:
+    if redirect.host is not None or redirect.port is not None or redirect.path:
+        return
+    schemes = {
+        "https" if config.listeners[name].tls is not None else "http"
+        for name in listeners
+    }
+    if schemes == {redirect.scheme}:
+        found.warning(
+            f"{key}.redirect",
+            "redirect-loop",
+            f"every listener of this route already serves {redirect.scheme}, so "
+            "the redirect sends clients to the URL they requested",
+            "set host, port or path, or limit the route to the other listeners",
+        )
 
 
 def _header_rules(rules: HeaderRulesConfig | None) -> HeaderRulesSettings | None:

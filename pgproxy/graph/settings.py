@@ -81,6 +81,21 @@ class RespondSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedirectSettings:
+    """A redirect that pgproxy sends itself; None keeps the request's part."""
+
+    status: int
+    scheme: str | None
+    host: str | None
+    port: int | None
+    path: str | None
+    strip_query: bool
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_dataclass(self)
+
+
+@dataclass(frozen=True, slots=True)
 class HeaderRulesSettings:
     """A route's changes to the header fields of a request or a response."""
 

@@ -22,6 +22,7 @@ from pgproxy.graph.settings import (
     ClusterSettings,
     HeaderRulesSettings,
     ListenerSettings,
+    RedirectSettings,
     RespondSettings,
     ServerSettings,
     reduce_dataclass,
@@ -101,6 +102,7 @@ class Route:
     retry_on: frozenset[str | int]
     request_headers: HeaderRulesSettings | None = None
     response_headers: HeaderRulesSettings | None = None
+    redirect: RedirectSettings | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return reduce_dataclass(self)

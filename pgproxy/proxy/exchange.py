@@ -30,6 +30,7 @@ from pgproxy.observability.access import AccessRecord
 from pgproxy.proxy.headers import HeaderMap, build_request_head, strip_routed_prefix
 from pgproxy.proxy.pool import EndpointPool
 from pgproxy.proxy.relay import LAST_CHUNK, ResponseRelay
+from pgproxy.proxy.respond import Redirect
 from pgproxy.proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class Exchange(ResponseRelay):
             )
             self.finish()
             return
+        if self.runtime.redirects:
+            redirect = self.runtime.redirects.get(route.index)
+            if redirect is not None:
+                self.send_redirect(redirect)
+                return
         assert route.cluster is not None
         cluster = self.runtime.clusters[route.cluster]
         self.cluster = cluster
@@ -103,6 +109,23 @@ class Exchange(ResponseRelay):
         self.candidates = cluster.balancer.candidates(key)
         self.set_deadline(self.downstream.clock() + route.timeout)
         self.next_attempt()
+
+    def send_redirect(self, redirect: Redirect) -> None:
+        """Answer with the route's redirect, or 400 when the host is unknown."""
+        info = self.info
+        location = redirect.location(
+            self.downstream.forwarding.proto, info.host_raw, info.target
+        )
+        if location is None:
+            self.respond_error(400, "a redirect needs the request's Host header")
+            return
+        self.status = redirect.status
+        self.written = True
+        self.bytes_out = 0
+        close = not self.request_complete or not self.client_keep_alive
+        self.client_keep_alive = not close
+        self.downstream.write(redirect.render(location, close=close))
+        self.finish()
 
     def reject_path(self, rule: AmbiguousPathRule, path: str) -> None:
         """Respond 400 to a path with a spelling that the listener rejects."""

@@ -1,4 +1,4 @@
-"""Responses the proxy writes itself: error replies and fixed `respond` routes.
+"""Responses the proxy writes itself: error replies, `respond` and `redirect` routes.
 
 Every error reply has a short text/plain body naming the problem, and
 `Connection: close` when the proxy closes the connection after it, so the
@@ -8,12 +8,15 @@ client never waits on a connection that is going away.
 from __future__ import annotations
 
 import http
+from typing import Final
 
-from pgproxy.graph.settings import RespondSettings
+from pgproxy.graph.settings import RedirectSettings, RespondSettings
 from pgproxy.proxy.framing import NO_BODY_STATUSES
 
 # Seconds a client is asked to wait after a 503 because no endpoint can serve.
 RETRY_AFTER_SECONDS = 5
+# Ports a Location leaves out, because they are its scheme's default.
+_DEFAULT_PORTS: Final = {b"http": b"80", b"https": b"443"}
 
 
 def reason_phrase(status: int) -> bytes:
@@ -84,3 +87,73 @@ class FixedResponse:
         if head_only:
             return self.head + connection
         return self.head + connection + self.body
+
+
+class Redirect:
+    """A `redirect` route's reply; only its Location is built per request.
+
+    The Location is the request's URL with the configured parts replaced.
+    The request's port stays only while its scheme and host do, and a
+    port that is the scheme's default is left out. The host and target come
+    from a request head that passed the framing checks, so neither contains
+    CR, LF or a space.
+    """
+
+    __slots__ = ("head", "host", "path", "port", "scheme", "status", "strip_query")
+
+    def __init__(self, settings: RedirectSettings) -> None:
+        self.status = settings.status
+        self.head = b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nLocation: " % (
+            settings.status,
+            reason_phrase(settings.status),
+        )
+        self.scheme = settings.scheme.encode("ascii") if settings.scheme else b""
+        self.host = settings.host.lower().encode("ascii") if settings.host else b""
+        self.port = b"%d" % settings.port if settings.port else b""
+        self.path = settings.path.encode("ascii") if settings.path else b""
+        self.strip_query = settings.strip_query
+
+    def __repr__(self) -> str:
+        return f"<Redirect {self.status} {self.scheme!r} {self.host!r}>"
+
+    def location(self, proto: bytes, host_raw: bytes, target: bytes) -> bytes | None:
+        """Return the Location for a request, or None if its host is unknown.
+
+        `proto` is the request's scheme, `host_raw` its Host value (or the
+        authority of an absolute-form target), `target` its origin-form
+        target.
+        """
+        scheme = self.scheme or proto
+        host, port = self.host, self.port
+        if not host:
+            if not host_raw:
+                return None
+            host, request_port = _split_host(host_raw)
+            if not port and scheme == proto:
+                port = request_port
+        if port == _DEFAULT_PORTS.get(scheme):
+            port = b""
+        path, mark, query = (
+            (b"/", b"", b"") if target == b"*" else target.partition(b"?")
+        )
+        if self.path:
+            path = self.path
+        if self.strip_query:
+            mark = query = b""
+        authority = host + b":" + port if port else host
+        return scheme + b"://" + authority + path + mark + query
+
+    def render(self, location: bytes, *, close: bool) -> bytes:
+        """Return the bytes to write for one request; the body is empty."""
+        connection = b"\r\nConnection: close\r\n\r\n" if close else b"\r\n\r\n"
+        return self.head + location + connection
+
+
+def _split_host(raw: bytes) -> tuple[bytes, bytes]:
+    """Split a Host value into its lower-case host and its port (maybe empty)."""
+    if raw.startswith(b"["):
+        end = raw.find(b"]") + 1
+        host, rest = raw[:end], raw[end:]
+        return host.lower(), rest[1:] if rest.startswith(b":") else b""
+    host, _, port = raw.partition(b":")
+    return host.lower(), port

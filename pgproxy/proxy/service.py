@@ -24,7 +24,7 @@ from pgproxy.observability.metrics import ListenerMetrics, Metrics
 from pgproxy.proxy.fdlimit import RESERVED_DESCRIPTORS, connection_cap, open_file_limit
 from pgproxy.proxy.header_rules import HeaderRules
 from pgproxy.proxy.pool import EndpointPool, Pools
-from pgproxy.proxy.respond import FixedResponse
+from pgproxy.proxy.respond import FixedResponse, Redirect
 
 if TYPE_CHECKING:
     from pgproxy.proxy.exchange import Exchange
@@ -126,7 +126,10 @@ class RuntimeGraph:
         # is all the request path checks then.
         self.request_rules: dict[int, HeaderRules] = {}
         self.response_rules: dict[int, HeaderRules] = {}
+        self.redirects: dict[int, Redirect] = {}
         for route in graph.routes:
+            if route.redirect is not None:
+                self.redirects[route.index] = Redirect(route.redirect)
             if route.request_headers is not None:
                 self.request_rules[route.index] = HeaderRules(route.request_headers)
             if route.response_headers is not None:

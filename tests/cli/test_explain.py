@@ -299,3 +299,16 @@ def test_parse_request_forms() -> None:
     assert origin.host == "files.example.com"
     assert origin.port is None
     assert origin.headers == {"host": "files.example.com"}
+
+
+def test_redirect_route_shows_location(tmp_path: Path) -> None:
+    path = tmp_path / "redirect.toml"
+    path.write_text(
+        '[listeners.web]\naddress = "127.0.0.1:8080"\n\n'
+        '[[routes]]\nredirect = { path = "/new", status = 308 }\n'
+    )
+
+    result = _explain(str(path), "GET http://site.test:8080/old?q=1")
+
+    assert result.exit_code == 0, result.output
+    assert "redirect: 308 to http://site.test:8080/new?q=1" in result.output

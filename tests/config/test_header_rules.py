@@ -116,3 +116,13 @@ def test_invalid_value_is_rejected() -> None:
 
     assert error.key == "routes[0].response_headers.add.X-A"
     assert "control characters" in error.message
+
+
+def test_rules_on_a_redirect_route_are_rejected() -> None:
+    text = HEAD.replace('cluster = "api"', 'redirect = { scheme = "https" }')
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text + 'request_headers = { remove = ["x-a"] }\n', "t")
+
+    [error] = caught.value.diagnostics
+    assert error.key == "routes[0].request_headers"

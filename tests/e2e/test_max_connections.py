@@ -134,6 +134,8 @@ def test_wait_ends_with_503_overflow(
         )
     )
     assert failures == 3
-    flags = [record.get("failure") for record in proxy.access_records()]
-    assert flags.count("upstream_overflow") == 3
+    overflowed = proxy.wait_for_access(
+        lambda record: record.get("failure") == "upstream_overflow", count=3
+    )
+    assert len(overflowed) == 3
     assert len(api.requests_to("/overflow")) == 0
