@@ -4,13 +4,17 @@ Every other setting is in pyproject.toml. The modules listed in
 pgproxy/compiled.py run once or more per proxied request. mypyc turns their
 typed Python into C extension modules, which cuts the instructions pgproxy
 runs per request by more than half (see docs/architecture.md, "The compiled
-request path"). The .py files stay the source of truth:
+request path"). One more extension module, the response head reader, is
+written in C (pgproxy/proxy/_response_head.c), and is built the same way.
+The .py files stay the source of truth:
 
 - `PGPROXY_COMPILE=0` at install time skips compiling.
 - A failed compile (no compiler, no Python headers) only warns, and the
-  package installs as pure Python.
+  package installs as pure Python. A failed build of the C reader alone
+  leaves the compiled modules with the Python reader.
 - At run time, `PGPROXY_PURE=1`, or a .py file that differs from the one
-  compiled, makes pgproxy import the .py files instead (pgproxy/compiled.py).
+  compiled, makes pgproxy import the .py files instead, and a .c file that
+  differs from the one built turns the C reader off (pgproxy/compiled.py).
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import os
 import sys
 import tempfile
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pgproxy.compiled import (
     BUILD_OPTIONS,
+    C_MODULE,
     COMPILED_MODULES,
     GROUP_NAME,
     record_sources,
@@ -33,14 +38,21 @@ from pgproxy.compiled import (
 
 
 def compiled_extensions() -> list[object]:
-    """Return mypyc's extension modules, or none when compiling is off."""
+    """Return the C reader and mypyc's extension modules, or none when off."""
     if os.environ.get("PGPROXY_COMPILE", "1") == "0":
         return []
+    record_sources()
+    # optional: setuptools then warns about a failed compile instead of failing.
+    reader = Extension(C_MODULE, [C_MODULE.replace(".", "/") + ".c"], optional=True)
+    return [reader, *mypyc_extensions()]
+
+
+def mypyc_extensions() -> list[object]:
+    """Return mypyc's extension modules, or none when mypyc fails."""
     paths = [name.replace(".", "/") + ".py" for name in COMPILED_MODULES]
     try:
         from mypyc.build import mypycify
 
-        record_sources()
         extensions = mypycify(
             [*BUILD_OPTIONS, *paths], opt_level="3", group_name=GROUP_NAME
         )

@@ -14,6 +14,13 @@ hook that loads every compiled module from its .py file instead when:
   others are built (the compiled classes derive from each other, so the set
   is used whole or not at all).
 
+One more extension module is written in C by hand: C_MODULE, the response
+head reader (pgproxy/proxy/_response_head.c). It runs only with the compiled
+modules, and pgproxy/proxy/response_head.py imports it when `C_HEAD_READER`
+is true. The compiled modules run with the Python reader instead when the C
+module is not built, or when its .c file differs from the one it was built
+from (also recorded in SOURCES_RECORD).
+
 `REQUEST_PATH` then names the code that runs, for the start-up log.
 """
 
@@ -61,6 +68,8 @@ COMPILED_MODULES = (
     "pgproxy.health.state",
     "pgproxy.observability.metrics",
 )
+# The response head reader in C, built from its .c file next to it.
+C_MODULE = "pgproxy.proxy._response_head"
 GROUP_NAME = "pgproxy._native"
 # The shared library that mypyc builds for the group: the code of every
 # compiled module is in it, and each module's own extension only loads it.
@@ -70,13 +79,18 @@ LIBRARY = GROUP_NAME + "__mypyc"
 # it types httptools and rich as Any, whatever the target environment holds.
 BUILD_OPTIONS = ("--no-site-packages", "--ignore-missing-imports")
 PURE_ENV = "PGPROXY_PURE"
-# Next to this file: {module name: SHA-256 of the .py file it was compiled from}.
+# Next to this file: {module name: SHA-256 of the .py or .c file it was built from}.
 SOURCES_RECORD = "_native_sources.json"
 
-# "compiled", "python", or "python (REASON)" once choose_modules() has run.
+# "compiled", "compiled, response head reader in Python (REASON)", "python",
+# or "python (REASON)" once choose_modules() has run.
 REQUEST_PATH = "python"
 # Set when compiled modules exist but are not used for a reason to warn about.
 STALE_REASON: str | None = None
+# Whether response_head.py imports C_MODULE, set by choose_modules().
+C_HEAD_READER = False
+# Set when C_MODULE is built but not used for a reason to warn about.
+C_STALE_REASON: str | None = None
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +98,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def source_path(name: str, root: str = _ROOT) -> str:
     """Return the .py file of module `name` under `root`."""
     return os.path.join(root, *name.split(".")) + ".py"
+
+
+def c_source_path(name: str, root: str = _ROOT) -> str:
+    """Return the .c file of C extension module `name` under `root`."""
+    return os.path.join(root, *name.split(".")) + ".c"
 
 
 def built_path(name: str, root: str = _ROOT) -> str | None:
@@ -103,11 +122,20 @@ def source_digest(path: str) -> str:
         return hashlib.sha256(file.read()).hexdigest()
 
 
-def record_sources(names: Sequence[str] = COMPILED_MODULES, root: str = _ROOT) -> None:
-    """Write the digest of each module's source next to this file (setup.py)."""
+def record_sources(
+    names: Sequence[str] = COMPILED_MODULES,
+    root: str = _ROOT,
+    c_module: str | None = C_MODULE,
+) -> None:
+    """Write the digest of each module's source next to this file (setup.py).
+
+    `c_module`, unless None, is a C extension module whose .c file is recorded.
+    """
     import json
 
     digests = {name: source_digest(source_path(name, root)) for name in names}
+    if c_module is not None:
+        digests[c_module] = source_digest(c_source_path(c_module, root))
     record = os.path.join(root, "pgproxy", SOURCES_RECORD)
     with open(record, "w", encoding="utf-8") as file:
         json.dump(digests, file, indent=1, sort_keys=True)
@@ -125,23 +153,49 @@ def stale_reason(
     missing = [name for name in (*names, library) if built_path(name, root) is None]
     if missing:
         return f"{missing[0]} is not compiled while others are"
+    digests = _read_record(root)
+    if digests is None:
+        return f"pgproxy/{SOURCES_RECORD} is missing or unreadable"
+    for name in names:
+        reason = _changed_source(source_path(name, root), digests.get(name))
+        if reason is not None:
+            return reason
+    return None
+
+
+def c_stale_reason(name: str = C_MODULE, root: str = _ROOT) -> str | None:
+    """Return why the built C module `name` must not be used, or None if it may be.
+
+    The caller checks that it is built.
+    """
+    digests = _read_record(root)
+    if digests is None:
+        return f"pgproxy/{SOURCES_RECORD} is missing or unreadable"
+    return _changed_source(c_source_path(name, root), digests.get(name))
+
+
+def _read_record(root: str) -> dict[str, str] | None:
+    """Return the digests in SOURCES_RECORD under `root`, or None if unreadable."""
     import json
 
     try:
         with open(
             os.path.join(root, "pgproxy", SOURCES_RECORD), encoding="utf-8"
         ) as file:
-            digests = json.load(file)
+            digests: dict[str, str] = json.load(file)
     except (OSError, ValueError):
-        return f"pgproxy/{SOURCES_RECORD} is missing or unreadable"
-    for name in names:
-        source = source_path(name, root)
-        try:
-            digest = source_digest(source)
-        except OSError:
-            continue  # installed without its source: only the build can run
-        if digests.get(name) != digest:
-            return f"{source} changed after it was compiled"
+        return None
+    return digests
+
+
+def _changed_source(source: str, recorded: str | None) -> str | None:
+    """Return why `source` differs from the `recorded` digest, or None."""
+    try:
+        digest = source_digest(source)
+    except OSError:
+        return None  # installed without its source: only the build can run
+    if recorded != digest:
+        return f"{source} changed after it was compiled"
     return None
 
 
@@ -169,7 +223,7 @@ class _SourceFinder:
 
 def choose_modules() -> None:
     """Decide once whether the compiled modules or their source are imported."""
-    global REQUEST_PATH, STALE_REASON
+    global REQUEST_PATH, STALE_REASON, C_HEAD_READER, C_STALE_REASON
     if any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
         return
     if os.environ.get(PURE_ENV) == "1":
@@ -187,4 +241,12 @@ def choose_modules() -> None:
         REQUEST_PATH = f"python ({STALE_REASON})"
         sys.meta_path.insert(0, _SourceFinder())
         return
+    if built_path(C_MODULE) is None:
+        reason: str | None = f"{C_MODULE} is not built"
+    else:
+        reason = C_STALE_REASON = c_stale_reason()
+    if reason is not None:
+        REQUEST_PATH = f"compiled, response head reader in Python ({reason})"
+        return
+    C_HEAD_READER = True
     REQUEST_PATH = "compiled"

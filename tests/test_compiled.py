@@ -1,7 +1,8 @@
 """Tests of the choice between the compiled request path and its source.
 
-The suite runs against the compiled modules, because an install with a C
-compiler serves with them. `PGPROXY_PURE=1` runs it against the .py files.
+The suite runs against the compiled modules and the C response head reader,
+because an install with a C compiler serves with them. `PGPROXY_PURE=1` runs
+it against the .py files and the Python reader.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pgproxy import compiled
 PACKAGE = Path(pgproxy.__file__).resolve().parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 NAMES = ("pgproxy.alpha", "pgproxy.beta")
+C_NAME = "pgproxy.gamma"
 
 
 def _tree(root: Path, built: tuple[str, ...]) -> None:
@@ -30,7 +32,17 @@ def _tree(root: Path, built: tuple[str, ...]) -> None:
         (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"")
     if built:
         (root / (compiled.LIBRARY.replace(".", "/") + SUFFIX)).write_bytes(b"")
-    compiled.record_sources(NAMES, str(root))
+    compiled.record_sources(NAMES, str(root), c_module=None)
+
+
+def _c_tree(root: Path) -> Path:
+    """Write the C source of C_NAME, an extension for it, and the record."""
+    (root / "pgproxy").mkdir()
+    source = root / "pgproxy" / "gamma.c"
+    source.write_text("/* gamma */\n")
+    (root / ("pgproxy/gamma" + SUFFIX)).write_bytes(b"")
+    compiled.record_sources((), str(root), c_module=C_NAME)
+    return source
 
 
 def test_stale_reason_none_when_nothing_built(tmp_path: Path) -> None:
@@ -87,6 +99,39 @@ def test_stale_reason_names_missing_record(tmp_path: Path) -> None:
     (tmp_path / "pgproxy" / compiled.SOURCES_RECORD).unlink()
 
     reason = compiled.stale_reason(NAMES, str(tmp_path))
+
+    assert reason == f"pgproxy/{compiled.SOURCES_RECORD} is missing or unreadable"
+
+
+def test_c_stale_reason_none_for_recorded_source(tmp_path: Path) -> None:
+    _c_tree(tmp_path)
+
+    assert compiled.c_stale_reason(C_NAME, str(tmp_path)) is None
+
+
+def test_c_stale_reason_names_edited_source(tmp_path: Path) -> None:
+    source = _c_tree(tmp_path)
+    source.write_text("/* edited */\n")
+
+    reason = compiled.c_stale_reason(C_NAME, str(tmp_path))
+
+    assert reason == f"{source} changed after it was compiled"
+
+
+def test_c_stale_reason_names_unrecorded_source(tmp_path: Path) -> None:
+    source = _c_tree(tmp_path)
+    compiled.record_sources((), str(tmp_path), c_module=None)
+
+    reason = compiled.c_stale_reason(C_NAME, str(tmp_path))
+
+    assert reason == f"{source} changed after it was compiled"
+
+
+def test_c_stale_reason_names_missing_record(tmp_path: Path) -> None:
+    _c_tree(tmp_path)
+    (tmp_path / "pgproxy" / compiled.SOURCES_RECORD).unlink()
+
+    reason = compiled.c_stale_reason(C_NAME, str(tmp_path))
 
     assert reason == f"pgproxy/{compiled.SOURCES_RECORD} is missing or unreadable"
 
@@ -170,6 +215,97 @@ def test_missing_first_build_imports_source(tmp_path: Path) -> None:
     assert module_file == str(copy / "proxy" / "exchange.py")
     assert request_path == f"python ({reason})"
     assert stale == reason
+
+
+def _reader_report(env: dict[str, str], cwd: Path) -> list[str]:
+    """Read a head in a new interpreter, and return which reader read it."""
+    # Only the Python reader records names in the layout, so the layout shows
+    # which reader read the head, independent of the module constants.
+    code = (
+        "import sys, pgproxy.compiled as c, pgproxy.proxy.response_head as r; "
+        "layout = r.FieldLayout(); "
+        "head = r.read_response_head("
+        "b'HTTP/1.1 200 OK\\r\\nServer: x\\r\\nContent-Length: 0\\r\\n\\r\\n', "
+        "65536, False, layout); "
+        "assert head is not None and head.status == 200; "
+        "print(len(layout.prefixes)); print(c.C_HEAD_READER); "
+        "print(c.MODULE in sys.modules); print(r.__file__); print(c.REQUEST_PATH)"
+    ).replace("c.MODULE", repr(compiled.C_MODULE))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    copy = tmp_path / "copy" / "pgproxy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def test_installed_build_reads_heads_in_c(tmp_path: Path) -> None:
+    env = _environment(PYTHONPATH=str(PACKAGE.parent))
+
+    places, chosen, imported, module_file, request_path = _reader_report(env, tmp_path)
+
+    assert request_path == "compiled"
+    assert chosen == "True"
+    assert imported == "True"
+    assert places == "0"
+    assert module_file.endswith(SUFFIX)
+
+
+def test_pure_environment_reads_heads_in_python(tmp_path: Path) -> None:
+    env = _environment(PGPROXY_PURE="1", PYTHONPATH=str(PACKAGE.parent))
+
+    places, chosen, imported, module_file, request_path = _reader_report(env, tmp_path)
+
+    assert request_path == "python (PGPROXY_PURE=1)"
+    assert chosen == "False"
+    assert imported == "False"
+    assert places == "2"
+    assert module_file == str(PACKAGE / "proxy" / "response_head.py")
+
+
+def test_edited_c_source_reads_heads_in_python(tmp_path: Path) -> None:
+    copy = _copy_package(tmp_path)
+    assert compiled.built_path(compiled.C_MODULE, str(copy.parent)) is not None
+    edited = copy / "proxy" / "_response_head.c"
+    edited.write_text(edited.read_text() + "\n/* edited */\n")
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    places, chosen, imported, module_file, request_path = _reader_report(env, tmp_path)
+
+    reason = f"{edited} changed after it was compiled"
+    assert request_path == f"compiled, response head reader in Python ({reason})"
+    assert chosen == "False"
+    assert imported == "False"
+    assert places == "2"
+    # The mypyc modules still run compiled.
+    assert module_file.endswith(SUFFIX)
+
+
+def test_missing_c_build_reads_heads_in_python(tmp_path: Path) -> None:
+    copy = _copy_package(tmp_path)
+    built = compiled.built_path(compiled.C_MODULE, str(copy.parent))
+    assert built is not None, "the C reader of the package under test is not built"
+    os.unlink(built)
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    places, chosen, imported, module_file, request_path = _reader_report(env, tmp_path)
+
+    reason = f"{compiled.C_MODULE} is not built"
+    assert request_path == f"compiled, response head reader in Python ({reason})"
+    assert chosen == "False"
+    assert imported == "False"
+    assert places == "2"
+    assert module_file.endswith(SUFFIX)
 
 
 def test_build_type_check_needs_no_dependencies(tmp_path: Path) -> None:

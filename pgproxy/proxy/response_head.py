@@ -25,19 +25,40 @@ None. That covers:
 What the reader accepts, llhttp accepts too, with the same status, fields
 and framing (tests/proxy/test_response_head.py compares the two).
 
+The same reader is written in C (pgproxy/proxy/_response_head.c) and is used
+when it is built, with the compiled modules. `read_response_head_python` is
+the reference for it and the fallback. tests/proxy/test_response_head_c.py
+checks that both readers return the same for a seeded corpus of mutated heads.
+
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
+from pgproxy import compiled
 from pgproxy.proxy.framing import (
     COMMON_CONNECTION_TOKENS,
     TOKEN_RE,
     ResponseInfo,
     byte_map,
 )
+
+# The result of the C reader's read_head for a head it reads: status,
+# Content-Length or None, Connection options or None, unchanged lines, Via
+# values or None, body, body length.
+CResult = tuple[
+    int,
+    int | None,
+    frozenset[bytes] | None,
+    list[bytes],
+    list[bytes] | None,
+    bytes,
+    int,
+]
+CReadHead = Callable[[bytes, int, bool, dict[bytes, frozenset[bytes]]], CResult | None]
 
 _VERSION: Final = b"HTTP/1.1 "
 _END: Final = b"\r\n\r\n"
@@ -143,7 +164,60 @@ class ResponseHead:
         )
 
 
+def _load_c_reader() -> CReadHead | None:
+    """Import the C reader if pgproxy/compiled.py chose it for this process."""
+    if not compiled.C_HEAD_READER:
+        return None
+    from pgproxy.proxy._response_head import read_head
+
+    return read_head
+
+
+# The reader in C (pgproxy/proxy/_response_head.c), or None to run the
+# Python reader below.
+_C_READ_HEAD: Final = _load_c_reader()
+
+
 def read_response_head(
+    data: bytes, max_head: int, head_request: bool, layout: FieldLayout
+) -> ResponseHead | None:
+    """Read the response head at the start of `data`, or return None.
+
+    The C reader reads it when it is built and used (pgproxy/compiled.py),
+    and `layout` is then left unchanged. Otherwise the Python reader does.
+    Both return None for the same heads, and the same head for the others.
+    """
+    if _C_READ_HEAD is not None:
+        return read_response_head_c(_C_READ_HEAD, data, max_head, head_request)
+    return read_response_head_python(data, max_head, head_request, layout)
+
+
+def read_response_head_c(
+    read_head: CReadHead, data: bytes, max_head: int, head_request: bool
+) -> ResponseHead | None:
+    """Read the response head at the start of `data` with the C `read_head`.
+
+    The other arguments and the result are those of read_response_head.
+    """
+    found = read_head(data, max_head, head_request, COMMON_CONNECTION_TOKENS)
+    if found is None:
+        return None
+    status, length, options, unchanged_lines, via, body, body_length = found
+    info = ResponseInfo()
+    if options is not None:
+        info.connection_tokens = options
+        info.keep_alive = b"close" not in options
+    info.content_length = length
+    # The C reader returns a body length of 0 for HEAD, 204, 304 and a zero
+    # Content-Length, and the body is then "none".
+    if body_length:
+        info.body = "length"
+    if via is None:
+        via = _NO_VIA
+    return ResponseHead(status, info, unchanged_lines, via, body, body_length)
+
+
+def read_response_head_python(
     data: bytes, max_head: int, head_request: bool, layout: FieldLayout
 ) -> ResponseHead | None:
     """Read the response head at the start of `data`, or return None.
