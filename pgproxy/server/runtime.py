@@ -26,6 +26,7 @@ from pgproxy.health.reports import ReportingHealthTable
 from pgproxy.health.shared import apply_ejections, restore_probe_state
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
+from pgproxy.observability.throttle import flush_failure_lines
 from pgproxy.proxy.service import ProxyService
 from pgproxy.server.listeners import BoundListener, bind_listeners
 from pgproxy.server.operations import Operations, OperationsSettings
@@ -99,6 +100,8 @@ async def serve(
         )
         stop_probes.set()
         group.cancel_scope.cancel()
+    # The sweeper that reports left-out failure lines has stopped.
+    flush_failure_lines(every_kind=True)
     logger.info("pgproxy stopped")
 
 
