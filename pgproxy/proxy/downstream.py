@@ -379,6 +379,19 @@ class DownstreamProtocol(RequestParsing):
                 logger.debug("setting SO_LINGER failed for %s: %s", self.client, exc)
         self.abort()
 
+    def cancel(self, flag: str) -> None:
+        """Reset the connection and end its exchange in progress with `flag`.
+
+        The runtime calls it for connections still busy when a drain ends.
+        A plain reset would end the exchange in connection_lost, and the
+        access log would blame the client (client_closed).
+        """
+        # Taken first so that ending the exchange starts no queued request.
+        queue, self._queue = self._queue, []
+        self.reset()
+        if queue and self._front_started:
+            queue[0].on_cancelled(flag)
+
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self._closed:
             self.transport.pause_reading()

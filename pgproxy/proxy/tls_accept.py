@@ -168,6 +168,10 @@ class TlsHandshake(asyncio.Protocol):
         """Drop the connection at once, as no response has begun."""
         self.abort()
 
+    def cancel(self, flag: str) -> None:
+        """Drop the connection at once. A handshake has no exchange to log."""
+        self.abort()
+
 
 def feed_protocol(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     """Pass `data` to `protocol` as its transport would have.

@@ -135,10 +135,12 @@ async def _shutdown(
     async with anyio.create_task_group() as group:
         if force_trigger is not None:
             group.start_soon(_cancel_when, force_trigger, group.cancel_scope)
-        with anyio.move_on_after(drain_timeout):
+        with anyio.move_on_after(drain_timeout) as timeout:
             await service.wait_closed()
         group.cancel_scope.cancel()
-    aborted = service.abort_all()
+    # A drain that force_trigger cut short ends before its timeout.
+    flag = "drain_timeout" if timeout.cancelled_caught else "drain_cancelled"
+    aborted = service.abort_all(flag)
     if aborted:
         logger.info("cancelled %d connections still busy after the drain", aborted)
     closed = service.pools.close_idle()
