@@ -70,8 +70,10 @@ class ServerConfig(_Model):
     )
     drain_timeout: DurationSeconds = Field(
         default=30.0,
-        description="On SIGTERM or reload, the time in-flight requests may take "
-        'to finish before they are cancelled; "0s" cancels them at once.',
+        description="On SIGTERM or SIGINT, the time in-flight requests may take "
+        "to finish before they are cancelled and logged with the failure flag "
+        'drain_timeout. "0s" cancels them at once. A reload that removes a '
+        "listener lets its connections finish without this limit.",
     )
     shutdown_delay: DurationSeconds = Field(
         default=0.0,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import anyio
 
 from pgproxy.health.state import HealthTable, Transition
+from pgproxy.observability.throttle import flush_failure_lines
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,13 @@ async def run_transition_sweeper(
     period: float = SWEEP_PERIOD_S,
     log: Callable[[Transition], None] = log_transition,
 ) -> None:
-    """Call `flush_transitions` every `period` seconds until cancelled."""
+    """Call `flush_transitions` every `period` seconds until cancelled.
+
+    Each round also logs the counts of failure lines that the throttle left
+    out (`flush_failure_lines`), because every serving process runs this
+    sweeper.
+    """
     while True:
         flush_transitions(table, log)
+        flush_failure_lines()
         await anyio.sleep(period)

@@ -34,6 +34,7 @@ import time
 from typing import Final, cast
 
 from pgproxy.observability.access import AccessRecord
+from pgproxy.observability.metrics import ConnectionStats
 from pgproxy.proxy.downstream_parsing import RequestParsing
 from pgproxy.proxy.downstream_state import (
     _HEADER,
@@ -80,10 +81,13 @@ class DownstreamProtocol(RequestParsing):
         proto = b"https" if self._tls else b"http"
         self.forwarding = Forwarding(self.client_ip, proto, trusted)
         admitted = self.service.admit(self, self.limits.max_connections)
-        metrics = self.service.current.metrics
-        if metrics is not None and self.listener_name in metrics:
-            self._connection_stats = metrics[self.listener_name].connections
-            self._connection_stats.connection_opened()
+        # A TLS connection comes with the stats that counted it at its accept
+        # (`adopt_connection_stats`), so it is not counted twice.
+        if self._connection_stats is None:
+            metrics = self.service.current.metrics
+            if metrics is not None and self.listener_name in metrics:
+                self._connection_stats = metrics[self.listener_name].connections
+                self._connection_stats.connection_opened()
         if not admitted:
             # A reset, not a close: nothing of the request was read, and the
             # socket does not wait in TIME_WAIT while the process is at its limit.
@@ -109,6 +113,14 @@ class DownstreamProtocol(RequestParsing):
         if queue and self._front_started:
             queue[0].on_client_closed()
         self._release_references()
+
+    def adopt_connection_stats(self, stats: ConnectionStats | None) -> None:
+        """Take over the connection count that a TlsHandshake began at the accept.
+
+        Call it before `connection_made`. The connection then counts as
+        closed in `stats` when it closes.
+        """
+        self._connection_stats = stats
 
     def eof_received(self) -> bool | None:
         # A FIN comes from a client giving up or from one that half-closed
@@ -378,6 +390,19 @@ class DownstreamProtocol(RequestParsing):
             except OSError as exc:
                 logger.debug("setting SO_LINGER failed for %s: %s", self.client, exc)
         self.abort()
+
+    def cancel(self, flag: str) -> None:
+        """Reset the connection and end its exchange in progress with `flag`.
+
+        The runtime calls it for connections still busy when a drain ends.
+        A plain reset would end the exchange in connection_lost, and the
+        access log would blame the client (client_closed).
+        """
+        # Taken first so that ending the exchange starts no queued request.
+        queue, self._queue = self._queue, []
+        self.reset()
+        if queue and self._front_started:
+            queue[0].on_cancelled(flag)
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self._closed:

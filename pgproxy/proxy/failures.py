@@ -233,6 +233,14 @@ class ExchangeFailures(ExchangeState):
         """
         self._end_for_client("send_timeout")
 
+    def on_cancelled(self, flag: str) -> None:
+        """End the exchange of a connection that pgproxy resets itself.
+
+        It is logged with `flag` (such as `drain_timeout`), and with 499 if
+        none of its response was written, as for a client that went away.
+        """
+        self._end_for_client(flag)
+
     def _end_for_client(self, flag: str) -> None:
         # The upstream connection is closed, not pooled, because it may be
         # mid-response.

@@ -55,6 +55,8 @@ class ClientConnection(Protocol):
 
     def reset(self) -> None: ...
 
+    def cancel(self, flag: str) -> None: ...
+
 
 class ClusterRuntime:
     """A cluster with its balancer, pools and Host header policy."""
@@ -221,16 +223,18 @@ class ProxyService:
         for conn in list(self.connections):
             conn.drain()
 
-    def abort_all(self) -> int:
+    def abort_all(self, flag: str) -> int:
         """Reset every remaining client connection; return how many there were.
 
-        A reset, not a FIN, because a connection still open after the drain
-        is usually mid-response, and an HTTP/1.0 client reading its body
-        until the close would take a FIN for the end of the body.
+        Their exchanges in progress are logged with the failure flag `flag`
+        (`drain_timeout` or `drain_cancelled`). A reset, not a FIN, because
+        a connection still open after the drain is usually mid-response, and
+        an HTTP/1.0 client reading its body until the close would take a FIN
+        for the end of the body.
         """
         remaining = list(self.connections)
         for conn in remaining:
-            conn.reset()
+            conn.cancel(flag)
         return len(remaining)
 
     async def wait_closed(self) -> None:

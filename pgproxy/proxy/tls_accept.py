@@ -6,9 +6,10 @@ held a file descriptor each, uncounted by any limit, for up to 60 s (the
 default handshake timeout of asyncio and uvloop). With an open file limit
 of 64, 80 such connections made every new connection fail.
 TLS listeners therefore accept plain TCP: `TlsHandshake` admits the
-connection under `max_connections` and the process's cap first, then runs
-the handshake with `loop.start_tls` and passes the TLS transport to the
-connection's `DownstreamProtocol`, which takes over its place in the count.
+connection under `max_connections` and the process's cap first, and counts
+it in the listener's connection metrics. It then runs the handshake with
+`loop.start_tls` and passes the TLS transport to the connection's
+`DownstreamProtocol`, which takes over its place in both counts.
 
 Until that hand-over, bytes can reach this protocol on either side of the
 handshake. uvloop starts reading once connection_made returns, before the
@@ -25,6 +26,7 @@ import ssl
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
+    from pgproxy.observability.metrics import ConnectionStats
     from pgproxy.proxy.downstream import DownstreamProtocol
     from pgproxy.proxy.exchange import Exchange
     from pgproxy.proxy.service import ProxyService
@@ -55,14 +57,23 @@ class TlsHandshake(asyncio.Protocol):
         # Decrypted bytes and EOF that arrived before the hand-over.
         self.received: list[bytes] = []
         self.eof = False
+        # The listener's connection stats while this protocol counts the
+        # connection in them; None once it is closed or handed over.
+        self.stats: ConnectionStats | None = None
 
     def __repr__(self) -> str:
         return f"<TlsHandshake listener={self.listener_name}>"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        if not self.service.admit(self, self.downstream.limits.max_connections):
-            self._count_rejected()
+        admitted = self.service.admit(self, self.downstream.limits.max_connections)
+        metrics = self.service.current.metrics
+        if metrics is not None and self.listener_name in metrics:
+            self.stats = metrics[self.listener_name].connections
+            self.stats.connection_opened()
+        if not admitted:
+            if self.stats is not None:
+                self.stats.rejected += 1
             transport.abort()
             return
         if self.service.draining:
@@ -92,17 +103,17 @@ class TlsHandshake(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # Called only while this protocol still owns the transport.
         self.service.forget(self)
+        self._count_closed()
 
-    # NOTE: a connection counts in pgproxy_downstream_connections_total and
-    # _open only from the end of its handshake, unless it is rejected.
-    def _count_rejected(self) -> None:
-        metrics = self.service.current.metrics
-        if metrics is not None and self.listener_name in metrics:
-            stats = metrics[self.listener_name].connections
-            stats.opened += 1
-            stats.rejected += 1
+    def _count_closed(self) -> None:
+        # Called on each path that ends the connection before a hand-over,
+        # and some end it twice, so it counts once.
+        stats, self.stats = self.stats, None
+        if stats is not None:
+            stats.connection_closed()
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
+        tls: asyncio.Transport | None = None
         try:
             if transport.is_closing():
                 return
@@ -121,18 +132,20 @@ class TlsHandshake(asyncio.Protocol):
             logger.debug(
                 'TLS handshake failed on listener "%s": %s', self.listener_name, exc
             )
-            return
         finally:
             self.service.forget(self)
-        # start_tls returns a closed transport when the client closed
-        # cleanly during the handshake.
-        if tls is None or tls.is_closing():
-            return
-        self._hand_over(tls)
+            # start_tls returns a closed transport when the client closed
+            # cleanly during the handshake.
+            if tls is None or tls.is_closing():
+                self._count_closed()
+        if tls is not None and not tls.is_closing():
+            self._hand_over(tls)
 
     def _hand_over(self, tls: asyncio.Transport) -> None:
         downstream = self.downstream
         tls.set_protocol(downstream)
+        stats, self.stats = self.stats, None
+        downstream.adopt_connection_stats(stats)
         downstream.connection_made(tls)
         received, self.received = self.received, []
         for data in received:
@@ -166,6 +179,10 @@ class TlsHandshake(asyncio.Protocol):
 
     def reset(self) -> None:
         """Drop the connection at once, as no response has begun."""
+        self.abort()
+
+    def cancel(self, flag: str) -> None:
+        """Drop the connection at once. A handshake has no exchange to log."""
         self.abort()
 
 

@@ -27,6 +27,7 @@ from pgproxy.health.reports import ReportingHealthTable
 from pgproxy.health.shared import apply_ejections, restore_probe_state
 from pgproxy.health.state import HealthTable
 from pgproxy.observability.access import AccessLog
+from pgproxy.observability.throttle import flush_failure_lines
 from pgproxy.proxy.service import ProxyService
 from pgproxy.server.listeners import BoundListener, bind_listeners
 from pgproxy.server.operations import Operations, OperationsSettings
@@ -103,6 +104,8 @@ async def serve(
         )
         stop_probes.set()
         group.cancel_scope.cancel()
+    # The sweeper that reports left-out failure lines has stopped.
+    flush_failure_lines(every_kind=True)
     logger.info("pgproxy stopped")
 
 
@@ -149,10 +152,12 @@ async def _shutdown(
     async with anyio.create_task_group() as group:
         if force_trigger is not None:
             group.start_soon(_cancel_when, force_trigger, group.cancel_scope)
-        with anyio.move_on_after(drain_timeout):
+        with anyio.move_on_after(drain_timeout) as timeout:
             await service.wait_closed()
         group.cancel_scope.cancel()
-    aborted = service.abort_all()
+    # A drain that force_trigger cut short ends before its timeout.
+    flag = "drain_timeout" if timeout.cancelled_caught else "drain_cancelled"
+    aborted = service.abort_all(flag)
     if aborted:
         logger.info("cancelled %d connections still busy after the drain", aborted)
     closed = service.pools.close_idle()

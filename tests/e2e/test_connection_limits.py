@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ LIMITED_START = textwrap.dedent(
 
 
 REJECTED = ("pgproxy_downstream_connections_rejected_total", labels(listener="main"))
+OPENED = ("pgproxy_downstream_connections_total", labels(listener="main"))
+OPEN = ("pgproxy_downstream_connections_open", labels(listener="main"))
 
 
 @pytest.fixture
@@ -304,6 +307,48 @@ def test_tls_handshakes_count_against_limit(
                 assert conn.recv(12) == b"HTTP/1.1 200"
                 return
     raise AssertionError("no TLS connection served in 50 attempts")
+
+
+def wait_for_sample(
+    proxy: PgproxyProcess, sample: tuple[str, tuple[tuple[str, str], ...]], value: float
+) -> float:
+    """Scrape until `sample` has `value`, for 5 s at most; return its last value."""
+    port = admin_port(proxy)
+    deadline = time.monotonic() + 5.0
+    current = samples(port).get(sample, 0.0)
+    while current != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+        current = samples(port).get(sample, 0.0)
+    return current
+
+
+def test_tls_connections_counted_from_accept(
+    pgproxy_factory: PgproxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # A connection that has not finished its handshake takes a descriptor
+    # and a slot of the limits, so the connection gauges count it too.
+    proxy, client = start_tls_proxy(pgproxy_factory, upstream, tmp_path, 1, 100)
+    port = proxy.port()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        assert wait_for_sample(proxy, OPEN, 2.0) == 2.0
+        assert wait_for_sample(proxy, OPENED, 2.0) == 2.0
+    finally:
+        for conn in silent:
+            conn.close()
+    assert wait_for_sample(proxy, OPEN, 0.0) == 0.0
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10.0) as raw,
+        client.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.recv(12) == b"HTTP/1.1 200"
+        # Counted once, at the accept, not again when the handshake ends.
+        assert wait_for_sample(proxy, OPEN, 1.0) == 1.0
+        assert wait_for_sample(proxy, OPENED, 3.0) == 3.0
+    assert wait_for_sample(proxy, OPEN, 0.0) == 0.0
+    assert samples(admin_port(proxy))[OPENED] == 3.0
 
 
 def test_tls_request_right_after_handshake(

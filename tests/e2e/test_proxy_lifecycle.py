@@ -144,6 +144,10 @@ def test_drain_timeout_bounds_shutdown(
     assert stuck.response is None or stuck.response.status >= 500, (
         "a request cut off by the drain timeout must not look successful"
     )
+    # pgproxy cut the request, so the access log must not blame the client.
+    record = proxy.access_for_path("/stuck")
+    assert record["failure"] == "drain_timeout"
+    assert record["status"] == 499
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
@@ -178,6 +182,9 @@ def test_second_signal_cuts_drain_short(
     assert stuck.response is None or stuck.response.status >= 500, (
         "a request cut off by the cancelled drain must not look successful"
     )
+    record = proxy.access_for_path("/stuck")
+    assert record["failure"] == "drain_cancelled"
+    assert record["status"] == 499
 
 
 def run_to_exit(tmp_path: Path, config_text: str) -> tuple[int | None, PgproxyProcess]:
@@ -291,3 +298,6 @@ def test_drain_timeout_resets_http10_client(
             ending = "reset"
     assert proxy.wait_exit(10) == 0, proxy.stderr_text()
     assert ending == "reset", "a body cut by the drain timeout ended with a FIN"
+    record = proxy.access_for_path("/slow")
+    assert record["failure"] == "drain_timeout"
+    assert record["status"] == 200

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
+from pgproxy.observability.metrics import Metrics
 from pgproxy.proxy.downstream import DownstreamProtocol
 from pgproxy.proxy.service import ProxyService
 from tests.proxy.loopback import (
@@ -197,6 +198,43 @@ async def test_idle_client_closed_on_drain(upstream: ScriptedUpstream) -> None:
         with anyio.fail_after(5):
             assert await reader.read() == b""
         writer.close()
+
+
+async def test_drain_end_cancels_busy_exchange() -> None:
+    release = asyncio.Event()
+
+    async def stuck(head: bytes) -> bytes | None:
+        await release.wait()
+        return None
+
+    upstream = ScriptedUpstream(reply=stuck)
+    await upstream.start()
+    metrics = Metrics()
+    try:
+        async with running_proxy(make_graph([upstream.port])) as (port, service):
+            service.current.metrics = metrics.bind_graph(service.current.graph)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            await wait_until(lambda: upstream.heads)
+            (conn,) = service.connections
+            assert isinstance(conn, DownstreamProtocol)
+            front = conn._queue[0]
+
+            assert service.abort_all("drain_timeout") == 1
+            assert front.failure == "drain_timeout"
+            assert front.status == 499
+            with anyio.fail_after(5):
+                # A reset, so the read fails or ends without a response.
+                try:
+                    assert await reader.read() == b""
+                except ConnectionResetError:
+                    pass
+            writer.close()
+    finally:
+        release.set()
+        await upstream.stop()
+    statuses = [stats.statuses for stats in metrics.snapshot().requests.values()]
+    assert {499: 1} in statuses
 
 
 class VersionCountingParser:
