@@ -16,7 +16,8 @@ Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404) or
 the listener's reject_ambiguous_paths rejects the path (400); 2 a usage
 error, an invalid config, or a request that pgproxy rejects as malformed
 before routing (400 or 501: a space or control byte in the target, a
-method that is not a token, a fragment).
+method that is not a token or that pgproxy's HTTP parser does not accept,
+a fragment).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Annotated
 
+import httptools
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -85,6 +87,7 @@ def parse_request(
             f"invalid method {method!r}: expected a token such as GET "
             "(pgproxy responds with 400)"
         )
+    _check_method(method.upper())
     headers = {}
     for line in header_lines:
         name, sep, value = line.partition(":")
@@ -124,6 +127,35 @@ def parse_request(
         client_ip=client_ip,
         routed_path=routed_path,
     )
+
+
+def _check_method(method: str) -> None:
+    """Raise ValueError when pgproxy's HTTP parser rejects `method` before routing.
+
+    pgproxy parses requests with llhttp (httptools), which accepts a fixed
+    list of methods, and responds with 501 to any other token. A few methods
+    of that list (RTSP's DESCRIBE, HTTP/2's PRI) are invalid in an HTTP/1.1
+    request line and get 400.
+    """
+    parser = httptools.HttpRequestParser(_NoCallbacks())
+    try:
+        parser.feed_data(b"%b / HTTP/1.1\r\nHost: x\r\n\r\n" % method.encode())
+    except httptools.HttpParserUpgrade:
+        return  # CONNECT: the parser accepts it, and _check_target rejects it
+    except httptools.HttpParserInvalidMethodError:
+        raise ValueError(
+            f'method "{method}" is not implemented: pgproxy serves only the '
+            "methods that its HTTP parser, llhttp, accepts (pgproxy responds "
+            "with 501)"
+        ) from None
+    except httptools.HttpParserError as error:
+        raise ValueError(
+            f'invalid method "{method}": {error} (pgproxy responds with 400)'
+        ) from None
+
+
+class _NoCallbacks:
+    """A parser protocol without callbacks: `_check_method` needs only errors."""
 
 
 def _check_target(method: str, target: str) -> None:

@@ -158,6 +158,13 @@ def test_listener_chosen_by_port(config: Path) -> None:
     assert "note:" not in result.output
 
 
+@pytest.mark.parametrize("method", ["PROPFIND", "PURGE", "QUERY", "get"])
+def test_parser_methods_are_explained(config: Path, method: str) -> None:
+    result = _explain(str(config), f"{method} http://localhost:9000/status")
+    assert result.exit_code == 0, result.output
+    assert "pgproxy responds with" not in result.output
+
+
 def test_no_match_exits_1(config: Path) -> None:
     result = _explain(str(config), "GET http://example.org:8080/")
     assert result.exit_code == 1
@@ -245,8 +252,24 @@ def test_usage_errors_exit_2(config: Path, args: list[str]) -> None:
         (["G\x01T /v1"], 400),
         (["GET /v1", "-H", "X-Canary: 1\x1b[0m"], 400),
         (["CONNECT http://api.example.com/"], 501),
+        (["BREW /v1"], 501),
+        (["brew /v1"], 501),
+        (["DESCRIBE /v1"], 400),
+        (["PRI /v1"], 400),
     ],
-    ids=["escape", "space", "non-ascii", "userinfo", "method", "header", "connect"],
+    ids=[
+        "escape",
+        "space",
+        "non-ascii",
+        "userinfo",
+        "method",
+        "header",
+        "connect",
+        "unknown-method",
+        "unknown-lower-case-method",
+        "rtsp-method",
+        "http2-preface-method",
+    ],
 )
 def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) -> None:
     result = _explain(str(config), *args)
