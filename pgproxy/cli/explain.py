@@ -17,7 +17,7 @@ the listener's reject_ambiguous_paths rejects the path (400); 2 a usage
 error, an invalid config, or a request that pgproxy rejects as malformed
 before routing (400 or 501: a space or control byte in the target, a
 method that is not a token or that pgproxy's HTTP parser does not accept,
-a fragment).
+a fragment, a Host that is not host[:port]).
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ from pgproxy.graph.load import load_graph
 from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_path
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
 from pgproxy.graph.types import Graph, Route
-from pgproxy.proxy.framing import TOKEN_RE, FramingError, check_field, check_target
+from pgproxy.proxy.framing import (
+    TOKEN_RE,
+    FramingError,
+    check_field,
+    check_target,
+    host_without_port,
+)
 
 EXIT_MATCH = 0
 EXIT_NO_MATCH = 1
@@ -100,16 +106,22 @@ def parse_request(
             f'invalid URL "{target}": a request target has no fragment "#" '
             "(pgproxy responds with 400)"
         )
-    url = urllib.parse.urlsplit(target)
+    try:
+        url = urllib.parse.urlsplit(target)
+        port = url.port if url.scheme else None
+    except ValueError as error:
+        # urllib's message, such as "Port out of range 0-65535".
+        raise ValueError(f'invalid URL "{target}": {error}') from None
     if url.scheme and url.scheme not in ("http", "https"):
         raise ValueError(f'invalid URL "{target}": the scheme must be http or https')
     if not url.scheme and not target.startswith("/"):
         raise ValueError(f'invalid URL "{target}": expected http://host/path or /path')
     _check_target(method, target)
-    port = url.port if url.scheme else None
     if url.scheme:
         headers["host"] = url.netloc
         port = port or (443 if url.scheme == "https" else 80)
+    if headers.get("host"):
+        _check_host(headers["host"])
     path = url.path or "/"
     try:
         routed_path = normalize_path(path)
@@ -133,9 +145,9 @@ def _check_method(method: str) -> None:
     """Raise ValueError when pgproxy's HTTP parser rejects `method` before routing.
 
     pgproxy parses requests with llhttp (httptools), which accepts a fixed
-    list of methods, and responds with 501 to any other token. A few methods
-    of that list (RTSP's DESCRIBE, HTTP/2's PRI) are invalid in an HTTP/1.1
-    request line and get 400.
+    list of methods, and pgproxy responds with 501 to any other token. A few
+    methods of that list (RTSP's DESCRIBE, HTTP/2's PRI) are invalid in an
+    HTTP/1.1 request line and get 400.
     """
     parser = httptools.HttpRequestParser(_NoCallbacks())
     try:
@@ -174,6 +186,17 @@ def _check_target(method: str, target: str) -> None:
         if any(not "!" <= char <= "~" for char in target):
             message += ". Percent-encode spaces, controls and non-ASCII characters."
         raise ValueError(message) from None
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError when pgproxy rejects the Host value with 400."""
+    try:
+        host_without_port(host.encode("utf-8"))
+    except FramingError:
+        raise ValueError(
+            f"invalid Host {host!r}: expected host[:port], such as "
+            "api.example.com:8080 (pgproxy responds with 400)"
+        ) from None
 
 
 def _check_header(name: str, value: str) -> None:

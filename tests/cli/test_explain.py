@@ -256,6 +256,10 @@ def test_usage_errors_exit_2(config: Path, args: list[str]) -> None:
         (["brew /v1"], 501),
         (["DESCRIBE /v1"], 400),
         (["PRI /v1"], 400),
+        (["GET /v1", "-H", "Host: api.example.com\\"], 400),
+        (["GET /v1", "-H", "Host: x:api.example.com"], 400),
+        (["GET /v1", "-H", "Host: api example"], 400),
+        (["GET /v1", "-H", "Host: [api.example.com]"], 400),
     ],
     ids=[
         "escape",
@@ -269,6 +273,10 @@ def test_usage_errors_exit_2(config: Path, args: list[str]) -> None:
         "unknown-lower-case-method",
         "rtsp-method",
         "http2-preface-method",
+        "host-backslash",
+        "host-two-colons",
+        "host-space",
+        "host-bracketed-name",
     ],
 )
 def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) -> None:
@@ -278,6 +286,22 @@ def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) ->
     assert f"pgproxy responds with {status}" in result.output
     assert "=>" not in result.output
     assert "\x1b" not in result.output  # controls are shown escaped, never raw
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.example.com:99999/",
+        "http://api.example.com:x/",
+        "http://[::1/",
+        "http://[api.example.com]/",
+    ],
+)
+def test_invalid_url_authority_named(config: Path, url: str) -> None:
+    result = _explain(str(config), f"GET {url}")
+
+    assert result.exit_code == 2, result.output
+    assert f'invalid URL "{url}"' in result.output
 
 
 def test_invalid_config_exits_2(tmp_path: Path) -> None:
