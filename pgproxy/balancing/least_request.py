@@ -57,6 +57,8 @@ class LeastRequestBalancer(Balancer):
     def candidates(self, key: str | None = None) -> Iterator[Endpoint]:
         """Yield the better of two random endpoints, then the rest by load.
 
+        Among the rest, endpoints with equal load come in weighted random order.
+
         `key` is ignored; it exists so every balancer has the same signature.
         """
         count = len(self._endpoints)
@@ -70,9 +72,17 @@ class LeastRequestBalancer(Balancer):
 
     def _yield_from(self, first: int) -> Iterator[Endpoint]:
         yield self._endpoints[first]
-        rest = [i for i in range(len(self._endpoints)) if i != first]
-        rest.sort(key=self._load)
-        for i in rest:
+        # Later candidates are needed only when the caller skips the pick
+        # (unhealthy or already tried). Sorting equal loads by u ** (1 / weight)
+        # for a uniform u, larger first, orders them as weighted draws without
+        # replacement. A skipped endpoint's share then spreads over the others
+        # by weight, instead of all going to the first one in list order.
+        rng = self._rng
+        keys: dict[int, tuple[float, float]] = {}
+        for i, endpoint in enumerate(self._endpoints):
+            if i != first:
+                keys[i] = (self._load(i), -(rng.random() ** (1.0 / endpoint.weight)))
+        for i in sorted(keys, key=keys.__getitem__):
             yield self._endpoints[i]
 
     def _sample(self) -> int:

@@ -16,7 +16,8 @@ Exit codes: 0 a route matches; 1 no route matches (pgproxy answers 404) or
 the listener's reject_ambiguous_paths rejects the path (400); 2 a usage
 error, an invalid config, or a request that pgproxy rejects as malformed
 before routing (400 or 501: a space or control byte in the target, a
-method that is not a token, a fragment).
+method that is not a token or that pgproxy's HTTP parser does not accept,
+a fragment, a Host that is not host[:port]).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Annotated
 
+import httptools
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -40,7 +42,13 @@ from pgproxy.graph.paths import AmbiguousPathRule, InvalidPathError, normalize_p
 from pgproxy.graph.routing import MatchExplanation, RouteVerdict, explain_match
 from pgproxy.graph.settings import RedirectSettings
 from pgproxy.graph.types import Graph, Route
-from pgproxy.proxy.framing import TOKEN_RE, FramingError, check_field, check_target
+from pgproxy.proxy.framing import (
+    TOKEN_RE,
+    FramingError,
+    check_field,
+    check_target,
+    host_without_port,
+)
 from pgproxy.proxy.respond import Redirect
 
 EXIT_MATCH = 0
@@ -87,6 +95,7 @@ def parse_request(
             f"invalid method {method!r}: expected a token such as GET "
             "(pgproxy responds with 400)"
         )
+    _check_method(method.upper())
     headers = {}
     for line in header_lines:
         name, sep, value = line.partition(":")
@@ -99,16 +108,22 @@ def parse_request(
             f'invalid URL "{target}": a request target has no fragment "#" '
             "(pgproxy responds with 400)"
         )
-    url = urllib.parse.urlsplit(target)
+    try:
+        url = urllib.parse.urlsplit(target)
+        port = url.port if url.scheme else None
+    except ValueError as error:
+        # urllib's message, such as "Port out of range 0-65535".
+        raise ValueError(f'invalid URL "{target}": {error}') from None
     if url.scheme and url.scheme not in ("http", "https"):
         raise ValueError(f'invalid URL "{target}": the scheme must be http or https')
     if not url.scheme and not target.startswith("/"):
         raise ValueError(f'invalid URL "{target}": expected http://host/path or /path')
     _check_target(method, target)
-    port = url.port if url.scheme else None
     if url.scheme:
         headers["host"] = url.netloc
         port = port or (443 if url.scheme == "https" else 80)
+    if headers.get("host"):
+        _check_host(headers["host"])
     path = url.path or "/"
     try:
         routed_path = normalize_path(path)
@@ -128,6 +143,35 @@ def parse_request(
     )
 
 
+def _check_method(method: str) -> None:
+    """Raise ValueError when pgproxy's HTTP parser rejects `method` before routing.
+
+    pgproxy parses requests with llhttp (httptools), which accepts a fixed
+    list of methods, and pgproxy responds with 501 to any other token. A few
+    methods of that list (RTSP's DESCRIBE, HTTP/2's PRI) are invalid in an
+    HTTP/1.1 request line and get 400.
+    """
+    parser = httptools.HttpRequestParser(_NoCallbacks())
+    try:
+        parser.feed_data(b"%b / HTTP/1.1\r\nHost: x\r\n\r\n" % method.encode())
+    except httptools.HttpParserUpgrade:
+        return  # CONNECT: the parser accepts it, and _check_target rejects it
+    except httptools.HttpParserInvalidMethodError:
+        raise ValueError(
+            f'method "{method}" is not implemented: pgproxy serves only the '
+            "methods that its HTTP parser, llhttp, accepts (pgproxy responds "
+            "with 501)"
+        ) from None
+    except httptools.HttpParserError as error:
+        raise ValueError(
+            f'invalid method "{method}": {error} (pgproxy responds with 400)'
+        ) from None
+
+
+class _NoCallbacks:
+    """A parser protocol without callbacks: `_check_method` needs only errors."""
+
+
 def _check_target(method: str, target: str) -> None:
     """Raise ValueError when pgproxy rejects `target` as the client would send it.
 
@@ -144,6 +188,17 @@ def _check_target(method: str, target: str) -> None:
         if any(not "!" <= char <= "~" for char in target):
             message += ". Percent-encode spaces, controls and non-ASCII characters."
         raise ValueError(message) from None
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError when pgproxy rejects the Host value with 400."""
+    try:
+        host_without_port(host.encode("utf-8"))
+    except FramingError:
+        raise ValueError(
+            f"invalid Host {host!r}: expected host[:port], such as "
+            "api.example.com:8080 (pgproxy responds with 400)"
+        ) from None
 
 
 def _check_header(name: str, value: str) -> None:

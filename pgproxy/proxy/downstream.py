@@ -136,6 +136,11 @@ class DownstreamProtocol(RequestParsing):
         if self._eof:
             return True  # resume_reading after EOF reports it again
         self._eof = True
+        # A client that half-closes a tunnel may still read, so the upstream
+        # gets the FIN and the tunnel ends when the upstream closes its side.
+        tunnel = self._tunnel
+        if tunnel is not None and not self._tls and tunnel.on_tunnel_client_eof():
+            return True
         if self._can_serve_after_eof():
             self._close_when_done = True
             return True
@@ -144,8 +149,9 @@ class DownstreamProtocol(RequestParsing):
 
     def _can_serve_after_eof(self) -> bool:
         # An incomplete request can never finish. asyncio's TLS transports
-        # cannot stay half-open. A tunnel, or an upgrade request that may
-        # become one, ends with the client's side.
+        # cannot stay half-open. A tunnel whose upstream cannot take a FIN
+        # (TLS), or an upgrade request that may become one, ends with the
+        # client's side.
         if not self._queue or self._tls or self._tunnel is not None:
             return False
         last = self._queue[-1]

@@ -277,6 +277,11 @@ class ResponseRelay(ExchangeFailures):
         if self.upstream is not None:
             self.upstream.send(data)
 
+    def on_tunnel_client_eof(self) -> bool:
+        """Pass the client's FIN on to the upstream, and return whether it was sent."""
+        conn = self.upstream
+        return conn is not None and conn.write_eof()
+
     def end_idle_tunnel(self) -> None:
         """Close both sides of a tunnel that carried no data for too long."""
         self.failure = "tunnel_idle_timeout"

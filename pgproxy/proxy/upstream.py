@@ -482,6 +482,18 @@ class UpstreamConnection(asyncio.Protocol):
         del waiting
         return False
 
+    def write_eof(self) -> bool:
+        """Close the write side after the buffered bytes, and return True.
+
+        Returns False for a TLS connection, because asyncio's TLS transports
+        cannot close only their write side.
+        """
+        transport = self.transport
+        if self.closed or transport is None or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return True
+
     def close(self) -> None:
         """Close the connection and detach it from its exchange."""
         self.exchange = None

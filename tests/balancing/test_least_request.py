@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from pgproxy.balancing.least_request import LeastRequestBalancer
+from pgproxy.graph.types import Endpoint
 from tests.balancing.endpoints import endpoints
 
 
@@ -93,3 +94,28 @@ def test_heavy_weight_does_not_stall_sampling() -> None:
 def test_empty_endpoint_list_rejected() -> None:
     with pytest.raises(ValueError, match="at least one endpoint"):
         LeastRequestBalancer([])
+
+
+def _first_available(balancer: LeastRequestBalancer, skipped: Endpoint) -> Endpoint:
+    """Return the first candidate other than `skipped`, as the proxy picks it."""
+    return next(e for e in balancer.candidates(None) if e != skipped)
+
+
+def test_skipped_endpoint_share_spreads_evenly() -> None:
+    balancer = LeastRequestBalancer(endpoints(1, 1, 1), random.Random(11))
+    down, first_listed, last_listed = balancer.endpoints
+    picks = Counter(_first_available(balancer, down) for _ in range(3000))
+    # Each gets half. Before the fix the first listed one also took every
+    # pick of the skipped endpoint: about 2000 against 1000.
+    assert 1300 < picks[first_listed] < 1700, picks
+    assert 1300 < picks[last_listed] < 1700, picks
+
+
+def test_skipped_endpoint_share_follows_weight() -> None:
+    balancer = LeastRequestBalancer(endpoints(2, 1, 3), random.Random(12))
+    down, light, heavy = balancer.endpoints
+    picks = Counter(_first_available(balancer, down) for _ in range(4000))
+    # With equal loads every pick is weighted 1:3 between the two, whether
+    # it is a first pick or a fallback from the skipped endpoint.
+    assert 800 < picks[light] < 1200, picks
+    assert 2800 < picks[heavy] < 3200, picks

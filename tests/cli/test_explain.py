@@ -158,6 +158,13 @@ def test_listener_chosen_by_port(config: Path) -> None:
     assert "note:" not in result.output
 
 
+@pytest.mark.parametrize("method", ["PROPFIND", "PURGE", "QUERY", "get"])
+def test_parser_methods_are_explained(config: Path, method: str) -> None:
+    result = _explain(str(config), f"{method} http://localhost:9000/status")
+    assert result.exit_code == 0, result.output
+    assert "pgproxy responds with" not in result.output
+
+
 def test_no_match_exits_1(config: Path) -> None:
     result = _explain(str(config), "GET http://example.org:8080/")
     assert result.exit_code == 1
@@ -245,8 +252,32 @@ def test_usage_errors_exit_2(config: Path, args: list[str]) -> None:
         (["G\x01T /v1"], 400),
         (["GET /v1", "-H", "X-Canary: 1\x1b[0m"], 400),
         (["CONNECT http://api.example.com/"], 501),
+        (["BREW /v1"], 501),
+        (["brew /v1"], 501),
+        (["DESCRIBE /v1"], 400),
+        (["PRI /v1"], 400),
+        (["GET /v1", "-H", "Host: api.example.com\\"], 400),
+        (["GET /v1", "-H", "Host: x:api.example.com"], 400),
+        (["GET /v1", "-H", "Host: api example"], 400),
+        (["GET /v1", "-H", "Host: [api.example.com]"], 400),
     ],
-    ids=["escape", "space", "non-ascii", "userinfo", "method", "header", "connect"],
+    ids=[
+        "escape",
+        "space",
+        "non-ascii",
+        "userinfo",
+        "method",
+        "header",
+        "connect",
+        "unknown-method",
+        "unknown-lower-case-method",
+        "rtsp-method",
+        "http2-preface-method",
+        "host-backslash",
+        "host-two-colons",
+        "host-space",
+        "host-bracketed-name",
+    ],
 )
 def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) -> None:
     result = _explain(str(config), *args)
@@ -255,6 +286,22 @@ def test_requests_pgproxy_rejects(config: Path, args: list[str], status: int) ->
     assert f"pgproxy responds with {status}" in result.output
     assert "=>" not in result.output
     assert "\x1b" not in result.output  # controls are shown escaped, never raw
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.example.com:99999/",
+        "http://api.example.com:x/",
+        "http://[::1/",
+        "http://[api.example.com]/",
+    ],
+)
+def test_invalid_url_authority_named(config: Path, url: str) -> None:
+    result = _explain(str(config), f"GET {url}")
+
+    assert result.exit_code == 2, result.output
+    assert f'invalid URL "{url}"' in result.output
 
 
 def test_invalid_config_exits_2(tmp_path: Path) -> None:

@@ -6,12 +6,18 @@ side closes; the `websockets` client checks the handshake and frames.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 from e2e_client import RawConnection, build_request, echo_of, echoed_header
 from e2e_process import PgproxyFactory, PgproxyProcess
-from e2e_upstream import UpstreamFactory, WebSocketUpstream
+from e2e_upstream import (
+    ReceivedRequest,
+    UpstreamConnection,
+    UpstreamFactory,
+    WebSocketUpstream,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -143,3 +149,45 @@ def test_active_tunnel_outlives_idle_timeout(idle_proxy: PgproxyProcess) -> None
             assert ws.recv(timeout=5) == f"ping {index}"
             index += 1
             time.sleep(0.1)
+
+
+UPGRADE_HEADERS = [("Connection", "Upgrade"), ("Upgrade", "raw-stream")]
+
+
+def _switch_then_answer_after_eof(
+    request: ReceivedRequest, conn: UpstreamConnection
+) -> bool:
+    """Switch protocols, read until the client's FIN, then send and close.
+
+    A client of a raw stream protocol may close its write side at the end of
+    its input and then read the rest of the output.
+    """
+    conn.send(
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Connection: Upgrade\r\nUpgrade: raw-stream\r\n\r\n"
+    )
+    received = b""
+    while (data := conn.read_some(65536)) is not None:
+        received += data
+    conn.send(b"output after the client's FIN: got " + received)
+    return False
+
+
+def test_tunnel_half_close_keeps_output(
+    pgproxy_factory: PgproxyFactory, upstream_factory: UpstreamFactory
+) -> None:
+    upstream = upstream_factory("raw")
+    upstream.handler = _switch_then_answer_after_eof
+    # Without the 1 s tunnel idle limit, which a slow machine could reach.
+    config = IDLE_CONFIG.replace('tunnel_idle_timeout = "1s"\n', "")
+    proxy = pgproxy_factory(config.format(ws=upstream.address))
+    with RawConnection(proxy.port()) as conn:
+        conn.send(build_request("GET", "/ws/stream", headers=UPGRADE_HEADERS))
+        head = conn.read_head()
+        assert head.status == 101, head.describe()
+        conn.send(b"input")
+        conn.sock.shutdown(socket.SHUT_WR)
+        rest = conn.wait_closed()
+    assert rest == b"output after the client's FIN: got input", (
+        f"the upstream's output after the client's FIN was lost: {rest!r}"
+    )

@@ -309,6 +309,26 @@ CASES = [
         400,
         "RFC 9112 3.2: a Host with an invalid value: MUST 400",
     ),
+    *(
+        Case(
+            f"host-invalid-{name}",
+            b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            400,
+            "RFC 9112 3.2: a Host that is not uri-host [: port] (RFC 3986 3.2.2): "
+            "an upstream that cuts it at the odd byte reads another host",
+        )
+        for name, host in [
+            ("backslash", b"a.example\\"),
+            ("question-mark", b"a.example?"),
+            ("hash", b"a.example#"),
+            ("non-ascii", b"a.example\xc2\xa0"),
+            ("port-not-digits", b"a.example:x"),
+            ("two-colons", b"x:a.example"),
+            ("bracketed-name", b"[a.example]"),
+            ("unclosed-bracket", b"[::1"),
+            ("bad-escape", b"a%zz.example"),
+        ]
+    ),
     Case(
         "absolute-form-host-mismatch",
         b"GET http://other.example/x HTTP/1.1\r\n" + H + b"\r\n",

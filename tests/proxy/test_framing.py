@@ -128,9 +128,47 @@ def test_two_host_headers_are_400() -> None:
     assert rejected([HOST, (b"Host", b"other.com")]) == 400
 
 
-@pytest.mark.parametrize("host", [b"a@b.com", b"a/b", b"a b"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"a@b.com",
+        b"a/b",
+        b"a b",
+        b"a.example\\",
+        b"a.example?",
+        b"a.example#",
+        b"a.example\xc2\xa0",
+        b"a.example:x",
+        b"x:a.example",
+        b"a.example:80:80",
+        b"[a.example]",
+        b"[::1",
+        b"[::1]x",
+        b"a%zz.example",
+        b"a.example\x00",
+    ],
+)
 def test_invalid_host_is_400(host: bytes) -> None:
     assert rejected([(b"Host", host)]) == 400
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"a.example",
+        b"A.Example.:8080",
+        b"a.example:",
+        b"a-b_c~d.example",
+        b"a%2Db.example",
+        b"127.0.0.1:80",
+        b"[::1]",
+        b"[2001:db8::1]:443",
+        b"[v1.fe80::a+en1]",
+        b"a!$&'()*+,;=.example",
+    ],
+)
+def test_valid_host_is_accepted(host: bytes) -> None:
+    assert check([(b"Host", host)]).host_raw == host
 
 
 @pytest.mark.parametrize(
