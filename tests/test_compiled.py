@@ -9,18 +9,14 @@ and the Python code alone.
 from __future__ import annotations
 
 import importlib.machinery
-import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import pgproxy
 from pgproxy import compiled
-from pgproxy.server.main import log_request_path
 
 PACKAGE = Path(pgproxy.__file__).resolve().parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -438,16 +434,27 @@ def test_build_type_check_needs_no_dependencies(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_stale_c_module_logs_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_stale_c_module_logs_warning(tmp_path: Path) -> None:
+    # In a new interpreter: importing pgproxy.server.main blocks and ignores
+    # SIGHUP in the importing process, which later tests would inherit.
     reason = "pgproxy/proxy/_request_head.c changed after it was compiled"
-    monkeypatch.setattr(compiled, "STALE_REASON", None)
-    monkeypatch.setattr(compiled, "C_STALE_REASONS", {compiled.C_REQUEST_HEAD: reason})
+    code = (
+        "import logging, pgproxy.compiled as c; "
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
+        "from pgproxy.server.main import log_request_path; "
+        f"c.STALE_REASON = None; c.C_STALE_REASONS = {{c.C_REQUEST_HEAD: {reason!r}}}; "
+        "log_request_path()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_environment(PYTHONPATH=str(PACKAGE.parent)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
 
-    with caplog.at_level(logging.WARNING):
-        log_request_path()
-
-    assert "running the request head check in Python" in caplog.text
-    assert reason in caplog.text
-    assert compiled.C_REQUEST_HEAD in caplog.text
+    assert "running the request head check in Python" in result.stderr
+    assert reason in result.stderr
+    assert compiled.C_REQUEST_HEAD in result.stderr
