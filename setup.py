@@ -4,17 +4,18 @@ Every other setting is in pyproject.toml. The modules listed in
 pgproxy/compiled.py run once or more per proxied request. mypyc turns their
 typed Python into C extension modules, which cuts the instructions pgproxy
 runs per request by more than half (see docs/architecture.md, "The compiled
-request path"). One more extension module, the response head reader, is
-written in C (pgproxy/proxy/_response_head.c), and is built the same way.
-The .py files stay the source of truth:
+request path"). Two more extension modules, the response head reader and the
+request head check's fast path, are written in C (pgproxy/proxy/*.c,
+compiled.C_MODULES), and are built the same way. The .py files stay the
+source of truth:
 
 - `PGPROXY_COMPILE=0` at install time skips compiling.
 - A failed compile (no compiler, no Python headers) only warns, and the
-  package installs as pure Python. A failed build of the C reader alone
-  leaves the compiled modules with the Python reader.
+  package installs as pure Python. A failed build of a C module alone
+  leaves the compiled modules with the Python code it replaces.
 - At run time, `PGPROXY_PURE=1`, or a .py file that differs from the one
   compiled, makes pgproxy import the .py files instead, and a .c file that
-  differs from the one built turns the C reader off (pgproxy/compiled.py).
+  differs from the one built turns its C module off (pgproxy/compiled.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pgproxy.compiled import (
     BUILD_OPTIONS,
-    C_MODULE,
+    C_MODULES,
     COMPILED_MODULES,
     GROUP_NAME,
     record_sources,
@@ -38,13 +39,16 @@ from pgproxy.compiled import (
 
 
 def compiled_extensions() -> list[object]:
-    """Return the C reader and mypyc's extension modules, or none when off."""
+    """Return the C modules and mypyc's extension modules, or none when off."""
     if os.environ.get("PGPROXY_COMPILE", "1") == "0":
         return []
     record_sources()
     # optional: setuptools then warns about a failed compile instead of failing.
-    reader = Extension(C_MODULE, [C_MODULE.replace(".", "/") + ".c"], optional=True)
-    return [reader, *mypyc_extensions()]
+    handwritten = [
+        Extension(name, [name.replace(".", "/") + ".c"], optional=True)
+        for name in C_MODULES
+    ]
+    return [*handwritten, *mypyc_extensions()]
 
 
 def mypyc_extensions() -> list[object]:

@@ -14,12 +14,14 @@ hook that loads every compiled module from its .py file instead when:
   others are built (the compiled classes derive from each other, so the set
   is used whole or not at all).
 
-One more extension module is written in C by hand: C_MODULE, the response
-head reader (pgproxy/proxy/_response_head.c). It runs only with the compiled
-modules, and pgproxy/proxy/response_head.py imports it when `C_HEAD_READER`
-is true. The compiled modules run with the Python reader instead when the C
-module is not built, or when its .c file differs from the one it was built
-from (also recorded in SOURCES_RECORD).
+The extension modules in C_MODULES are written in C by hand: the response
+head reader (pgproxy/proxy/_response_head.c) and the request head check's
+fast path (pgproxy/proxy/_request_head.c). They run only with the compiled
+modules, and the module that uses each imports it when its name is in
+`C_MODULES_USED`. The compiled modules run with the Python code instead of
+a C module when that module is not built, or when its .c file differs from
+the one it was built from (also recorded in SOURCES_RECORD). Each C module
+is chosen on its own.
 
 `REQUEST_PATH` then names the code that runs, for the start-up log.
 """
@@ -68,8 +70,14 @@ COMPILED_MODULES = (
     "pgproxy.health.state",
     "pgproxy.observability.metrics",
 )
-# The response head reader in C, built from its .c file next to it.
-C_MODULE = "pgproxy.proxy._response_head"
+# The modules written in C, each built from the .c file next to it, with
+# what each does in place of Python code, for REQUEST_PATH and the log.
+C_RESPONSE_HEAD = "pgproxy.proxy._response_head"
+C_REQUEST_HEAD = "pgproxy.proxy._request_head"
+C_MODULES = {
+    C_RESPONSE_HEAD: "response head reader",
+    C_REQUEST_HEAD: "request head check",
+}
 GROUP_NAME = "pgproxy._native"
 # The shared library that mypyc builds for the group: the code of every
 # compiled module is in it, and each module's own extension only loads it.
@@ -82,15 +90,17 @@ PURE_ENV = "PGPROXY_PURE"
 # Next to this file: {module name: SHA-256 of the .py or .c file it was built from}.
 SOURCES_RECORD = "_native_sources.json"
 
-# "compiled", "compiled, response head reader in Python (REASON)", "python",
-# or "python (REASON)" once choose_modules() has run.
+# "compiled", "compiled, response head reader in Python (REASON)" (one such
+# part per C module not used), "python", or "python (REASON)" once
+# choose_modules() has run.
 REQUEST_PATH = "python"
 # Set when compiled modules exist but are not used for a reason to warn about.
 STALE_REASON: str | None = None
-# Whether response_head.py imports C_MODULE, set by choose_modules().
-C_HEAD_READER = False
-# Set when C_MODULE is built but not used for a reason to warn about.
-C_STALE_REASON: str | None = None
+# The modules of C_MODULES that may be imported, set by choose_modules().
+C_MODULES_USED: frozenset[str] = frozenset()
+# {C module: reason} for each C module that is built but not used for a
+# reason to warn about.
+C_STALE_REASONS: dict[str, str] = {}
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,16 +135,16 @@ def source_digest(path: str) -> str:
 def record_sources(
     names: Sequence[str] = COMPILED_MODULES,
     root: str = _ROOT,
-    c_module: str | None = C_MODULE,
+    c_modules: Sequence[str] = tuple(C_MODULES),
 ) -> None:
     """Write the digest of each module's source next to this file (setup.py).
 
-    `c_module`, unless None, is a C extension module whose .c file is recorded.
+    `c_modules` are C extension modules whose .c files are recorded.
     """
     import json
 
     digests = {name: source_digest(source_path(name, root)) for name in names}
-    if c_module is not None:
+    for c_module in c_modules:
         digests[c_module] = source_digest(c_source_path(c_module, root))
     record = os.path.join(root, "pgproxy", SOURCES_RECORD)
     with open(record, "w", encoding="utf-8") as file:
@@ -163,7 +173,7 @@ def stale_reason(
     return None
 
 
-def c_stale_reason(name: str = C_MODULE, root: str = _ROOT) -> str | None:
+def c_stale_reason(name: str, root: str = _ROOT) -> str | None:
     """Return why the built C module `name` must not be used, or None if it may be.
 
     The caller checks that it is built.
@@ -223,7 +233,7 @@ class _SourceFinder:
 
 def choose_modules() -> None:
     """Decide once whether the compiled modules or their source are imported."""
-    global REQUEST_PATH, STALE_REASON, C_HEAD_READER, C_STALE_REASON
+    global REQUEST_PATH, STALE_REASON
     if any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
         return
     if os.environ.get(PURE_ENV) == "1":
@@ -241,12 +251,22 @@ def choose_modules() -> None:
         REQUEST_PATH = f"python ({STALE_REASON})"
         sys.meta_path.insert(0, _SourceFinder())
         return
-    if built_path(C_MODULE) is None:
-        reason: str | None = f"{C_MODULE} is not built"
-    else:
-        reason = C_STALE_REASON = c_stale_reason()
-    if reason is not None:
-        REQUEST_PATH = f"compiled, response head reader in Python ({reason})"
-        return
-    C_HEAD_READER = True
     REQUEST_PATH = "compiled"
+    _choose_c_modules()
+
+
+def _choose_c_modules() -> None:
+    """Decide which C modules the compiled modules import."""
+    global REQUEST_PATH, C_MODULES_USED
+    used = []
+    for name, work in C_MODULES.items():
+        if built_path(name) is None:
+            reason = f"{name} is not built"
+        else:
+            stale = c_stale_reason(name)
+            if stale is None:
+                used.append(name)
+                continue
+            reason = C_STALE_REASONS[name] = stale
+        REQUEST_PATH += f", {work} in Python ({reason})"
+    C_MODULES_USED = frozenset(used)

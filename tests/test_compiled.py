@@ -1,8 +1,9 @@
 """Tests of the choice between the compiled request path and its source.
 
-The suite runs against the compiled modules and the C response head reader,
-because an install with a C compiler serves with them. `PGPROXY_PURE=1` runs
-it against the .py files and the Python reader.
+The suite runs against the compiled modules and the C modules (the response
+head reader and the request head check), because an install with a C
+compiler serves with them. `PGPROXY_PURE=1` runs it against the .py files
+and the Python code alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _tree(root: Path, built: tuple[str, ...]) -> None:
         (root / (name.replace(".", "/") + SUFFIX)).write_bytes(b"")
     if built:
         (root / (compiled.LIBRARY.replace(".", "/") + SUFFIX)).write_bytes(b"")
-    compiled.record_sources(NAMES, str(root), c_module=None)
+    compiled.record_sources(NAMES, str(root), c_modules=())
 
 
 def _c_tree(root: Path) -> Path:
@@ -41,7 +42,7 @@ def _c_tree(root: Path) -> Path:
     source = root / "pgproxy" / "gamma.c"
     source.write_text("/* gamma */\n")
     (root / ("pgproxy/gamma" + SUFFIX)).write_bytes(b"")
-    compiled.record_sources((), str(root), c_module=C_NAME)
+    compiled.record_sources((), str(root), c_modules=(C_NAME,))
     return source
 
 
@@ -120,7 +121,7 @@ def test_c_stale_reason_names_edited_source(tmp_path: Path) -> None:
 
 def test_c_stale_reason_names_unrecorded_source(tmp_path: Path) -> None:
     source = _c_tree(tmp_path)
-    compiled.record_sources((), str(tmp_path), c_module=None)
+    compiled.record_sources((), str(tmp_path), c_modules=())
 
     reason = compiled.c_stale_reason(C_NAME, str(tmp_path))
 
@@ -228,9 +229,9 @@ def _reader_report(env: dict[str, str], cwd: Path) -> list[str]:
         "b'HTTP/1.1 200 OK\\r\\nServer: x\\r\\nContent-Length: 0\\r\\n\\r\\n', "
         "65536, False, layout); "
         "assert head is not None and head.status == 200; "
-        "print(len(layout.prefixes)); print(c.C_HEAD_READER); "
+        "print(len(layout.prefixes)); print(c.MODULE in c.C_MODULES_USED); "
         "print(c.MODULE in sys.modules); print(r.__file__); print(c.REQUEST_PATH)"
-    ).replace("c.MODULE", repr(compiled.C_MODULE))
+    ).replace("c.MODULE", repr(compiled.C_RESPONSE_HEAD))
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=cwd,
@@ -275,7 +276,7 @@ def test_pure_environment_reads_heads_in_python(tmp_path: Path) -> None:
 
 def test_edited_c_source_reads_heads_in_python(tmp_path: Path) -> None:
     copy = _copy_package(tmp_path)
-    assert compiled.built_path(compiled.C_MODULE, str(copy.parent)) is not None
+    assert compiled.built_path(compiled.C_RESPONSE_HEAD, str(copy.parent)) is not None
     edited = copy / "proxy" / "_response_head.c"
     edited.write_text(edited.read_text() + "\n/* edited */\n")
     env = _environment(PYTHONPATH=str(copy.parent))
@@ -293,18 +294,109 @@ def test_edited_c_source_reads_heads_in_python(tmp_path: Path) -> None:
 
 def test_missing_c_build_reads_heads_in_python(tmp_path: Path) -> None:
     copy = _copy_package(tmp_path)
-    built = compiled.built_path(compiled.C_MODULE, str(copy.parent))
+    built = compiled.built_path(compiled.C_RESPONSE_HEAD, str(copy.parent))
     assert built is not None, "the C reader of the package under test is not built"
     os.unlink(built)
     env = _environment(PYTHONPATH=str(copy.parent))
 
     places, chosen, imported, module_file, request_path = _reader_report(env, tmp_path)
 
-    reason = f"{compiled.C_MODULE} is not built"
+    reason = f"{compiled.C_RESPONSE_HEAD} is not built"
     assert request_path == f"compiled, response head reader in Python ({reason})"
     assert chosen == "False"
     assert imported == "False"
     assert places == "2"
+    assert module_file.endswith(SUFFIX)
+
+
+def _check_report(env: dict[str, str], cwd: Path) -> list[str]:
+    """Check a request head in a new interpreter; return which check decided it."""
+    # Only the Python check caches the field names it checks, so the cache
+    # shows which check decided the head, independent of the module constants.
+    code = (
+        "import sys, pgproxy.compiled as c, pgproxy.proxy.framing as f; "
+        "name = b'X-Check-Report'; "
+        "info = f.check_request_head(b'GET', b'/', '1.1', "
+        "[(b'Host', b'example.com'), (name, b'1')]); "
+        "assert info.host == 'example.com'; "
+        "print(name in f._TOKEN_NAMES); print(c.MODULE in c.C_MODULES_USED); "
+        "print(c.MODULE in sys.modules); print(f.__file__); print(c.REQUEST_PATH)"
+    ).replace("c.MODULE", repr(compiled.C_REQUEST_HEAD))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def test_installed_build_checks_requests_in_c(tmp_path: Path) -> None:
+    env = _environment(PYTHONPATH=str(PACKAGE.parent))
+
+    cached, chosen, imported, module_file, request_path = _check_report(env, tmp_path)
+
+    assert request_path == "compiled"
+    assert chosen == "True"
+    assert imported == "True"
+    assert cached == "False"
+    assert module_file.endswith(SUFFIX)
+
+
+def test_pure_environment_checks_requests_in_python(tmp_path: Path) -> None:
+    env = _environment(PGPROXY_PURE="1", PYTHONPATH=str(PACKAGE.parent))
+
+    cached, chosen, imported, module_file, request_path = _check_report(env, tmp_path)
+
+    assert request_path == "python (PGPROXY_PURE=1)"
+    assert chosen == "False"
+    assert imported == "False"
+    assert cached == "True"
+    assert module_file == str(PACKAGE / "proxy" / "framing.py")
+
+
+def test_edited_c_source_checks_requests_in_python(tmp_path: Path) -> None:
+    copy = _copy_package(tmp_path)
+    assert compiled.built_path(compiled.C_REQUEST_HEAD, str(copy.parent)) is not None
+    edited = copy / "proxy" / "_request_head.c"
+    edited.write_text(edited.read_text() + "\n/* edited */\n")
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    cached, chosen, imported, module_file, request_path = _check_report(env, tmp_path)
+
+    reason = f"{edited} changed after it was compiled"
+    assert request_path == f"compiled, request head check in Python ({reason})"
+    assert chosen == "False"
+    assert imported == "False"
+    assert cached == "True"
+    # The mypyc modules and the other C module still run compiled.
+    assert module_file.endswith(SUFFIX)
+    places, reader_chosen, *_ = _reader_report(env, tmp_path)
+    assert reader_chosen == "True"
+    assert places == "0"
+
+
+def test_missing_c_builds_run_python(tmp_path: Path) -> None:
+    copy = _copy_package(tmp_path)
+    for name in compiled.C_MODULES:
+        built = compiled.built_path(name, str(copy.parent))
+        assert built is not None, f"{name} of the package under test is not built"
+        os.unlink(built)
+    env = _environment(PYTHONPATH=str(copy.parent))
+
+    cached, chosen, imported, module_file, request_path = _check_report(env, tmp_path)
+
+    assert request_path == (
+        f"compiled, response head reader in Python ({compiled.C_RESPONSE_HEAD} "
+        f"is not built), request head check in Python ({compiled.C_REQUEST_HEAD} "
+        "is not built)"
+    )
+    assert chosen == "False"
+    assert imported == "False"
+    assert cached == "True"
     assert module_file.endswith(SUFFIX)
 
 
@@ -340,3 +432,29 @@ def test_build_type_check_needs_no_dependencies(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stale_c_module_logs_warning(tmp_path: Path) -> None:
+    # In a new interpreter: importing pgproxy.server.main blocks and ignores
+    # SIGHUP in the importing process, which later tests would inherit.
+    reason = "pgproxy/proxy/_request_head.c changed after it was compiled"
+    code = (
+        "import logging, pgproxy.compiled as c; "
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
+        "from pgproxy.server.main import log_request_path; "
+        f"c.STALE_REASON = None; c.C_STALE_REASONS = {{c.C_REQUEST_HEAD: {reason!r}}}; "
+        "log_request_path()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_environment(PYTHONPATH=str(PACKAGE.parent)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert "running the request head check in Python" in result.stderr
+    assert reason in result.stderr
+    assert compiled.C_REQUEST_HEAD in result.stderr

@@ -9,6 +9,13 @@ is opened. llhttp already rejects most of these shapes while parsing; the
 checks here repeat them on the parsed fields, so the rule holds whatever the
 parser's leniency settings are.
 
+The common, clean heads are also checked in C (pgproxy/proxy/_request_head.c)
+when it is built, with the compiled modules. The C check returns None for any
+head it is not sure about, and `check_request_head_python` then decides it:
+it is the reference and the fallback. tests/proxy/test_request_head_c.py
+checks on a seeded corpus of mutated heads that the C check returns None or
+the same RequestInfo, and never accepts a head that the Python check rejects.
+
 Pure: no I/O, no clock. Header names and values are the raw bytes received.
 """
 
@@ -18,7 +25,23 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+from pgproxy import compiled
 from pgproxy.errors import DownstreamError
+
+# The result of the C check's check_head for a head it accepts: target,
+# host_raw, Content-Length or None, Connection options or None, keep_alive,
+# expect_continue, has_idempotency_key.
+CResult = tuple[bytes, bytes, int | None, frozenset[bytes] | None, bool, bool, bool]
+CCheckHead = Callable[
+    [
+        bytes,
+        str,
+        list[tuple[bytes, bytes]],
+        list[bytes] | None,
+        dict[bytes, frozenset[bytes]],
+    ],
+    CResult | None,
+]
 
 # RFC 9110 section 5.1: field-name = token. \Z, not $, which also matches
 # before a final newline.
@@ -256,6 +279,20 @@ def lower_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     return [name.lower() for name, _ in headers]
 
 
+def _load_c_check() -> CCheckHead | None:
+    """Import the C check if pgproxy/compiled.py chose it for this process."""
+    if compiled.C_REQUEST_HEAD not in compiled.C_MODULES_USED:
+        return None
+    from pgproxy.proxy._request_head import check_head
+
+    return check_head
+
+
+# The fast path in C (pgproxy/proxy/_request_head.c), or None to run only the
+# Python check.
+_C_CHECK_HEAD: Final = _load_c_check()
+
+
 def check_request_head(
     method: bytes,
     target: bytes,
@@ -268,9 +305,68 @@ def check_request_head(
     `names` are the lower-case header names, parallel to `headers`; the
     parser callbacks collect them so that no later step lower-cases again.
 
+    The C check decides the common heads when it is built and used
+    (pgproxy/compiled.py), and `check_request_head_python` decides the
+    others. Both return the same RequestInfo for a head the C check accepts.
+
     Raises FramingError with 400 for smuggling-shaped or malformed heads,
     501 for an unsupported transfer coding or CONNECT, and 505 for an HTTP
     version other than 1.0 or 1.1.
+    """
+    if _C_CHECK_HEAD is not None:
+        info = check_request_head_c(_C_CHECK_HEAD, target, version, headers, names)
+        if info is not None:
+            return info
+    return check_request_head_python(method, target, version, headers, names)
+
+
+def check_request_head_c(
+    check_head: CCheckHead,
+    target: bytes,
+    version: str,
+    headers: list[tuple[bytes, bytes]],
+    names: list[bytes] | None = None,
+) -> RequestInfo | None:
+    """Check a clean, common request head with the C `check_head`, or return None.
+
+    None means that the C check is not sure about the head, and
+    `check_request_head_python` must decide it. The C check accepts only
+    origin-form targets, so it needs no method.
+    """
+    found = check_head(target, version, headers, names, COMMON_CONNECTION_TOKENS)
+    if found is None:
+        return None
+    target, raw, length, options, keep_alive, expect_continue, has_key = found
+    info = RequestInfo()
+    info.target = target
+    info.host_raw = raw
+    if raw:
+        # The C check reads the Host's bytes, not its grammar: the Python
+        # check decides a value that host_without_port rejects.
+        try:
+            info.host = host_without_port(raw)
+        except FramingError:
+            return None
+    info.content_length = length
+    if options is not None:
+        info.connection_tokens = options
+    info.keep_alive = keep_alive
+    info.expect_continue = expect_continue
+    info.has_idempotency_key = has_key
+    return info
+
+
+def check_request_head_python(
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: list[tuple[bytes, bytes]],
+    names: list[bytes] | None = None,
+) -> RequestInfo:
+    """Check one parsed request head in Python and return its framing.
+
+    The reference for the C check, and its fallback. Arguments, result and
+    errors are those of `check_request_head`.
     """
     check_version(version)
     info = RequestInfo()

@@ -166,7 +166,7 @@ class ResponseHead:
 
 def _load_c_reader() -> CReadHead | None:
     """Import the C reader if pgproxy/compiled.py chose it for this process."""
-    if not compiled.C_HEAD_READER:
+    if compiled.C_RESPONSE_HEAD not in compiled.C_MODULES_USED:
         return None
     from pgproxy.proxy._response_head import read_head
 

@@ -106,13 +106,16 @@ def log_request_path() -> None:
             "to compile it again",
             compiled.STALE_REASON,
         )
-    elif compiled.C_STALE_REASON is not None:
-        logger.warning(
-            "reading response heads in Python, which is slower, because %s; "
-            "reinstall pgproxy (`pip install -e .` in a checkout) to build the "
-            "C reader again",
-            compiled.C_STALE_REASON,
-        )
+    elif compiled.C_STALE_REASONS:
+        for name, reason in compiled.C_STALE_REASONS.items():
+            logger.warning(
+                "running the %s in Python, which is slower, because %s; "
+                "reinstall pgproxy (`pip install -e .` in a checkout) to build "
+                "%s again",
+                compiled.C_MODULES[name],
+                reason,
+                name,
+            )
     elif compiled.REQUEST_PATH != "compiled":
         logger.info("request path: %s", compiled.REQUEST_PATH)
     else:

@@ -1,4 +1,10 @@
-"""Tests of the request and response framing checks (RFC 9112 section 6)."""
+"""Tests of the request and response framing checks (RFC 9112 section 6).
+
+Every test runs twice: once with the Python request head check alone, and
+once with the C check in front of it when the C module is built. In the
+second run `check` also asserts that the C check accepts only heads that the
+Python check accepts, with the same RequestInfo.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,35 @@ import pytest
 from pgproxy.proxy import framing
 from pgproxy.proxy.framing import (
     BadResponseError,
+    CCheckHead,
     FramingError,
+    RequestInfo,
     byte_map,
-    check_request_head,
+    check_request_head_c,
+    check_request_head_python,
     check_response_head,
     connection_tokens,
     host_without_port,
 )
 
 HOST = (b"Host", b"example.com")
+# The C check's check_head, or None while the tests run the Python check alone.
+C_CHECK: CCheckHead | None = None
+
+
+@pytest.fixture(autouse=True, params=["python", "c"])
+def request_check(request: pytest.FixtureRequest) -> None:
+    """Run the test with the Python check alone, or with the C check first."""
+    global C_CHECK
+    C_CHECK = None
+    if request.param == "c":
+        c_module = pytest.importorskip("pgproxy.proxy._request_head")
+        C_CHECK = c_module.check_head
+
+
+def request_info_fields(info: RequestInfo) -> dict[str, object]:
+    """Return every public attribute of a RequestInfo, by name."""
+    return {name: getattr(info, name) for name in dir(info) if not name.startswith("_")}
 
 
 def check(
@@ -28,8 +54,19 @@ def check(
     method: bytes = b"POST",
     target: bytes = b"/",
     version: str = "1.1",
-):
-    return check_request_head(method, target, version, headers)
+) -> RequestInfo:
+    if C_CHECK is None:
+        return check_request_head_python(method, target, version, headers)
+    found = check_request_head_c(C_CHECK, target, version, headers)
+    try:
+        expected = check_request_head_python(method, target, version, headers)
+    except FramingError:
+        assert found is None, "the C check accepted a head that Python rejects"
+        raise
+    if found is None:
+        return expected
+    assert request_info_fields(found) == request_info_fields(expected)
+    return found
 
 
 def rejected(headers: list[tuple[bytes, bytes]], **kwargs: object) -> int:
