@@ -210,20 +210,25 @@ class Exchange(ResponseRelay):
             if conn is not None:
                 self.attach(conn)
                 return
-        self.open_upstream(pool)
+        self.open_upstream(pool, fresh=False)
 
-    def open_upstream(self, pool: EndpointPool) -> None:
-        """Start a task that opens a new connection, or waits for a slot first."""
+    def open_upstream(self, pool: EndpointPool, *, fresh: bool) -> None:
+        """Start a task that opens a new connection, or waits for a slot first.
+
+        After a slot frees up, an idle connection is used when there is one,
+        unless `fresh` is set.
+        """
         assert self.cluster is not None
         loop = self.downstream.loop
         if self.cluster.limited and pool.full():
-            self.connect_task = loop.create_task(self.connect_when_free(pool))
+            task = self.connect_when_free(pool, fresh)
+            self.connect_task = loop.create_task(task)
             return
         pool.begin_connect()
         self.connect_unstarted = True
         self.connect_task = loop.create_task(self.connect(pool))
 
-    async def connect_when_free(self, pool: EndpointPool) -> None:
+    async def connect_when_free(self, pool: EndpointPool, fresh: bool) -> None:
         """Wait for a connection slot of the endpoint, then forward on it.
 
         The wait is bounded by connect_timeout, and so is the connect after it.
@@ -239,6 +244,11 @@ class Exchange(ResponseRelay):
         # The reserved slot is taken below, before anything else runs.
         pool.end_reservation()
         conn = pool.acquire()
+        if conn is not None and fresh:
+            # The idle connection closes in place of the new one, so the
+            # upstream never has more than max_connections open.
+            pool.close_acquired(conn)
+            conn = None
         if conn is None:
             pool.begin_connect()
             await self.connect(pool)

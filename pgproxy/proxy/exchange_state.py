@@ -158,13 +158,13 @@ class ExchangeState:
     def try_endpoint(self, endpoint: Endpoint) -> None:
         raise NotImplementedError
 
-    def open_upstream(self, pool: EndpointPool) -> None:
+    def open_upstream(self, pool: EndpointPool, *, fresh: bool) -> None:
         raise NotImplementedError
 
     async def connect(self, pool: EndpointPool) -> None:
         raise NotImplementedError
 
-    async def connect_when_free(self, pool: EndpointPool) -> None:
+    async def connect_when_free(self, pool: EndpointPool, fresh: bool) -> None:
         raise NotImplementedError
 
     def finish(self) -> None:

@@ -55,7 +55,7 @@ class ExchangeFailures(ExchangeState):
             self.response_info = None
             # With max_connections, the slot just freed may have gone to a
             # waiting request, and then this one waits too.
-            self.open_upstream(self.pool)
+            self.open_upstream(self.pool, fresh=True)
             return
         if isinstance(error, EndpointBusyError):
             # pgproxy's own limit, not the endpoint's fault: metrics only.

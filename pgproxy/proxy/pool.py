@@ -144,6 +144,14 @@ class EndpointPool:
         if self._waiters:
             self.wake()
 
+    def close_acquired(self, conn: UpstreamConnection) -> None:
+        """Close a connection from `acquire` and keep its slot for the caller.
+
+        The caller takes the slot in the same step with `begin_connect`.
+        """
+        self.active -= 1
+        conn.close()
+
     def end_reservation(self) -> None:
         """Give up the slot reserved for a woken waiter (taken or passed on)."""
         self._reserved -= 1
