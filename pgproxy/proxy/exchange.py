@@ -205,17 +205,30 @@ class Exchange(ResponseRelay):
         self.attempts += 1
         pool = self.cluster.pools[endpoint.address]
         self.pool = pool
-        if self.cluster.limited and pool.full():
-            task = self.connect_when_free(pool)
-            self.connect_task = self.downstream.loop.create_task(task)
-            return
-        conn = pool.acquire()
-        if conn is not None:
-            self.attach(conn)
-            return
-        self.connect_task = self.downstream.loop.create_task(self.connect(pool))
+        if not (self.cluster.limited and pool.full()):
+            conn = pool.acquire()
+            if conn is not None:
+                self.attach(conn)
+                return
+        self.open_upstream(pool, fresh=False)
 
-    async def connect_when_free(self, pool: EndpointPool) -> None:
+    def open_upstream(self, pool: EndpointPool, *, fresh: bool) -> None:
+        """Start a task that opens a new connection, or waits for a slot first.
+
+        After a slot frees up, an idle connection is used when there is one,
+        unless `fresh` is set.
+        """
+        assert self.cluster is not None
+        loop = self.downstream.loop
+        if self.cluster.limited and pool.full():
+            task = self.connect_when_free(pool, fresh)
+            self.connect_task = loop.create_task(task)
+            return
+        pool.begin_connect()
+        self.connect_unstarted = True
+        self.connect_task = loop.create_task(self.connect(pool))
+
+    async def connect_when_free(self, pool: EndpointPool, fresh: bool) -> None:
         """Wait for a connection slot of the endpoint, then forward on it.
 
         The wait is bounded by connect_timeout, and so is the connect after it.
@@ -231,15 +244,26 @@ class Exchange(ResponseRelay):
         # The reserved slot is taken below, before anything else runs.
         pool.end_reservation()
         conn = pool.acquire()
+        if conn is not None and fresh:
+            # The idle connection closes in place of the new one, so the
+            # upstream never has more than max_connections open.
+            pool.close_acquired(conn)
+            conn = None
         if conn is None:
+            pool.begin_connect()
             await self.connect(pool)
             return
         self.connect_task = None
         self.attach(conn)
 
     async def connect(self, pool: EndpointPool) -> None:
-        """Open a new connection to the picked endpoint, then forward on it."""
+        """Open a new connection to the picked endpoint, then forward on it.
+
+        The caller has counted the connection with `pool.begin_connect`.
+        """
         assert self.cluster is not None
+        # pool.connect counts the connection down from here on.
+        self.connect_unstarted = False
         try:
             conn = await pool.connect(self.cluster.settings.connect_timeout)
         except UpstreamError as error:

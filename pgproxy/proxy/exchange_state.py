@@ -43,6 +43,7 @@ class ExchangeState:
         "client_keep_alive",
         "cluster",
         "connect_task",
+        "connect_unstarted",
         "deadline",
         "deferred",
         "done",
@@ -115,6 +116,9 @@ class ExchangeState:
         self.upstream: UpstreamConnection | None = None
         self.upstream_head = b""
         self.connect_task: asyncio.Task[None] | None = None
+        # Whether connect_task has not started yet, so that the connection
+        # it counts as opening in self.pool is still to be counted down.
+        self.connect_unstarted = False
         self.attempts = 0
         self.stale_retried = False
         self.last_error: ProxyError | None = None
@@ -154,10 +158,13 @@ class ExchangeState:
     def try_endpoint(self, endpoint: Endpoint) -> None:
         raise NotImplementedError
 
+    def open_upstream(self, pool: EndpointPool, *, fresh: bool) -> None:
+        raise NotImplementedError
+
     async def connect(self, pool: EndpointPool) -> None:
         raise NotImplementedError
 
-    async def connect_when_free(self, pool: EndpointPool) -> None:
+    async def connect_when_free(self, pool: EndpointPool, fresh: bool) -> None:
         raise NotImplementedError
 
     def finish(self) -> None:

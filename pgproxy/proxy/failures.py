@@ -53,9 +53,9 @@ class ExchangeFailures(ExchangeState):
             self.head_deadline = 0.0
             self.pending = b""
             self.response_info = None
-            self.connect_task = self.downstream.loop.create_task(
-                self.connect(self.pool)
-            )
+            # With max_connections, the slot just freed may have gone to a
+            # waiting request, and then this one waits too.
+            self.open_upstream(self.pool, fresh=True)
             return
         if isinstance(error, EndpointBusyError):
             # pgproxy's own limit, not the endpoint's fault: metrics only.
@@ -258,6 +258,12 @@ class ExchangeFailures(ExchangeState):
         task, self.connect_task = self.connect_task, None
         if task is not None:
             task.cancel()
+        if self.connect_unstarted:
+            # A task cancelled before its first step never runs its code,
+            # so the connection it was to open is counted down here.
+            self.connect_unstarted = False
+            assert self.pool is not None
+            self.pool.cancel_connect()
 
     def record_overflow(self, error: EndpointBusyError) -> None:
         """Count a request that found no free connection to its endpoint."""

@@ -129,6 +129,29 @@ class EndpointPool:
                 ) from None
             raise
 
+    def begin_connect(self) -> None:
+        """Count a new connection as opening; `connect` or `cancel_connect` follows.
+
+        The count starts before the task that runs `connect` does, so that
+        a request handled in the same event loop iteration sees the slot
+        taken.
+        """
+        self.opening += 1
+
+    def cancel_connect(self) -> None:
+        """Count down a connection from `begin_connect` that `connect` never opened."""
+        self.opening -= 1
+        if self._waiters:
+            self.wake()
+
+    def close_acquired(self, conn: UpstreamConnection) -> None:
+        """Close a connection from `acquire` and keep its slot for the caller.
+
+        The caller takes the slot in the same step with `begin_connect`.
+        """
+        self.active -= 1
+        conn.close()
+
     def end_reservation(self) -> None:
         """Give up the slot reserved for a woken waiter (taken or passed on)."""
         self._reserved -= 1
@@ -225,13 +248,12 @@ class EndpointPool:
             self._timer = loop.call_at(when, self._expire)
 
     async def connect(self, timeout: float) -> UpstreamConnection:
-        """Open a new connection within `timeout` seconds.
+        """Open a new connection within `timeout` seconds, after `begin_connect`.
 
         Raises UpstreamError with `bytes_sent=False`: 502 with flag
         connect_failure, or 504 with flag connect_timeout.
         """
         endpoint = self.endpoint
-        self.opening += 1
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._open()

@@ -261,9 +261,17 @@ class Reloader:
         self._level = logging.INFO if log_outcome else logging.DEBUG
         self._started = state.graph.server
         self._lock = anyio.Lock()
+        # Set once the listeners close for the drain. A reload after that
+        # would open the listeners it adds, and the draining service closes
+        # every connection they accept without a response.
+        self.stopped = False
 
     def __repr__(self) -> str:
         return f"<Reloader {self.path} hash={self.history.config_hash[:12]}>"
+
+    def stop(self) -> None:
+        """Ignore every later reload, because the listeners are closing."""
+        self.stopped = True
 
     async def reload(
         self, trigger: str = "SIGHUP", *, payload: bytes | None = None
@@ -274,6 +282,10 @@ class Reloader:
         instead of the file's: a worker installs what its supervisor loaded.
         """
         async with self._lock:
+            if self.stopped:
+                message = "pgproxy is draining"
+                logger.info("%s ignored: %s", trigger, message)
+                return ReloadOutcome(False, None, message)
             outcome = await self._reload(trigger, payload)
         self.history.record(
             "success" if outcome.ok else "failure", outcome.config_hash, outcome.error

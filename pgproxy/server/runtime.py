@@ -95,6 +95,8 @@ async def serve(
         await _delay_shutdown(
             service.current.graph.server.shutdown_delay, force_trigger
         )
+        if ops is not None:
+            ops.reloader.stop()
         # Servers as they are now: a reload may have added or closed some.
         await _shutdown(
             service,

@@ -64,6 +64,7 @@ class SupervisorReload:
     slots: list[WorkerSlot]
     history: ReloadHistory
     health: SharedHealth
+    stopping: bool
     _reload_lock: anyio.Lock
 
     if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class SupervisorReload:
     async def reload(self, trigger: str = "SIGHUP") -> bool:
         """Validate the config, then reload every worker; log the outcome once."""
         async with self._reload_lock:
+            if self.stopping:
+                # From the first signal on, shutdown_delay included: added
+                # listeners would open in workers about to close theirs.
+                logger.info("%s ignored: pgproxy is draining", trigger)
+                return False
             ok, config_hash, error = await self._reload(trigger)
         self.history.record("success" if ok else "failure", config_hash, error)
         return ok

@@ -8,14 +8,26 @@ ejection. The upstream never accepts more connections than the limit.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from e2e_admin import admin_port, labels, samples, status_json
-from e2e_process import PgproxyFactory
-from e2e_upstream import UpstreamFactory, by_path, fixed, gated
+from e2e_client import RawConnection, build_request
+from e2e_process import PgproxyFactory, PgproxyProcess
+from e2e_upstream import (
+    Handler,
+    ReceivedRequest,
+    Upstream,
+    UpstreamConnection,
+    UpstreamFactory,
+    by_path,
+    fixed,
+    gated,
+)
 from test_proxy_lifecycle import BackgroundRequest
 
 CONFIG = """
@@ -139,3 +151,82 @@ def test_wait_ends_with_503_overflow(
     )
     assert len(overflowed) == 3
     assert len(api.requests_to("/overflow")) == 0
+
+
+def send_burst(proxy: PgproxyProcess, admin: int, count: int) -> list[int]:
+    """Send `count` requests that the proxy reads in one loop iteration.
+
+    Return the response statuses in order.
+    """
+    clients = [RawConnection(proxy.port("main"), timeout=20) for _ in range(count)]
+    accepted = ("pgproxy_downstream_connections_open", labels(listener="main"))
+    for _ in range(100):
+        if samples(admin).get(accepted) == count:
+            break
+        time.sleep(0.05)
+    # Stopped, the proxy reads every request in the same iteration when it
+    # continues, because they are all in its socket buffers by then.
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        for i, client in enumerate(clients):
+            client.send(build_request("GET", f"/burst/{i}"))
+        time.sleep(0.2)
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    statuses = [client.read_response(timeout=20).status for client in clients]
+    for client in clients:
+        client.close()
+    return statuses
+
+
+def counting_handler(api: Upstream, peak: list[int], keep_open: bool) -> Handler:
+    """Reply 200 and record in `peak` the most connections open at once."""
+    reply = fixed(200, b"ok")
+
+    def handle(request: ReceivedRequest, conn: UpstreamConnection) -> bool:
+        peak[0] = max(peak[0], api.open_connections)
+        time.sleep(0.02)
+        reply(request, conn)
+        return keep_open
+
+    return handle
+
+
+def test_burst_stays_under_limit(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+) -> None:
+    # Requests read in one event loop iteration each start a connect task,
+    # so each must count its connection before that task runs.
+    api = upstream_factory("api")
+    peak = [0]
+    api.handler = counting_handler(api, peak, keep_open=True)
+    proxy = pgproxy_factory(CONFIG.format(api=api.address, wait="20s"))
+    admin = admin_port(proxy)
+
+    statuses = send_burst(proxy, admin, 10)
+
+    assert statuses == [200] * 10
+    assert peak[0] == 1
+    assert wait_for_waiting(admin, api.address, 0) == 0
+
+
+def test_keep_alive_race_repeat_under_limit(
+    pgproxy_factory: PgproxyFactory,
+    upstream_factory: UpstreamFactory,
+) -> None:
+    # The upstream closes each connection after its response, without
+    # Connection: close, so a woken waiter finds the connection just
+    # released closed. The repeat on a fresh connection must wait for a
+    # slot, and then not reuse another idle connection.
+    api = upstream_factory("api")
+    peak = [0]
+    api.handler = counting_handler(api, peak, keep_open=False)
+    proxy = pgproxy_factory(CONFIG.format(api=api.address, wait="20s"))
+    admin = admin_port(proxy)
+
+    statuses = send_burst(proxy, admin, 10)
+
+    assert statuses == [200] * 10
+    assert peak[0] == 1
+    assert wait_for_waiting(admin, api.address, 0) == 0

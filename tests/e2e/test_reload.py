@@ -9,13 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from e2e_admin import KeepAliveLoad, Outcome, admin_port, get, status_json
 from e2e_process import PgproxyFactory, PgproxyProcess
-from e2e_upstream import Upstream, UpstreamFactory, WebSocketUpstream
+from e2e_upstream import (
+    Upstream,
+    UpstreamFactory,
+    WebSocketUpstream,
+    by_path,
+    fixed,
+    gated,
+)
+from test_proxy_lifecycle import BackgroundRequest
 
 CONFIG = """
 [server]
@@ -293,3 +302,43 @@ def test_sighup_burst_is_coalesced(
     status, _, headers = get(process.port("main"), "/")
     assert status == 200
     assert headers["x-upstream"] == "blue"
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_sighup_during_drain_is_ignored(
+    pgproxy_factory: PgproxyFactory,
+    blue_green: tuple[Upstream, Upstream],
+    workers: int,
+) -> None:
+    blue, green = blue_green
+    gate = threading.Event()
+    blue.handler = by_path({"/slow": gated(gate, fixed(200, b"slow"))})
+    config = _config(blue, green, blue.address, "blue")
+    process = pgproxy_factory(
+        config.replace("[server]", f"[server]\nworkers = {workers}")
+    )
+    extra = '[listeners.extra]\naddress = "127.0.0.1:0"'
+    # An in-flight request keeps the drain going while the reload arrives.
+    slow = BackgroundRequest(process.port("main"), "/slow")
+    slow.start()
+    try:
+        blue.wait_for_requests(1)
+        process.signal(signal.SIGTERM)
+        assert process.wait_for_stderr("stopped accepting", 10) is not None
+
+        _reload(
+            process,
+            process.config_path,
+            _config(blue, green, blue.address, "blue", extra).replace(
+                "[server]", f"[server]\nworkers = {workers}"
+            ),
+            "SIGHUP ignored",
+        )
+    finally:
+        gate.set()
+    slow.join(20)
+    code = process.wait_exit(20)
+
+    assert slow.response is not None and slow.response.status == 200
+    assert code == 0
+    assert not any('listener "extra"' in line for line in process.stderr_lines)

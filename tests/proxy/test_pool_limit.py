@@ -178,3 +178,29 @@ async def test_raised_limit_wakes_waiters() -> None:
     await asyncio.gather(*tasks)
 
     assert log == ["0", "1", "2"]
+
+
+async def test_begun_connect_counts_at_once() -> None:
+    pool = make_pool(1, 0)
+
+    pool.begin_connect()
+
+    assert pool.full()
+
+
+async def test_cancelled_connect_wakes_waiter() -> None:
+    pool = make_pool(1, 0)
+    log: list[str] = []
+    pool.begin_connect()
+    waiter = asyncio.create_task(take_slot(pool, "waiter", log))
+    await settle()
+    assert log == []
+
+    # The exchange that counted the connection went away before its connect
+    # task ran, so the connection is counted down without being opened.
+    pool.cancel_connect()
+    await waiter
+
+    assert log == ["waiter"]
+    assert pool.opening == 0
+    assert pool.active == 1
