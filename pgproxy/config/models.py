@@ -29,7 +29,6 @@ from pgproxy.config.fields import (
 from pgproxy.config.fields import parse_host_port as parse_host_port
 from pgproxy.config.fields import parse_status_ranges as parse_status_ranges
 from pgproxy.config.fields import split_endpoint_address as split_endpoint_address
-from pgproxy.config.sourcemap import format_key_path
 from pgproxy.config.units import (
     DurationSeconds,
     HeaderSizeBytes,
@@ -307,29 +306,6 @@ class HeaderRulesConfig(_Model):
         ]
 
 
-# Fields that pgproxy writes itself from the framing, the connection and its
-# own policies. A rule changing them would break the framing, or make them
-# contradict what pgproxy did.
-_OWN_FIELDS: Final = frozenset(
-    {
-        "connection",
-        "content-length",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "via",
-    }
-)
-_OWN_REQUEST_FIELDS: Final = _OWN_FIELDS | {
-    "host",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-}
-
 RetryCondition = Literal["connect-failure", "reset-before-response", 502, 503, 504]
 
 
@@ -449,15 +425,14 @@ class RouteConfig(_Model):
                 "strip_prefix = true needs path_prefix",
                 {"key": "strip_prefix"},
             )
-        self._check_header_rules("request_headers", _OWN_REQUEST_FIELDS)
-        self._check_header_rules("response_headers", _OWN_FIELDS)
+        for key in ("request_headers", "response_headers"):
+            self._check_rules_target(key)
         return self
 
-    def _check_header_rules(self, key: str, own_fields: frozenset[str]) -> None:
-        rules: HeaderRulesConfig | None = getattr(self, key)
-        if rules is None:
-            return
-        if self.cluster is None:
+    def _check_rules_target(self, key: str) -> None:
+        # The fields each rule names are checked with the graph (graph/
+        # build_routes.py), which reports every problem, not the first.
+        if getattr(self, key) is not None and self.cluster is None:
             raise PydanticCustomError(
                 "conflicting-keys",
                 "{key} applies to proxied requests only, and this route "
@@ -465,32 +440,6 @@ class RouteConfig(_Model):
                 "response)",
                 {"key": key},
             )
-        removed = {name.lower() for name in rules.remove}
-        for path, name in rules.named():
-            lower = name.lower()
-            if lower in own_fields:
-                hint = (
-                    " (the cluster's host_header chooses the Host sent upstream)"
-                    if lower == "host"
-                    else ""
-                )
-                raise PydanticCustomError(
-                    "invalid-value",
-                    'pgproxy writes the "{name}" field itself, so a rule cannot '
-                    "change it{hint}",
-                    {"key": format_key_path((key, *path)), "name": name, "hint": hint},
-                )
-            if lower in removed and path[0] != "remove":
-                raise PydanticCustomError(
-                    "conflicting-keys",
-                    '"{name}" is both removed and sent: drop it from remove or '
-                    "from {part}",
-                    {
-                        "key": format_key_path((key, *path)),
-                        "name": name,
-                        "part": path[0],
-                    },
-                )
 
 
 class EndpointConfig(_Model):

@@ -28,6 +28,12 @@ Diagnostic codes (the problem is on the indented line under each code):
         path_regex does not compile as a Python regular expression
     regex-backtracking                 warning   routes[N].path_regex
         path_regex may take exponential time to match, as "(a+)+" does
+    invalid-value                      error     routes[N].request_headers.set.NAME
+        a header rule names a field that pgproxy writes itself (Host, Via,
+        X-Forwarded-*, framing and hop-by-hop fields); also under add and
+        remove, and under response_headers
+    conflicting-keys                   error     routes[N].response_headers.set.NAME
+        a header rule both removes a field and sets or adds it
     redirect-loop                      warning   routes[N].redirect
         the redirect only sets the scheme that every listener of the route
         already has, so the Location is the request's own URL

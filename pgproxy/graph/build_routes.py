@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Final
 
 from pgproxy.config.models import (
     Config,
@@ -15,6 +16,7 @@ from pgproxy.config.models import (
     RedirectConfig,
     RouteConfig,
 )
+from pgproxy.config.sourcemap import format_key_path
 from pgproxy.graph.collector import Collector, did_you_mean
 from pgproxy.graph.patterns import backtracking_warning, compile_path_regex
 from pgproxy.graph.settings import (
@@ -25,6 +27,29 @@ from pgproxy.graph.settings import (
 )
 from pgproxy.graph.shadowing import find_shadowed, shadow_reason
 from pgproxy.graph.types import PathKind, Route
+
+# Fields that pgproxy writes itself from the framing, the connection and its
+# own policies. A rule changing them would break the framing, or make them
+# contradict what pgproxy did.
+_OWN_FIELDS: Final = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "via",
+    }
+)
+_OWN_REQUEST_FIELDS: Final = _OWN_FIELDS | {
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+}
 
 # Lower-case DNS labels (underscores allowed, as in service names), with an
 # optional leading "*." for a wildcard.
@@ -47,6 +72,8 @@ def build_route(
     path_kind, path, pattern = _route_path(key, route_config, found)
     if route_config.redirect is not None:
         _check_redirect_loop(config, key, route_config.redirect, listeners, found)
+    _check_header_rules(f"{key}.request_headers", route_config.request_headers, found)
+    _check_header_rules(f"{key}.response_headers", route_config.response_headers, found)
     return Route(
         name=route_config.name if route_config.name is not None else key,
         index=index,
@@ -102,6 +129,38 @@ def _check_redirect_loop(
             "the redirect sends clients to the URL they requested",
             "set host, port or path, or limit the route to the other listeners",
         )
+
+
+def _check_header_rules(
+    key: str, rules: HeaderRulesConfig | None, found: Collector
+) -> None:
+    """Report every rule on a field that pgproxy writes itself, and every conflict."""
+    if rules is None:
+        return
+    own_fields = _OWN_REQUEST_FIELDS if key.endswith("request_headers") else _OWN_FIELDS
+    removed = {name.lower() for name in rules.remove}
+    for path, name in rules.named():
+        where = f"{key}.{format_key_path(path)}"
+        lower = name.lower()
+        if lower in own_fields:
+            hint = (
+                "the cluster's host_header chooses the Host sent upstream"
+                if lower == "host"
+                else None
+            )
+            found.error(
+                where,
+                "invalid-value",
+                f'pgproxy writes the "{name}" field itself, so a rule cannot change it',
+                hint,
+            )
+        elif lower in removed and path[0] != "remove":
+            found.error(
+                where,
+                "conflicting-keys",
+                f'"{name}" is both removed and sent: drop it from remove or '
+                f"from {path[0]}",
+            )
 
 
 def _header_rules(rules: HeaderRulesConfig | None) -> HeaderRulesSettings | None:
