@@ -92,11 +92,11 @@ async def serve(
         await shutdown_trigger()
         if ops is not None:
             ops.begin_drain()
+            # From the first signal on, as the supervisor of workers does.
+            ops.reloader.stop()
         await _delay_shutdown(
             service.current.graph.server.shutdown_delay, force_trigger
         )
-        if ops is not None:
-            ops.reloader.stop()
         # Servers as they are now: a reload may have added or closed some.
         await _shutdown(
             service,

@@ -95,3 +95,28 @@ def test_no_delay_by_default(
 
     assert code == 0, f"exit code {code}:\n{proxy.stderr_text()}"
     assert not any("closing the listeners" in line for line in proxy.stderr_lines)
+
+
+@WORKERS
+def test_sighup_during_delay_is_ignored(
+    pgproxy_factory: PgproxyFactory, upstream_factory: UpstreamFactory, workers: int
+) -> None:
+    upstream = upstream_factory("a")
+    config = CONFIG.format(workers=workers, delay="60s", a=upstream.address)
+    proxy = pgproxy_factory(config)
+    admin_port(proxy)
+
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_for_stderr("closing the listeners in 60s", 10) is not None
+    # A listener added now would open in a process about to close the others.
+    proxy.config_path.write_text(
+        config + '\n[listeners.extra]\naddress = "127.0.0.1:0"\n'
+    )
+    proxy.signal(signal.SIGHUP)
+    ignored = proxy.wait_for_stderr("SIGHUP ignored", 10)
+    proxy.signal(signal.SIGINT)
+    code = proxy.wait_exit(20)
+
+    assert ignored is not None, proxy.stderr_text()
+    assert code == 0
+    assert not any('listener "extra"' in line for line in proxy.stderr_lines)
