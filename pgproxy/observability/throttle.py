@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 # Seconds between two lines of one kind.
 INTERVAL: Final = 1.0
 # Kinds remembered at most. Endpoints and clusters come from the config, but
-# reloads can replace them, so the table is bounded. `take_due` forgets
-# the kinds that have been quiet for an interval, so the table fills only
-# when this many kinds failed within about one interval.
+# reloads can replace them, so the table is bounded. `take_due` drops the
+# kinds that have been quiet for an interval, so the table fills only when
+# this many kinds failed within about one interval.
 MAX_KINDS: Final = 1024
 _DIGITS: Final = re.compile(r"[0-9]+")
 

@@ -6,12 +6,14 @@
  * about, and for every other head the parts from which framing.py builds
  * exactly the RequestInfo that check_request_head_python() returns. It
  * never accepts a head that check_request_head_python() rejects: any doubt
- * returns None, and the Python check then runs and raises. It accepts only
- * HTTP/1.0 and 1.1 with an origin-form target, token field names, field
- * values without controls, one valid Host (none in HTTP/1.0), at most one
- * Content-Length of 1 to 18 digits, at most one Connection field whose
- * value is a key of the connection_tokens dict, Expect: 100-continue only,
- * and no Transfer-Encoding or Upgrade. tests/proxy/test_request_head_c.py
+ * returns None, and the Python check then runs and raises.
+ *
+ * It accepts only HTTP/1.0 and 1.1 with an origin-form target. The field
+ * names must be tokens and the values free of controls. There is one valid
+ * Host (or none in HTTP/1.0), at most one Content-Length of 1 to 18
+ * digits, and at most one Connection field, whose value is a key of the
+ * connection_tokens dict. Expect may only be 100-continue, and
+ * Transfer-Encoding and Upgrade are absent. tests/proxy/test_request_head_c.py
  * compares the two checks on a seeded corpus of mutated heads.
  *
  * Memory: every offset is checked against the size of its bytes object,
@@ -88,8 +90,8 @@ fill_tables(void)
     }
 }
 
-/* What the fields of one head showed. The pointers are borrowed from the
-   headers list until take_references() makes them strong. */
+/* The fields of one head that the check reads. The pointers are borrowed
+   from the headers list until take_references() makes them strong. */
 struct fields {
     PyObject *host;    /* the one Host value, or NULL */
     PyObject *length;  /* the one Content-Length value, or NULL */
@@ -157,9 +159,9 @@ equals_lower(const unsigned char *data, Py_ssize_t size, const char *lower)
     return 1;
 }
 
-/* Return the kind of the field named `name`. `lowered` tells whether the
-   name is the lower-case name from the `names` list, compared exactly as
-   the Python check compares it, or the name as received. */
+/* Return the kind of the field named `name`. `lowered` is nonzero when
+   the name is the lower-case name from the `names` list, compared exactly
+   as the Python check compares it, and zero for the name as received. */
 static enum field_kind
 classify_name(const unsigned char *name, Py_ssize_t size, int lowered)
 {

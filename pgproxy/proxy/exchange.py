@@ -111,7 +111,7 @@ class Exchange(ResponseRelay):
         self.next_attempt()
 
     def send_redirect(self, redirect: Redirect) -> None:
-        """Answer with the route's redirect, or 400 when the host is unknown."""
+        """Send the route's redirect, or 400 when the request has no host."""
         info = self.info
         location = redirect.location(
             self.downstream.forwarding.proto, info.host_raw, info.target

@@ -133,7 +133,7 @@ class EndpointPool:
         """Count a new connection as opening; `connect` or `cancel_connect` follows.
 
         The count starts before the task that runs `connect` does, so that
-        a request handled in the same event loop iteration sees the slot
+        a request handled in the same event loop iteration finds the slot
         taken.
         """
         self.opening += 1

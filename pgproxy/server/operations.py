@@ -11,7 +11,7 @@ ends ejections on time.
 
 Draining: `begin_drain` turns /healthz to 503 and logs it. The runtime
 then serves for `[server] shutdown_delay` more, so that an outer load
-balancer polling /healthz sees the 503 before connections are refused,
+balancer polling /healthz gets the 503 before connections are refused,
 and only then closes its listeners.
 """
 
